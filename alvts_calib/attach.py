@@ -1,0 +1,121 @@
+"""Attach a selector artifact to a transformers model, and detach it again exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .adapters import decoder_layers, get_adapter
+from .artifact import Selector, load_selector
+from .errors import AlvtsError
+from .fingerprint import check_fingerprint
+from .masks import check_backend
+from .options import check_keep_ratio
+from .routing import CONTEXT_KWARG, ForwardContext, route_layer, unroute_layer
+from .visual import TRACKER_ATTRIBUTE, VisualTracker
+
+RUNTIME_ATTRIBUTE = "_alvts_runtime"
+
+
+@dataclass
+class _Runtime:
+    """What attach changed, so detach can undo exactly that."""
+
+    selector: Selector
+    tracker: VisualTracker
+    routed_layers: list[int]
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+
+def _forward_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is not None:
+        return embeds
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is None:
+        raise AlvtsError("the text model got neither input_ids nor inputs_embeds")
+    return input_ids
+
+
+def _valid_positions(attention_mask: Any, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """(B, L) bool validity of this pass's positions from a 2-D padding mask (None: all valid)."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise AlvtsError(
+            "routed layers need a 2-D padding attention_mask (or none); precomputed 4-D masks and compiled "
+            "static caches are not supported"
+        )
+    return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+
+
+def _context_hook(tracker: VisualTracker):
+    def add_routing_context(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        inputs = _forward_input(args, kwargs)
+        batch, length = inputs.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        valid = _valid_positions(kwargs.get("attention_mask"), batch, length, inputs.device)
+        visual = tracker.take(batch, length, past, inputs.device)
+        kwargs[CONTEXT_KWARG] = ForwardContext(visual=visual, valid=valid)
+        return args, kwargs
+
+    return add_routing_context
+
+
+def attach(model: nn.Module, selector: Selector | str | Path, *, keep_ratio: float | None = None) -> nn.Module:
+    """Patch `model` in place so routed layers process only their selected visual tokens; returns `model`.
+
+    `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. The artifact must have been
+    calibrated on this model (checked by fingerprint).
+    """
+    if getattr(model, RUNTIME_ATTRIBUTE, None) is not None:
+        raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
+    if not isinstance(selector, Selector):
+        selector = load_selector(selector)
+    adapter = get_adapter(model)
+    check_fingerprint(selector.fingerprint, model)
+    check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
+    if keep_ratio is not None:
+        check_keep_ratio(keep_ratio)
+    layers = decoder_layers(model)
+    ratios = {index: keep_ratio if keep_ratio is not None else ratio for index, ratio in selector.keep_ratios.items()}
+    for index, ratio in ratios.items():
+        route_layer(layers[index], selector.layers[index], ratio, selector.importance)
+
+    tracker = VisualTracker(model, adapter)
+    tracker.install()
+    runtime = _Runtime(selector=selector, tracker=tracker, routed_layers=sorted(ratios))
+    text_model = adapter.text_model(model)
+    runtime.hooks.append(text_model.register_forward_pre_hook(_context_hook(tracker), with_kwargs=True))
+    runtime.hooks.append(model.register_forward_pre_hook(lambda module, args: tracker.reset()))
+    setattr(model, RUNTIME_ATTRIBUTE, runtime)
+    setattr(model, TRACKER_ATTRIBUTE, tracker)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Restore a model patched by `attach` to exactly its original classes, modules and methods."""
+    runtime: _Runtime | None = getattr(model, RUNTIME_ATTRIBUTE, None)
+    if runtime is None:
+        raise AlvtsError("no ALVTS selector is attached to this model")
+    layers = decoder_layers(model)
+    for index in runtime.routed_layers:
+        unroute_layer(layers[index])
+    for hook in runtime.hooks:
+        hook.remove()
+    runtime.tracker.remove()
+    delattr(model, RUNTIME_ATTRIBUTE)
+    delattr(model, TRACKER_ATTRIBUTE)
+    return model
+
+
+def attached_selector(model: nn.Module) -> Selector | None:
+    """The selector attached to `model`, if any."""
+    runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
+    return runtime.selector if runtime is not None else None

@@ -1,0 +1,228 @@
+"""`calibrate`: gather full-attention importance per decoder layer and solve each layer's selector.
+
+Layers are processed one at a time: every sample's input to the current layer is kept (on `storage`),
+the layer's selector is solved, then the samples are pushed through the unmodified layer. Memory is one
+layer's activations for the calibration set. Each finished layer is checkpointed, so an interrupted run
+resumes from its last finished layer with identical results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import AttentionGeometry, decoder_layers, get_adapter
+from .calibration import Calibration, LayerResult, load_calibration
+from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
+from .errors import AlvtsError
+from .fingerprint import model_fingerprint
+from .importance import Importance, apply_rope, attention_parts, importance_from_parts
+from .options import check_keep_ratio, check_rank, check_start_layer
+from .progress import track
+from .selector import LayerSelector
+from .solver import Init, LayerBatch, refine, rope_svd_init, second_moment
+from .visual import VisualTracker
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Settings that determine the result; a checkpoint resumes only under identical options."""
+
+    rank: int
+    start_layer: int
+    importance: str
+    init: str
+    refine_steps: int
+    heldout_fraction: float
+    report_keep_ratio: float
+    seed: int
+
+
+def _model_queries_keys(layer: nn.Module, normed: torch.Tensor, cos, sin, geometry: AttentionGeometry):
+    """The layer's own rotated queries (B, H, L, d) and keys (B, H_kv, L, d)."""
+    attention = layer.self_attn
+    batch, length = normed.shape[:2]
+    queries = attention.q_proj(normed).view(batch, length, geometry.num_heads, geometry.head_dim).transpose(1, 2)
+    keys = attention.k_proj(normed).view(batch, length, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
+    return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
+
+
+def _layer_batches(
+    layer: nn.Module, captured: list[CapturedBatch], geometry: AttentionGeometry, definition: Importance
+) -> list[LayerBatch]:
+    """The layer's normed inputs and full-attention importance for every calibration batch."""
+    device = layer.self_attn.q_proj.weight.device
+    batches = []
+    with torch.no_grad():
+        for batch in captured:
+            hidden = batch.hidden.to(device)
+            cos, sin = move(batch.position_embeddings, device)
+            visual, valid = batch.visual.to(device), batch.valid.to(device)
+            normed = layer.input_layernorm(hidden)
+            queries, keys = _model_queries_keys(layer, normed, cos, sin, geometry)
+            target = importance_from_parts(attention_parts(queries, keys, visual, valid, definition))
+            batches.append(LayerBatch(normed.float(), cos.float(), sin.float(), visual, valid, target))
+    return batches
+
+
+def _heldout_statistics(
+    selector: LayerSelector, batches: list[LayerBatch], definition: Importance
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selector parts (P, G, N) and targets (N,) over all held-out visual tokens, row by row."""
+    parts, targets = [], []
+    with torch.no_grad():
+        for batch in batches:
+            batch_parts = selector.parts(batch.normed, batch.cos, batch.sin, batch.visual, batch.valid, definition)
+            for row in range(batch.normed.shape[0]):
+                parts.append(batch_parts[row][..., batch.visual[row]].cpu())
+                targets.append(batch.target[row][batch.visual[row]].cpu())
+    return torch.cat(parts, dim=-1), torch.cat(targets)
+
+
+def _solve_layer(
+    layer: nn.Module,
+    index: int,
+    captured: list[CapturedBatch],
+    heldout: list[int],
+    geometry: AttentionGeometry,
+    options: CalibrationOptions,
+) -> LayerResult:
+    started = time.perf_counter()
+    definition = Importance(options.importance)
+    batches = _layer_batches(layer, captured, geometry, definition)
+    train = [b for i, b in enumerate(batches) if i not in heldout] or batches
+    held = [batches[i] for i in heldout]
+    moment = second_moment(train) if Init(options.init) is Init.DATA_SVD else None
+    tensors = rope_svd_init(
+        layer.self_attn, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim,
+        options.rank // geometry.head_dim, moment,
+    )
+    device = layer.self_attn.q_proj.weight.device
+    selector = LayerSelector.from_tensors(tensors, geometry.head_dim).to(device=device, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(options.seed * 100_003 + index)
+    loss_init, loss_refined = refine(selector, train, definition, options.refine_steps, generator)
+    parts, target = _heldout_statistics(selector, held, definition)
+    state = {name: tensor.detach().cpu().clone() for name, tensor in selector.state_dict().items()}
+    stats = {"loss_init": loss_init, "loss_refined": loss_refined, "seconds": time.perf_counter() - started}
+    return LayerResult(selector=state, heldout_parts=parts, heldout_target=target, stats=stats)
+
+
+def _propagate(layer: nn.Module, captured: list[CapturedBatch]) -> None:
+    """Replace every batch's hidden states by the unmodified layer's output."""
+    device = layer.self_attn.q_proj.weight.device
+    with torch.no_grad():
+        for batch in captured:
+            output = layer(batch.hidden.to(device), **move(batch.layer_kwargs, device))
+            output = output[0] if isinstance(output, tuple) else output
+            batch.hidden = output.to(batch.hidden.device)
+
+
+def _heldout_indices(count: int, fraction: float) -> list[int]:
+    if count < 2:
+        return list(range(count))  # too few samples: fidelity is measured on the training sample
+    held = min(count - 1, max(1, round(count * fraction)))
+    return list(range(count - held, count))
+
+
+def _resume(checkpoint: Path | None, identity: dict[str, Any]) -> dict[int, LayerResult]:
+    if checkpoint is None or not checkpoint.exists():
+        return {}
+    previous = load_calibration(checkpoint)
+    for key, value in identity.items():
+        if previous.metadata.get(key) != value:
+            raise AlvtsError(
+                f"checkpoint {checkpoint} was made with a different {key}; delete it or choose another output path"
+            )
+    return previous.layers
+
+
+def calibrate(
+    model: nn.Module,
+    samples: Iterable[Mapping[str, Any]],
+    *,
+    rank: int | None = None,
+    start_layer: int = 1,
+    importance: str | Importance = Importance.PAPER,
+    init: str | Init = Init.WEIGHT_SVD,
+    refine_steps: int = 200,
+    heldout_fraction: float = 0.125,
+    report_keep_ratio: float = 0.11,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    storage: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate ALVTS selectors for every decoder layer from `start_layer` on.
+
+    `samples` yields dicts of model inputs as a processor returns them; for a language model alone a sample
+    may carry a bool `visual_mask` (B, L). `rank` defaults to two heads (2 x head_dim). With `checkpoint`,
+    finished layers are saved there and a rerun with the same model, data and options resumes from them.
+    """
+    adapter = get_adapter(model)
+    geometry = AttentionGeometry.of(model)
+    rank = rank if rank is not None else min(2 * geometry.head_dim, geometry.num_heads * geometry.head_dim)
+    check_rank(rank, geometry)
+    check_start_layer(start_layer, geometry)
+    check_keep_ratio(report_keep_ratio)
+    options = CalibrationOptions(
+        rank=rank, start_layer=start_layer, importance=Importance(importance).value, init=Init(init).value,
+        refine_steps=refine_steps, heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio,
+        seed=seed,
+    )
+    samples = list(samples)
+    if not samples:
+        raise AlvtsError("the calibration set is empty; give at least one sample")
+    started = time.perf_counter()
+    tracker = VisualTracker(model, adapter)
+    tracker.install()
+    try:
+        captured = [
+            capture_layer_inputs(model, sample, tracker, storage)
+            for sample in track(samples, "capturing inputs", enabled=progress)
+        ]
+    finally:
+        tracker.remove()
+    keep = [i for i, batch in enumerate(captured) if bool(batch.visual.any())]
+    if not keep:
+        raise AlvtsError("no calibration sample contains visual tokens (are the image tokens in the prompts?)")
+    skipped = len(captured) - len(keep)
+    captured = [captured[i] for i in keep]
+    identity = {
+        "fingerprint": model_fingerprint(model),
+        "data_sha256": data_digest([samples[i] for i in keep]),
+        "options": asdict(options),
+    }
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    results = _resume(checkpoint, identity)
+    heldout = _heldout_indices(len(captured), heldout_fraction)
+    counts = [int(row.sum()) for i in heldout for row in captured[i].visual]
+    metadata = {
+        **identity,
+        "family": adapter.name,
+        "summary": {
+            "samples": len(captured),
+            "rows": sum(b.visual.shape[0] for b in captured),
+            "heldout_samples": len(heldout),
+            "heldout_is_train": len(captured) < 2,
+            "skipped_without_visual": skipped,
+        },
+        "toolkit_version": __version__,
+    }
+    layers = decoder_layers(model)
+    for index in track(range(geometry.num_layers), "calibrating layers", enabled=progress):
+        layer = layers[index]
+        if index >= start_layer and index not in results:
+            results[index] = _solve_layer(layer, index, captured, heldout, geometry, options)
+            if checkpoint is not None:
+                Calibration(results, counts, metadata).save(checkpoint)
+        if index < geometry.num_layers - 1:
+            _propagate(layer, captured)
+    metadata["summary"]["seconds"] = time.perf_counter() - started
+    return Calibration(results, counts, metadata)

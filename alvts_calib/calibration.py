@@ -1,0 +1,99 @@
+"""The result of calibration: per-layer selectors plus held-out statistics, stored as safetensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import read_safetensors, write_safetensors
+from .errors import ArtifactError
+from .importance import Importance
+from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
+from .solver import fidelity
+
+CALIBRATION_FORMAT = "alvts-calibration"
+
+
+@dataclass
+class LayerResult:
+    """The solved selector of one layer and how well it matches the full attention on held-out samples."""
+
+    selector: dict[str, torch.Tensor]  # LayerSelector state dict (float32)
+    heldout_parts: torch.Tensor  # (P, G, N) selector parts over held-out visual tokens
+    heldout_target: torch.Tensor  # (N,) full-attention importance of the same tokens
+    stats: dict[str, float] = field(default_factory=dict)  # losses, timings
+
+
+@dataclass
+class Calibration:
+    """Everything `export` needs: solved layers, held-out statistics, and how they were made."""
+
+    layers: dict[int, LayerResult]
+    heldout_counts: list[int]  # visual tokens per held-out row, in order
+    metadata: dict[str, Any]
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.metadata["fingerprint"]["head_dim"])
+
+    @property
+    def rank(self) -> int:
+        return int(self.metadata["options"]["rank"])
+
+    @property
+    def importance(self) -> Importance:
+        return Importance(self.metadata["options"]["importance"])
+
+    @property
+    def complete(self) -> bool:
+        expected = range(int(self.metadata["options"]["start_layer"]), int(self.metadata["fingerprint"]["num_layers"]))
+        return set(expected) <= set(self.layers)
+
+    def selector(self, index: int, rank: int | None = None) -> LayerSelector:
+        """The solved selector of layer `index`, optionally keeping only its leading `rank` dimensions."""
+        selector = LayerSelector.from_tensors(self.layers[index].selector, self.head_dim)
+        return selector if rank is None or rank == self.rank else selector.truncated(rank)
+
+    def fidelity(self, index: int, keep_ratio: float, rank: int | None = None) -> dict[str, float]:
+        """Held-out top-k recall and Spearman correlation of layer `index` at `keep_ratio`."""
+        result = self.layers[index]
+        heads = None if rank is None else rank // self.head_dim
+        return fidelity(result.heldout_parts, result.heldout_target, self.heldout_counts, keep_ratio, heads)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically as safetensors with JSON metadata."""
+        tensors: dict[str, torch.Tensor] = {"heldout.counts": torch.tensor(self.heldout_counts, dtype=torch.long)}
+        stats = {}
+        for index, result in self.layers.items():
+            for name, tensor in result.selector.items():
+                tensors[f"layers.{index}.{name}"] = tensor
+            tensors[f"heldout.{index}.parts"] = result.heldout_parts
+            tensors[f"heldout.{index}.target"] = result.heldout_target
+            stats[str(index)] = result.stats
+        metadata = {**self.metadata, "format": CALIBRATION_FORMAT, "format_version": 1, "layer_stats": stats}
+        return write_safetensors(path, tensors, metadata)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration written by `Calibration.save`."""
+    tensors, metadata = read_safetensors(path, CALIBRATION_FORMAT)
+    try:
+        layers = {
+            int(index): LayerResult(
+                selector={
+                    name: tensors[f"layers.{index}.{name}"]
+                    for name in SELECTOR_TENSOR_NAMES
+                },
+                heldout_parts=tensors[f"heldout.{index}.parts"],
+                heldout_target=tensors[f"heldout.{index}.target"],
+                stats=stats,
+            )
+            for index, stats in metadata.pop("layer_stats").items()
+        }
+        counts = tensors["heldout.counts"].tolist()
+    except (KeyError, AttributeError, ValueError) as error:
+        raise ArtifactError(f"{path}: calibration file is incomplete ({error!r}); re-run `alvts calibrate`") from None
+    return Calibration(layers=layers, heldout_counts=counts, metadata=metadata)

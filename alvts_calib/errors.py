@@ -1,0 +1,13 @@
+"""User-facing errors: each message names the problem and what to do about it."""
+
+
+class AlvtsError(Exception):
+    """A problem with the user's input (model, data, artifact or option), reported as one line."""
+
+
+class ArtifactError(AlvtsError):
+    """A selector or calibration file that cannot be read or does not fit the model."""
+
+
+class ModelMismatchError(ArtifactError):
+    """An artifact was calibrated for a different model than the one it is being attached to."""

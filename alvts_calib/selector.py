@@ -1,0 +1,77 @@
+"""The per-layer selector: a low-rank, RoPE-aware stand-in for a decoder layer's query/key attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .importance import Importance, apply_rope, attention_parts, importance_from_parts
+
+SELECTOR_TENSOR_NAMES = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")
+
+
+class LayerSelector(nn.Module):
+    """Scores visual tokens for one decoder layer.
+
+    Queries and keys are rank-R projections of the layer's normed input (R = heads x head_dim), rotated with
+    the model's own cos/sin, so selector heads see the same (M-)RoPE positions as the layer does.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, head_dim: int):
+        super().__init__()
+        if rank % head_dim:
+            raise ValueError(f"selector rank {rank} must be a multiple of the head dimension {head_dim}")
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(hidden_size, rank)
+        self.k_proj = nn.Linear(hidden_size, rank)
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_proj.out_features // self.head_dim
+
+    def project(
+        self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) normed states to rotated (B, G, L, head_dim) selector queries and keys."""
+        shape = (*normed.shape[:2], self.num_heads, self.head_dim)
+        queries = self.q_proj(normed).view(shape).transpose(1, 2)
+        keys = self.k_proj(normed).view(shape).transpose(1, 2)
+        return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
+
+    def parts(
+        self,
+        normed: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        visual: torch.Tensor,
+        valid: torch.Tensor,
+        definition: Importance,
+    ) -> torch.Tensor:
+        """Per-head importance parts (B, P, G, L); see `attention_parts`."""
+        queries, keys = self.project(normed, cos, sin)
+        return attention_parts(queries, keys, visual, valid, definition)
+
+    def scores(
+        self,
+        normed: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        visual: torch.Tensor,
+        valid: torch.Tensor,
+        definition: Importance,
+    ) -> torch.Tensor:
+        """(B, L) importance of each visual token (zero elsewhere)."""
+        return importance_from_parts(self.parts(normed, cos, sin, visual, valid, definition))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], head_dim: int) -> LayerSelector:
+        """Build from {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"}."""
+        rank, hidden = tensors["q_proj.weight"].shape
+        selector = cls(hidden, rank, head_dim)
+        selector.load_state_dict(tensors)
+        return selector
+
+    def truncated(self, rank: int) -> LayerSelector:
+        """A copy keeping only the leading selector heads (rank must be a multiple of head_dim)."""
+        state = {name: tensor[:rank].clone() for name, tensor in self.state_dict().items()}
+        return LayerSelector.from_tensors(state, self.head_dim)
