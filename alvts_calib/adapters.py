@@ -40,6 +40,7 @@ class FamilyAdapter:
 
     name: str
     model_types: tuple[str, ...]
+    auto_class: str  # the transformers Auto* class that loads a checkpoint of this family
     text_model_paths: tuple[str, ...]
     placeholder_paths: tuple[str, ...] = ()
     read_placeholder: PlaceholderReader | None = None
@@ -72,6 +73,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(
         name="llava",
         model_types=("llava",),
+        auto_class="AutoModelForImageTextToText",
         text_model_paths=("model.language_model", "language_model"),
         placeholder_paths=("model", ""),
         read_placeholder=_single_mask,
@@ -79,6 +81,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(
         name="llava_next",
         model_types=("llava_next",),
+        auto_class="AutoModelForImageTextToText",
         text_model_paths=("model.language_model", "language_model"),
         placeholder_paths=("model", ""),
         read_placeholder=_single_mask,
@@ -86,6 +89,7 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(
         name="qwen2_5_vl",
         model_types=("qwen2_5_vl",),
+        auto_class="AutoModelForImageTextToText",
         text_model_paths=("model.language_model", "language_model"),
         placeholder_paths=("model", ""),
         read_placeholder=_image_and_video_masks,
@@ -93,11 +97,13 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(
         name="llama",
         model_types=("llama",),
+        auto_class="AutoModelForCausalLM",
         text_model_paths=("model", ""),
     ),
     FamilyAdapter(
         name="qwen2",
         model_types=("qwen2",),
+        auto_class="AutoModelForCausalLM",
         text_model_paths=("model", ""),
     ),
 )
@@ -107,7 +113,11 @@ SUPPORTED_FAMILIES = tuple(adapter.name for adapter in ADAPTERS)
 
 def get_adapter(model: nn.Module) -> FamilyAdapter:
     """The adapter for `model`, or a clear error listing the supported families."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return adapter_for_model_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def adapter_for_model_type(model_type: str | None) -> FamilyAdapter:
+    """The adapter for a config's `model_type`, or a clear error listing the supported families."""
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter

@@ -1,0 +1,1 @@
+"""The `alvts` command line: a thin shell over the alvts_calib library."""
