@@ -80,6 +80,7 @@ class Calibration:
 def load_calibration(path: str | Path) -> Calibration:
     """Read a calibration written by `Calibration.save`."""
     tensors, metadata = read_safetensors(path, CALIBRATION_FORMAT)
+    metadata = {k: v for k, v in metadata.items() if k not in ("format", "format_version")}
     try:
         layers = {
             int(index): LayerResult(

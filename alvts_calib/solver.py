@@ -134,11 +134,12 @@ def refine(
     weight_rms = float(selector.q_proj.weight.detach().pow(2).mean().sqrt()) or 1e-3
     optimizer = torch.optim.Adam(selector.parameters(), lr=lr_scale * weight_rms)
     order = torch.randperm(len(batches) * ((steps // len(batches)) + 1), generator=generator) % len(batches)
-    for index in order[:steps].tolist():
-        optimizer.zero_grad(set_to_none=True)
-        loss = consistency_loss(selector, batches[index], definition)
-        loss.backward()
-        optimizer.step()
+    with torch.enable_grad():  # callers may hold torch.no_grad() around calibration
+        for index in order[:steps].tolist():
+            optimizer.zero_grad(set_to_none=True)
+            loss = consistency_loss(selector, batches[index], definition)
+            loss.backward()
+            optimizer.step()
     after = mean_loss(selector, batches, definition)
     if not after < before:
         selector.load_state_dict(initial)

@@ -201,6 +201,8 @@ def generate_command(
 
 
 def _prompt_inputs(model: Path, image: Path | None, prompt: str) -> tuple[dict, Any]:
+    import datasets
+
     from alvts_calib.data import build_samples
     from alvts_calib.loading import load_processor
 
@@ -209,7 +211,7 @@ def _prompt_inputs(model: Path, image: Path | None, prompt: str) -> tuple[dict, 
     if not image.is_file():
         raise AlvtsError(f"{image}: image file not found")
     processor = load_processor(model)
-    records = [{"image": str(image.resolve()), "prompt": prompt}]
+    records = datasets.Dataset.from_list([{"image": str(image.resolve()), "prompt": prompt}])
     samples, _ = build_samples(records, processor)
     return samples[0], lambda tokens: processor.batch_decode(tokens, skip_special_tokens=True)
 

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models with their inputs, and selectors built without calibration."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from alvts_calib.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.artifact import Selector
+from alvts_calib.fingerprint import model_fingerprint
+from alvts_calib.importance import Importance
+from alvts_calib.selector import LayerSelector
+from alvts_calib.solver import rope_svd_init
+from alvts_calib.tiny_models import IMAGE_TOKEN, TINY_MODELS, tiny_inputs
+from alvts_calib.visual import visual_positions
+
+FAMILIES = tuple(TINY_MODELS)
+BACKENDS = ("eager", "sdpa")
+
+
+def build_selector(model: nn.Module, keep_ratio: float, start_layer: int = 1) -> Selector:
+    """A selector from the RoPE-aware weight SVD of each layer (one selector head), no calibration data."""
+    geometry = AttentionGeometry.of(model)
+    layers = decoder_layers(model)
+    selectors = {
+        index: LayerSelector.from_tensors(
+            rope_svd_init(layers[index].self_attn, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim, 1),
+            geometry.head_dim,
+        )
+        for index in range(start_layer, geometry.num_layers)
+    }
+    return Selector(selectors, dict.fromkeys(selectors, keep_ratio), Importance.PAPER, model_fingerprint(model))
+
+
+@dataclass
+class TinyCase:
+    """A fresh tiny model, its (left-padded) inputs, and where the visual tokens are."""
+
+    family: str
+    backend: str
+    model: nn.Module
+    inputs: dict[str, torch.Tensor]
+    explicit_visual: torch.Tensor | None  # the language model's explicit visual mask, else None
+
+    @property
+    def visual(self) -> torch.Tensor:
+        """(B, L) bool visual positions of the prompt."""
+        if self.explicit_visual is not None:
+            return self.explicit_visual
+        return self.inputs["input_ids"] == IMAGE_TOKEN
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.inputs["attention_mask"].bool()
+
+    def routing(self) -> contextlib.AbstractContextManager:
+        """What a routed call needs around it: the explicit visual mask for language models, nothing otherwise."""
+        if self.explicit_visual is None:
+            return contextlib.nullcontext()
+        return visual_positions(self.model, self.explicit_visual)
+
+
+def build_case(family: str, backend: str, batch: int = 2, seed: int = 0, model_seed: int = 0) -> TinyCase:
+    model = TINY_MODELS[family](backend, seed=model_seed)
+    inputs = tiny_inputs(model, batch=batch, seed=seed)
+    explicit = inputs.pop("visual_mask", None)
+    return TinyCase(family, backend, model, inputs, explicit)
+
+
+@pytest.fixture
+def make_selector() -> Callable[..., Selector]:
+    """`make_selector(model, keep_ratio, start_layer=1)`: a Selector for layers start_layer..L-1."""
+    return build_selector
+
+
+@pytest.fixture
+def tiny_case() -> Callable[..., TinyCase]:
+    """`tiny_case(family, backend, batch=2, seed=0, model_seed=0)`: a fresh model and its inputs."""
+    return build_case
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> Iterator[None]:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        yield

@@ -1,0 +1,159 @@
+"""Calibration: the target importance, the RoPE-aware SVD, refinement, fidelity, checkpoints and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alvts_calib.pipeline as calibrate_module
+from alvts_calib import AlvtsError, Importance, calibrate, export, load_calibration
+from alvts_calib.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.demo import demo_model, demo_samples
+
+
+def _sharpen(model: torch.nn.Module, factor: float = 4.0) -> torch.nn.Module:
+    for layer in decoder_layers(model):
+        layer.self_attn.q_proj.weight.mul_(factor)
+        layer.self_attn.k_proj.weight.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])
+def test_target_importance_matches_the_models_own_attention_weights(family, tiny_case):
+    case = tiny_case(family, "eager", batch=1)
+    _sharpen(case.model)
+    sample = {**case.inputs, **({"visual_mask": case.explicit_visual} if case.explicit_visual is not None else {})}
+    calibration = calibrate(case.model, [sample], rank=16, refine_steps=0, progress=False)
+    attentions = case.model(**case.inputs, output_attentions=True).attentions
+    visual = case.visual[0]
+    text = ~visual
+    for index in calibration.layers:
+        probs = attentions[index][0].float().mean(0)  # head-averaged (L, L)
+        expected = probs[visual].mean(0) * probs[text].mean(0)
+        torch.testing.assert_close(calibration.layers[index].heldout_target, expected[visual], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])
+@pytest.mark.parametrize("init", ["weight_svd", "data_svd"])
+def test_full_rank_svd_selector_reproduces_the_full_attention(family, init, tiny_case):
+    case = tiny_case(family, "sdpa")
+    _sharpen(case.model)
+    geometry = AttentionGeometry.of(case.model)
+    samples = [{**s, "visual_mask": case.explicit_visual} if case.explicit_visual is not None else s
+               for s in [case.inputs]]
+    calibration = calibrate(
+        case.model, samples, rank=geometry.num_heads * geometry.head_dim, init=init, refine_steps=0, progress=False
+    )
+    for index, result in calibration.layers.items():
+        fidelity = calibration.fidelity(index, keep_ratio=0.25)
+        assert fidelity["recall"] == 1.0, (index, fidelity)
+        assert fidelity["spearman"] > 0.999, (index, fidelity)
+        assert result.stats["loss_init"] < 1e-6
+
+
+def test_refinement_lowers_the_consistency_loss_and_low_rank_is_not_exact():
+    model = demo_model()
+    samples = demo_samples(model, 6)
+    calibration = calibrate(model, samples, rank=16, refine_steps=60, progress=False)
+    for result in calibration.layers.values():
+        assert result.stats["loss_refined"] < 0.5 * result.stats["loss_init"]
+    recalls = [calibration.fidelity(i, 0.25)["recall"] for i in calibration.layers]
+    assert all(0.0 < r <= 1.0 for r in recalls)
+    assert min(recalls) < 1.0  # one head of four cannot be exact on sharpened attention
+
+
+def test_importance_definitions_differ_and_are_recorded():
+    model = demo_model()
+    samples = demo_samples(model, 2)
+    paper = calibrate(model, samples, rank=16, refine_steps=0, progress=False)
+    text = calibrate(model, samples, rank=16, refine_steps=0, importance=Importance.TEXT, progress=False)
+    last = calibrate(model, samples, rank=16, refine_steps=0, importance="last", progress=False)
+    assert text.importance is Importance.TEXT and last.importance is Importance.LAST
+    assert paper.layers[1].heldout_parts.shape[0] == 2 and text.layers[1].heldout_parts.shape[0] == 1
+    assert not torch.allclose(paper.layers[1].heldout_target, text.layers[1].heldout_target)
+
+
+def test_calibration_round_trip_and_rank_truncation(tmp_path):
+    model = demo_model()
+    calibration = calibrate(model, demo_samples(model, 3), rank=32, refine_steps=10, progress=False)
+    path = calibration.save(tmp_path / "calib.safetensors")
+    loaded = load_calibration(path)
+    assert loaded.metadata == calibration.metadata
+    for index in calibration.layers:
+        for name, tensor in calibration.layers[index].selector.items():
+            assert torch.equal(loaded.layers[index].selector[name], tensor)
+        assert loaded.fidelity(index, 0.25) == calibration.fidelity(index, 0.25)
+    full = export(loaded, tmp_path / "full.safetensors", keep_ratio=0.25)
+    half = export(loaded, tmp_path / "half.safetensors", keep_ratio=0.25, rank=16)
+    assert full.layers[1].q_proj.weight.shape[0] == 32 and half.layers[1].q_proj.weight.shape[0] == 16
+    assert torch.equal(half.layers[1].q_proj.weight, full.layers[1].q_proj.weight[:16])
+    with pytest.raises(AlvtsError, match="rank"):
+        export(loaded, tmp_path / "bad.safetensors", keep_ratio=0.25, rank=48)
+    for ratio in (0.0, 1.5, -0.1):
+        with pytest.raises(AlvtsError, match="keep ratio"):
+            export(loaded, tmp_path / "bad.safetensors", keep_ratio=ratio)
+
+
+def test_same_inputs_and_seed_give_byte_identical_artifacts(tmp_path):
+    paths = []
+    for run in range(2):
+        model = demo_model()
+        calibration = calibrate(model, demo_samples(model, 3), rank=16, refine_steps=20, seed=7, progress=False)
+        calibration.metadata["summary"]["seconds"] = 0.0
+        for result in calibration.layers.values():
+            result.stats["seconds"] = 0.0
+        export(calibration, tmp_path / f"run{run}.safetensors", keep_ratio=0.25)
+        paths.append(tmp_path / f"run{run}.safetensors")
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_interrupted_calibration_resumes_with_identical_results(tmp_path, monkeypatch):
+    model = demo_model()
+    samples = demo_samples(model, 3)
+    reference = calibrate(model, samples, rank=16, refine_steps=20, progress=False)
+
+    checkpoint = tmp_path / "calib.partial.safetensors"
+    original = calibrate_module._solve_layer
+    solved: list[int] = []
+
+    def crash_at_layer_3(layer, index, *args):
+        if index == 3:
+            raise KeyboardInterrupt
+        solved.append(index)
+        return original(layer, index, *args)
+
+    monkeypatch.setattr(calibrate_module, "_solve_layer", crash_at_layer_3)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, samples, rank=16, refine_steps=20, checkpoint=checkpoint, progress=False)
+    assert checkpoint.exists() and sorted(load_calibration(checkpoint).layers) == [1, 2]
+
+    monkeypatch.setattr(calibrate_module, "_solve_layer", lambda layer, index, *a: solved.append(index) or original(
+        layer, index, *a))
+    solved.clear()
+    resumed = calibrate(model, samples, rank=16, refine_steps=20, checkpoint=checkpoint, progress=False)
+    assert solved == [3]  # finished layers were not solved again
+    for index in reference.layers:
+        for name, tensor in reference.layers[index].selector.items():
+            assert torch.equal(resumed.layers[index].selector[name], tensor), (index, name)
+
+    with pytest.raises(AlvtsError, match="different options"):
+        calibrate(model, samples, rank=32, refine_steps=20, checkpoint=checkpoint, progress=False)
+
+
+def test_bad_calibration_input_gives_clear_errors():
+    model = demo_model()
+    samples = demo_samples(model, 1)
+    with pytest.raises(AlvtsError, match="empty"):
+        calibrate(model, [], progress=False)
+    with pytest.raises(AlvtsError, match="rank"):
+        calibrate(model, samples, rank=24, progress=False)  # not a multiple of head_dim 16
+    with pytest.raises(AlvtsError, match="rank"):
+        calibrate(model, samples, rank=128, progress=False)  # more than heads x head_dim
+    with pytest.raises(AlvtsError, match="start layer"):
+        calibrate(model, samples, start_layer=4, progress=False)
+    with pytest.raises(AlvtsError, match="start layer"):
+        calibrate(model, samples, start_layer=0, progress=False)
+    text_only = {k: v for k, v in samples[0].items() if k != "pixel_values"}
+    text_only["input_ids"] = text_only["input_ids"].masked_fill(text_only["input_ids"] == 100, 5)
+    with pytest.raises(AlvtsError, match="visual tokens"):
+        calibrate(model, [text_only], progress=False)

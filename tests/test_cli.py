@@ -1,0 +1,93 @@
+"""The `alvts` CLI on the built-in demo default, its JSON output, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from alvts_cli.app import app
+
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_calibrate_export_inspect_generate_on_the_demo(tmp_path):
+    calibration = tmp_path / "calib.safetensors"
+    selector = tmp_path / "selector.safetensors"
+    summary = json.loads(_ok(["calibrate", "--out", str(calibration), "--num-samples", "3", "--refine-steps", "5",
+                              "--json"]))
+    assert summary["summary"]["samples"] == 3 and set(summary["fidelity"]) == {"1", "2", "3"}
+    assert calibration.exists() and not list(tmp_path.glob("*.partial.safetensors"))
+    exported = json.loads(_ok(["export", str(calibration), "--keep-ratio", "0.25", "--out", str(selector), "--json"]))
+    assert exported["keep_ratio"] == 0.25 and exported["rank"] == 32
+    inspected = json.loads(_ok(["inspect", str(selector), "--json"]))
+    assert inspected["fingerprint"]["family"] == "llava" and inspected["keep_ratios"]["1"] == 0.25
+    assert "calibrating" not in _ok(["inspect", str(calibration)])
+    generated = json.loads(_ok(["generate", "--selector", str(selector), "--max-new-tokens", "3", "--json"]))
+    cache = generated["kv_cache_tokens_per_layer"]
+    assert cache[0] > cache[1] and len(generated["outputs"]) == 2
+    assert "top-k recall" in _ok(["inspect", str(selector)])
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not an artifact")
+    for args in (["inspect", str(bad)], ["export", str(bad), "--keep-ratio", "0.2"],
+                 ["calibrate", "--model", str(tmp_path), "--data", str(bad)]):
+        process = subprocess.run([sys.executable, "-m", "alvts_cli.app", *args], capture_output=True, text=True)
+        assert process.returncode == 1, process.stderr
+        assert process.stderr.startswith("error: ") and "Traceback" not in process.stderr, process.stderr
+        assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+    debug = subprocess.run([sys.executable, "-m", "alvts_cli.app", "--debug", "inspect", str(bad)],
+                           capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_nonsense_keep_ratio_is_rejected(tmp_path):
+    calibration = tmp_path / "calib.safetensors"
+    _ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0", "--json"])
+    process = subprocess.run([sys.executable, "-m", "alvts_cli.app", "export", str(calibration), "--keep-ratio", "1.5"],
+                             capture_output=True, text=True)
+    assert process.returncode == 1 and "keep ratio must be in (0, 1]" in process.stderr
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("calibrate", "export", "inspect", "generate"):
+        assert command in result.output
+
+
+def test_real_checkpoint_directory_with_jsonl_data(tmp_path):
+    from PIL import Image
+
+    from alvts_calib.demo import demo_model
+    from alvts_calib.tiny_processor import tiny_llava_processor
+
+    checkpoint = tmp_path / "tiny-llava"
+    demo_model("eager").save_pretrained(checkpoint)
+    tiny_llava_processor().save_pretrained(checkpoint)
+    rows = []
+    for i, color in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (28, 28), color).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "prompt": f"what color is image {i}?"})
+    rows.append({"image": "missing.png", "prompt": "where is it?"})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    calibration, selector = tmp_path / "c.safetensors", tmp_path / "s.safetensors"
+    summary = json.loads(_ok(["calibrate", "--model", str(checkpoint), "--data", str(data), "--rank", "16",
+                              "--refine-steps", "5", "--json", "--out", str(calibration)]))
+    assert summary["summary"]["samples"] == 4
+    _ok(["export", str(calibration), "--keep-ratio", "0.5", "--out", str(selector)])
+    generated = json.loads(_ok(["generate", "--model", str(checkpoint), "--selector", str(selector), "--image",
+                                str(tmp_path / "0.png"), "--prompt", "what color?", "--max-new-tokens", "3", "--json"]))
+    assert len(generated["outputs"]) == 1 and generated["kv_cache_tokens_per_layer"][1] < \
+        generated["kv_cache_tokens_per_layer"][0]

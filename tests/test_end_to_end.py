@@ -1,0 +1,48 @@
+"""calibrate -> export -> attach -> generate for every family, through the public API."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alvts_calib import attach, attached_selector, calibrate, detach, export, load_selector
+from alvts_calib.routed_cache import RoutedCacheLayer
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "llama"])
+def test_calibrate_export_attach_generate(family, tiny_case, tmp_path):
+    case = tiny_case(family, "sdpa")
+    explicit = {"visual_mask": case.explicit_visual} if case.explicit_visual is not None else {}
+    calibration = calibrate(case.model, [{**case.inputs, **explicit}], rank=16, refine_steps=10, progress=False)
+    path = export(calibration, tmp_path / "selector.safetensors", keep_ratio=0.25) and tmp_path / "selector.safetensors"
+    reference = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
+
+    attach(case.model, path)
+    assert attached_selector(case.model).keep_ratios == load_selector(path).keep_ratios
+    with case.routing():
+        output = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert output.sequences.shape == reference.shape
+    cache_layers = output.past_key_values.layers
+    assert not isinstance(cache_layers[0], RoutedCacheLayer)
+    prompt = case.inputs["input_ids"].shape[1]
+    assert cache_layers[0].keys.shape[-2] == prompt + 3
+    visual = case.visual & case.valid
+    text = (~case.visual & case.valid).sum(1)
+    kept = torch.tensor([math.ceil(0.25 * int(n)) for n in visual.sum(1)])
+    for layer in cache_layers[1:]:
+        assert isinstance(layer, RoutedCacheLayer)
+        assert layer.keys.shape[-2] == int((kept + text).max()) + 3
+
+    detach(case.model)
+    assert torch.equal(case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False), reference)
+
+
+def test_keep_ratio_override_at_attach(tiny_case, tmp_path):
+    case = tiny_case("llava", "eager")
+    calibration = calibrate(case.model, [case.inputs], rank=16, refine_steps=0, progress=False)
+    export(calibration, tmp_path / "s.safetensors", keep_ratio=0.25)
+    reference = case.model(**case.inputs).logits
+    attach(case.model, tmp_path / "s.safetensors", keep_ratio=1.0)
+    assert torch.equal(case.model(**case.inputs).logits, reference)

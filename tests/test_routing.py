@@ -1,0 +1,444 @@
+"""Runtime routing on the tiny models of every family: exactness, caches, padding, reference semantics, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from alvts_calib.adapters import decoder_layers, get_adapter
+from alvts_calib.attach import RUNTIME_ATTRIBUTE, attach, detach
+from alvts_calib.errors import AlvtsError, ModelMismatchError
+from alvts_calib.routed_cache import RoutedCacheLayer
+from alvts_calib.routing import CONTEXT_KWARG, RoutedLayerMixin
+from alvts_calib.visual import TRACKER_ATTRIBUTE
+from conftest import BACKENDS, FAMILIES, TinyCase
+
+ALL = pytest.mark.parametrize("backend", BACKENDS)
+FAMILY = pytest.mark.parametrize("family", FAMILIES)
+RATIO = 0.25
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def greedy(case: TinyCase, inputs: dict | None = None, **kwargs):
+    inputs = case.inputs if inputs is None else inputs
+    return case.model.generate(**inputs, do_sample=False, **kwargs)
+
+
+def kept_counts(case: TinyCase, ratio: float) -> torch.Tensor:
+    """Per row: ceil(ratio * valid visual tokens) + valid text tokens (the last position is always valid text here)."""
+    visual, valid = case.visual, case.valid
+    assert bool((valid[:, -1] & ~visual[:, -1]).all()), "test inputs must end with a valid text token"
+    num_visual = (visual & valid).sum(1)
+    assert bool((num_visual > 0).all())
+    k = torch.tensor([math.ceil(ratio * int(n)) for n in num_visual])
+    assert bool((k < num_visual).all()), "the ratio must actually drop visual tokens"
+    return k + (valid & ~visual).sum(1)
+
+
+def forward_inputs(case: TinyCase, inputs: dict) -> dict:
+    """Inputs for a plain forward that is invariant to left padding in every family."""
+    if case.family == "qwen2_5_vl":  # M-RoPE positions come from the attention mask already
+        return inputs
+    mask = inputs["attention_mask"]
+    return {**inputs, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def single_row(case: TinyCase, row: int) -> TinyCase:
+    """Row `row` of the batch on its own: no padding, its own image tensors."""
+    mask = case.inputs["attention_mask"][row].bool()
+    start = int((~mask).sum())
+    assert bool(mask[start:].all()), "inputs must be left-padded"
+    ids = case.inputs["input_ids"]
+    inputs = {
+        "input_ids": ids[row : row + 1, start:],
+        "attention_mask": case.inputs["attention_mask"][row : row + 1, start:],
+    }
+    if case.family in ("llava", "llava_next"):
+        inputs["pixel_values"] = case.inputs["pixel_values"][row : row + 1]
+    if case.family == "llava_next":
+        inputs["image_sizes"] = case.inputs["image_sizes"][row : row + 1]
+    if case.family == "qwen2_5_vl":
+        grid = case.inputs["image_grid_thw"]
+        patches = grid.prod(-1)
+        offset = int(patches[:row].sum())
+        inputs["pixel_values"] = case.inputs["pixel_values"][offset : offset + int(patches[row])]
+        inputs["image_grid_thw"] = grid[row : row + 1]
+        inputs["mm_token_type_ids"] = case.inputs["mm_token_type_ids"][row : row + 1, start:]
+    explicit = None if case.explicit_visual is None else case.explicit_visual[row : row + 1, start:]
+    return TinyCase(case.family, case.backend, case.model, inputs, explicit)
+
+
+def causal_mask(length: int, backend: str) -> torch.Tensor:
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    if backend == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def reference_routed_logits(case: TinyCase, selector, ratio: float) -> torch.Tensor:
+    """Slow reference on the *unpatched* model: hooks replace each routed layer's output, row by row.
+
+    For each row: keep every valid text token, the last position and the top-k valid visual tokens by the selector's
+    scores (k = ceil(ratio * n_visual)); run the original layer on just those tokens (their own RoPE angles, a plain
+    causal mask, no cache) and leave every other position exactly as it came in.
+    """
+    model = case.model
+    assert getattr(model, RUNTIME_ATTRIBUTE, None) is None
+    visual, valid = case.visual, case.valid
+    layers = decoder_layers(model)
+
+    def make_hook(index: int):
+        layer_selector = selector.layers[index]
+
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch = hidden.shape[0]
+            cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
+            scores = layer_selector.scores(
+                module.input_layernorm(hidden), cos, sin, visual, valid, selector.importance
+            )
+            result = hidden.clone()
+            for row in range(batch):
+                candidates = (visual[row] & valid[row]).nonzero().flatten()
+                k = math.ceil(ratio * candidates.numel())
+                keep = valid[row] & ~visual[row]
+                keep[candidates[scores[row, candidates].topk(k).indices]] = True
+                keep[-1] = True
+                index_kept = keep.nonzero().flatten()
+                out = module.forward(
+                    hidden[row : row + 1, index_kept],
+                    attention_mask=causal_mask(index_kept.numel(), case.backend),
+                    position_ids=None,
+                    position_embeddings=(cos[row : row + 1, index_kept], sin[row : row + 1, index_kept]),
+                    cache=None,
+                    use_cache=False,
+                )
+                result[row, index_kept] = out[0]
+            return result
+
+        return hook
+
+    handles = [
+        layers[index].register_forward_hook(make_hook(index), with_kwargs=True) for index in selector.layers
+    ]
+    try:
+        return model(**forward_inputs(case, case.inputs), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_unpatched(model, classes: list[type]) -> None:
+    assert [type(layer) for layer in decoder_layers(model)] == classes
+    assert getattr(model, RUNTIME_ATTRIBUTE, None) is None
+    assert getattr(model, TRACKER_ATTRIBUTE, None) is None
+    assert not any(isinstance(layer, RoutedLayerMixin) for layer in decoder_layers(model))
+
+
+# ------------------------------------------------------------------------------------------------ 1. exactness at 1.0
+
+
+@FAMILY
+@ALL
+def test_keep_ratio_one_is_exact(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    assert bool((~case.valid).any()), "the batch must be left-padded"
+    ref_logits = model(**case.inputs).logits
+    ref_gen = greedy(case, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+
+    attach(model, make_selector(model, 1.0))
+    with case.routing():
+        logits = model(**case.inputs).logits
+        gen = greedy(case, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(gen.sequences, ref_gen.sequences)
+    assert len(gen.scores) == len(ref_gen.scores) > 0
+    for step, (scores, ref_scores) in enumerate(zip(gen.scores, ref_gen.scores, strict=True)):
+        assert torch.equal(scores, ref_scores), f"step {step}"
+
+
+# ----------------------------------------------------------------------------------------------------- 2. detach
+
+
+@FAMILY
+@ALL
+def test_detach_restores_the_model(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    classes = [type(layer) for layer in decoder_layers(model)]
+    keys = set(model.state_dict().keys())
+    module_names = {name for name, _ in model.named_modules()}
+    owner = get_adapter(model).placeholder_owner(model)
+    text_model = get_adapter(model).text_model(model)
+    pre_hooks = (len(model._forward_pre_hooks), len(text_model._forward_pre_hooks))
+    ref = model(**case.inputs).logits
+
+    attach(model, make_selector(model, RATIO))
+    assert all(isinstance(decoder_layers(model)[i], RoutedLayerMixin) for i in range(1, len(classes)))
+    if owner is not None:
+        assert "get_placeholder_mask" in vars(owner)
+    with case.routing():
+        routed = model(**case.inputs).logits
+    assert not torch.equal(routed, ref), "routing at 0.25 should change the logits"
+    detach(model)
+
+    assert_unpatched(model, classes)
+    assert not any("alvts" in name for name, _ in model.named_modules())
+    assert {name for name, _ in model.named_modules()} == module_names
+    assert set(model.state_dict().keys()) == keys
+    assert not any(hasattr(layer, "alvts_selector") for layer in decoder_layers(model))
+    if owner is not None:
+        assert "get_placeholder_mask" not in vars(owner)
+    assert (len(model._forward_pre_hooks), len(text_model._forward_pre_hooks)) == pre_hooks
+    assert torch.equal(model(**case.inputs).logits, ref)
+
+
+# -------------------------------------------------------------------------------------------- 3. KV cache lengths
+
+
+@FAMILY
+@ALL
+def test_routed_cache_holds_only_processed_tokens(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    padded = case.inputs["input_ids"].shape[1]
+    counts = kept_counts(case, RATIO)
+    expected = int(counts.max())
+    attach(model, make_selector(model, RATIO))
+
+    with case.routing():
+        cache = model(**case.inputs, use_cache=True).past_key_values
+    layers = cache.layers
+    assert type(layers[0]) is DynamicLayer
+    assert layers[0].keys.shape[-2] == padded
+    for index in range(1, len(layers)):
+        layer = layers[index]
+        assert isinstance(layer, RoutedCacheLayer), index
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == expected < padded, index
+        assert layer.key_valid.shape == (counts.numel(), expected)
+        assert torch.equal(layer.key_valid.sum(1), counts), index
+        # real keys first, batch fillers after
+        assert torch.equal(layer.key_valid, torch.arange(expected)[None] < counts[:, None])
+
+    new_tokens = 4
+    with case.routing():
+        out = greedy(case, max_new_tokens=new_tokens, min_new_tokens=new_tokens, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == padded + new_tokens
+    layers = out.past_key_values.layers
+    assert layers[0].keys.shape[-2] == padded + new_tokens - 1
+    for index in range(1, len(layers)):
+        layer = layers[index]
+        assert layer.keys.shape[-2] == expected + new_tokens - 1 < layers[0].keys.shape[-2], index
+        assert torch.equal(layer.key_valid.sum(1), counts + new_tokens - 1), index
+
+
+# ------------------------------------------------------------------------------------ 4. padding / batch invariance
+
+
+@FAMILY
+@ALL
+def test_rows_are_independent_of_batching_and_padding(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    rows = [single_row(case, row) for row in range(2)]
+    # the unpatched model itself must be padding invariant with these inputs, or the comparison means nothing
+    batched_ref = model(**forward_inputs(case, case.inputs)).logits
+    for row, single in enumerate(rows):
+        alone = model(**forward_inputs(single, single.inputs)).logits
+        width = alone.shape[1]
+        torch.testing.assert_close(batched_ref[row, -width:], alone[0], atol=1e-4, rtol=1e-4)
+
+    attach(model, make_selector(model, RATIO))
+    with case.routing():
+        batched = model(**forward_inputs(case, case.inputs)).logits
+        batched_gen = greedy(case, max_new_tokens=5, min_new_tokens=5)
+    assert (batched[:, -1] - batched_ref[:, -1]).abs().max() > 1e-3, "routing should change the logits"
+    for row, single in enumerate(rows):
+        with single.routing():
+            alone = model(**forward_inputs(single, single.inputs)).logits
+            alone_gen = greedy(single, max_new_tokens=5, min_new_tokens=5)
+        width = alone.shape[1]
+        torch.testing.assert_close(batched[row, -1], alone[0, -1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(batched[row, -width:], alone[0], atol=1e-4, rtol=0)
+        assert torch.equal(batched_gen[row, -5:], alone_gen[0, -5:]), f"row {row}"
+
+
+# ---------------------------------------------------------------------------------------- 5. reference semantics
+
+
+@FAMILY
+@ALL
+def test_skipped_tokens_pass_through_unchanged(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    counts = kept_counts(case, RATIO)
+    attach(model, make_selector(model, RATIO))
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            keep = module._keep_mask(hidden, kwargs[CONTEXT_KWARG], kwargs)
+            changed = (output != hidden).any(-1)
+            seen[index] = (keep, changed)
+            assert torch.equal(output[~keep], hidden[~keep])
+
+        return hook
+
+    layers = decoder_layers(model)
+    handles = [layers[i].register_forward_hook(make_hook(i), with_kwargs=True) for i in range(1, len(layers))]
+    try:
+        with case.routing():
+            model(**case.inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    assert sorted(seen) == list(range(1, len(layers)))
+    for index, (keep, changed) in seen.items():
+        assert torch.equal(changed, keep), index
+        assert torch.equal(changed.sum(1), counts), index
+        assert not bool((keep & ~case.valid).any()), "padding is never processed"
+        assert bool((keep & ~case.visual & case.valid).sum(1).eq((~case.visual & case.valid).sum(1)).all())
+
+
+@FAMILY
+@ALL
+def test_routed_forward_matches_slow_reference(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    selector = make_selector(model, RATIO)
+    unrouted = model(**forward_inputs(case, case.inputs)).logits
+    reference = reference_routed_logits(case, selector, RATIO)
+    attach(model, selector)
+    with case.routing():
+        routed = model(**forward_inputs(case, case.inputs)).logits
+    valid = case.valid
+    assert (reference[valid] - unrouted[valid]).abs().max() > 1e-3, "the reference must differ from no routing"
+    torch.testing.assert_close(routed[valid], reference[valid], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- 6. sampling and beams
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_sampling_and_beam_search(tiny_case, make_selector, family):
+    case = tiny_case(family, "eager")
+    model = case.model
+    width = case.inputs["input_ids"].shape[1]
+    gen = dict(max_new_tokens=5, min_new_tokens=5)
+
+    ref_beam = model.generate(**case.inputs, num_beams=3, do_sample=False, **gen)
+    torch.manual_seed(123)
+    ref_sample = model.generate(**case.inputs, do_sample=True, top_k=5, **gen)
+
+    attach(model, make_selector(model, 1.0))
+    beam = model.generate(**case.inputs, num_beams=3, do_sample=False, **gen)
+    torch.manual_seed(123)
+    sample = model.generate(**case.inputs, do_sample=True, top_k=5, **gen)
+    detach(model)
+    assert torch.equal(beam, ref_beam)
+    assert torch.equal(sample, ref_sample)
+
+    attach(model, make_selector(model, RATIO))
+    torch.manual_seed(7)
+    sample = model.generate(**case.inputs, do_sample=True, top_k=5, **gen)
+    torch.manual_seed(7)
+    again = model.generate(**case.inputs, do_sample=True, top_k=5, **gen)
+    beam = model.generate(**case.inputs, num_beams=3, do_sample=False, **gen)
+    beam_many = model.generate(**case.inputs, num_beams=3, num_return_sequences=3, do_sample=False, **gen)
+    for out in (sample, beam):
+        assert out.shape == (2, width + 5)
+        assert torch.equal(out[:, :width], case.inputs["input_ids"])
+    assert torch.equal(sample, again)
+    assert beam_many.shape == (6, width + 5)
+    assert torch.equal(beam_many[::3], beam), "the best returned beam is the num_return_sequences=1 result"
+
+    # beam search reorders the routed caches (key validity included): each row must match searching it alone
+    for row in range(2):
+        single = single_row(case, row)
+        alone = model.generate(**single.inputs, num_beams=3, do_sample=False, **gen)
+        assert torch.equal(beam[row, -5:], alone[0, -5:]), f"row {row}"
+
+
+# ------------------------------------------------------------------------------------------------------ 7. errors
+
+
+def test_attach_twice_and_detach_unpatched_raise(tiny_case, make_selector):
+    case = tiny_case("llava", "eager")
+    model = case.model
+    classes = [type(layer) for layer in decoder_layers(model)]
+    with pytest.raises(AlvtsError):
+        detach(model)
+    attach(model, make_selector(model, RATIO))
+    routed_classes = [type(layer) for layer in decoder_layers(model)]
+    with pytest.raises(AlvtsError):
+        attach(model, make_selector(model, RATIO))
+    assert [type(layer) for layer in decoder_layers(model)] == routed_classes
+    detach(model)
+    assert_unpatched(model, classes)
+    with pytest.raises(AlvtsError):
+        detach(model)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [(("llava", 0), ("llava", 1)), (("llama", 0), ("llama", 1)), (("llava", 0), ("llama", 0)),
+     (("llama", 0), ("qwen2_5_vl", 0)), (("qwen2_5_vl", 0), ("llava_next", 0))],
+)
+def test_attach_to_another_model_raises_mismatch(tiny_case, make_selector, source, target):
+    selector = make_selector(tiny_case(source[0], "eager", model_seed=source[1]).model, RATIO)
+    model = tiny_case(target[0], "eager", model_seed=target[1]).model
+    classes = [type(layer) for layer in decoder_layers(model)]
+    with pytest.raises(ModelMismatchError):
+        attach(model, selector)
+    assert_unpatched(model, classes)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.0, -0.5, 1.5])
+def test_attach_rejects_bad_keep_ratio(tiny_case, make_selector, keep_ratio):
+    model = tiny_case("llava", "eager").model
+    classes = [type(layer) for layer in decoder_layers(model)]
+    with pytest.raises(AlvtsError):
+        attach(model, make_selector(model, RATIO), keep_ratio=keep_ratio)
+    assert_unpatched(model, classes)
+    attach(model, make_selector(model, RATIO), keep_ratio=0.5)  # a failed attach leaves the model attachable
+    assert all(decoder_layers(model)[i].alvts_keep_ratio == 0.5 for i in range(1, 4))
+
+
+@pytest.mark.parametrize("family", ["llava", "llama"])
+def test_attach_rejects_unsupported_attention_backend(tiny_case, make_selector, family):
+    model = tiny_case(family, "eager").model
+    selector = make_selector(model, RATIO)
+    classes = [type(layer) for layer in decoder_layers(model)]
+    model.config.get_text_config(decoder=True)._attn_implementation = "flex_attention"
+    if model.config.get_text_config(decoder=True)._attn_implementation != "flex_attention":
+        pytest.skip("this transformers version does not let the attention implementation be overridden")
+    with pytest.raises(AlvtsError):
+        attach(model, selector)
+    assert_unpatched(model, classes)
+
+
+# --------------------------------------------------------------------------------------------- 8. use_cache=False
+
+
+@FAMILY
+@ALL
+def test_no_cache_forward_matches_cached_prefill(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    attach(model, make_selector(model, RATIO))
+    with case.routing():
+        cached = model(**case.inputs, use_cache=True)
+        uncached = model(**case.inputs, use_cache=False)
+    assert uncached.past_key_values is None
+    assert uncached.logits.shape == cached.logits.shape == (*case.inputs["input_ids"].shape, model.config.get_text_config().vocab_size)
+    assert bool(torch.isfinite(uncached.logits).all())
+    torch.testing.assert_close(uncached.logits, cached.logits, atol=1e-5, rtol=0)
