@@ -4,11 +4,11 @@ __version__ = "0.1.0"
 
 from .artifact import Selector, load_selector  # noqa: E402
 from .attach import attach, attached_selector, detach  # noqa: E402
-from .pipeline import calibrate  # noqa: E402
 from .calibration import Calibration, load_calibration  # noqa: E402
 from .errors import AlvtsError, ArtifactError, ModelMismatchError  # noqa: E402
 from .export import export  # noqa: E402
 from .importance import Importance  # noqa: E402
+from .pipeline import calibrate  # noqa: E402
 from .solver import Init  # noqa: E402
 from .visual import visual_positions  # noqa: E402
 

@@ -110,7 +110,9 @@ def load_selector(path: str | Path) -> Selector:
         }
         importance = Importance(metadata["importance"])
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
-        raise ArtifactError(f"{path}: selector artifact is incomplete or inconsistent ({error!r}); re-export it") from None
+        raise ArtifactError(
+            f"{path}: selector artifact is incomplete or inconsistent ({error!r}); re-export it"
+        ) from None
     if not keep_ratios or any(not 0.0 <= ratio <= 1.0 for ratio in keep_ratios.values()):
         raise ArtifactError(f"{path}: selector artifact has no layers or keep ratios outside [0, 1]; re-export it")
     return Selector(layers, keep_ratios, importance, metadata["fingerprint"], metadata)

@@ -15,7 +15,9 @@ from .options import check_keep_ratio
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def build_selector(calibration: Calibration, *, keep_ratio: float, rank: int | None = None, dtype: str = "float32") -> Selector:
+def build_selector(
+    calibration: Calibration, *, keep_ratio: float, rank: int | None = None, dtype: str = "float32"
+) -> Selector:
     """The selector a calibration gives at `keep_ratio` (uniform over routed layers) and `rank`."""
     check_keep_ratio(keep_ratio)
     if not calibration.complete:

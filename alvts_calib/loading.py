@@ -41,4 +41,6 @@ def load_processor(path: str | Path) -> Any:
     try:
         return loader.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise AlvtsError(f"{path}: could not load the processor ({error}); the folder needs its processor files")
+        raise AlvtsError(
+            f"{path}: could not load the processor ({error}); the folder needs its processor files"
+        ) from None

@@ -60,7 +60,7 @@ class Compaction:
 
 
 class RoutedLayerMixin:
-    """Mixed into a decoder layer's class by `attach`; expects `alvts_selector`, `alvts_keep_ratio`, `alvts_importance`."""
+    """Mixed into a decoder layer's class by `attach` (which sets the `alvts_*` attributes)."""
 
     alvts_selector: LayerSelector
     alvts_keep_ratio: float

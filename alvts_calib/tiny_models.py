@@ -159,9 +159,7 @@ def _llama_inputs(model, generator, prefix_lengths, sizes) -> dict[str, torch.Te
     rows = [_text(generator, p + 16 + 5) for p in prefix_lengths]
     input_ids, attention_mask = _left_pad(rows)
     visual = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i, p in enumerate(prefix_lengths):
-        start = input_ids.shape[1] - 21
-        visual[i, start : start + 16] = True
+    visual[:, -21:-5] = True  # rows are left-padded, so the 16-token span sits at the same columns
     return {"input_ids": input_ids, "attention_mask": attention_mask, "visual_mask": visual}
 
 

@@ -8,8 +8,8 @@ custom VLMs, give an explicit (B, N) mask over sequence positions instead.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn

@@ -51,7 +51,9 @@ def _samples(model: Any, model_path: Path | None, data: Path | None, num_samples
     if model_path is None and data is None:
         return demo_samples(model, num_samples or 16)
     if data is None:
-        raise AlvtsError("--data is required with --model: a JSONL of {image, prompt}, an image folder or a saved dataset")
+        raise AlvtsError(
+            "--data is required with --model: a JSONL of {image, prompt}, an image folder or a saved dataset"
+        )
     if model_path is None:
         raise AlvtsError("--data needs --model: the built-in demo model has no processor for real images")
     from alvts_calib.data import build_samples, load_records
@@ -70,7 +72,7 @@ def calibrate_command(
     model: ModelOption = None,
     data: Annotated[Path | None, typer.Option(help="Calibration data: JSONL, image folder or saved dataset.")] = None,
     num_samples: Annotated[int | None, typer.Option(help="Use the first N samples (default: all; demo: 16).")] = None,
-    rank: Annotated[int | None, typer.Option(help="Selector rank, a multiple of head_dim (default 2 x head_dim).")] = None,
+    rank: Annotated[int | None, typer.Option(help="Selector rank, a multiple of head_dim (default 2 heads).")] = None,
     start_layer: Annotated[int, typer.Option(help="First routed layer (layer 0 is never routed).")] = 1,
     importance: Annotated[Importance, typer.Option(help="Importance definition.")] = Importance.PAPER,
     init: Annotated[Init, typer.Option(help="Selector initialisation.")] = Init.WEIGHT_SVD,

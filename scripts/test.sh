@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then run the linter and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check .
+python -m pytest
