@@ -85,7 +85,8 @@ def tiny_case() -> Callable[..., TinyCase]:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
+def _inference_mode() -> Iterator[None]:
+    """Every test starts from the same global seed and runs without autograd (the solver re-enables it)."""
     torch.manual_seed(0)
     with torch.no_grad():
         yield

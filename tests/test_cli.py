@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 
-from typer.testing import CliRunner
-
 from alvts_cli.app import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
