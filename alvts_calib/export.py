@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import __version__
 from .artifact import Selector
 from .calibration import Calibration
 from .errors import AlvtsError
-from .options import check_keep_ratio
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .options import check_keep_ratio, torch_dtype
 
 
 def build_selector(
@@ -28,10 +24,9 @@ def build_selector(
             f"export rank must be a multiple of {calibration.head_dim} and at most the calibrated rank "
             f"{calibration.rank}, got {rank}"
         )
-    if dtype not in DTYPES:
-        raise AlvtsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    stored_dtype = torch_dtype(dtype)
     indices = sorted(calibration.layers)
-    layers = {i: calibration.selector(i, rank).to(DTYPES[dtype]) for i in indices}
+    layers = {i: calibration.selector(i, rank).to(stored_dtype) for i in indices}
     fidelity = {str(i): calibration.fidelity(i, keep_ratio, rank) for i in indices}
     metadata = {
         "family": calibration.metadata["family"],

@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from .adapters import adapter_for_model_type
 from .errors import AlvtsError
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .options import torch_dtype
 
 
 def load_model(
@@ -23,12 +21,11 @@ def load_model(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise AlvtsError(f"{path}: not a transformers model directory (no config.json); pass a local checkpoint folder")
-    if dtype not in DTYPES:
-        raise AlvtsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model_dtype = torch_dtype(dtype, allow_auto=True)
     config = AutoConfig.from_pretrained(path)
     adapter = adapter_for_model_type(config.model_type)
     auto_class = getattr(transformers, adapter.auto_class)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": model_dtype, "attn_implementation": attn_implementation}
     if device is not None:
         kwargs["device_map"] = device
     return auto_class.from_pretrained(path, **kwargs).eval()

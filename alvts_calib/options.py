@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import torch
+
 from .adapters import AttentionGeometry
 from .errors import AlvtsError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str, *, allow_auto: bool = False) -> torch.dtype | str:
+    """The torch dtype called `name` ("auto" passes through where allowed), or a one-line error."""
+    if allow_auto and name == "auto":
+        return name
+    if name not in TORCH_DTYPES:
+        choices = (["auto"] if allow_auto else []) + list(TORCH_DTYPES)
+        raise AlvtsError(f"dtype must be one of {', '.join(choices)}, got {name!r}")
+    return TORCH_DTYPES[name]
 
 
 def check_keep_ratio(keep_ratio: float) -> None:
