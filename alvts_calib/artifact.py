@@ -38,30 +38,42 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     return path
 
 
-def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read tensors and metadata, checking the file is a readable artifact of `expected_format`."""
+def _read(
+    path: str | Path, formats: tuple[str, ...], load_tensors: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read metadata (and tensors if asked), checking the file is a readable artifact of one of `formats`."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()} if load_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise ArtifactError(f"{path}: not a readable safetensors file ({error}); re-export it") from None
     try:
         metadata = json.loads(header[METADATA_KEY])
     except (KeyError, json.JSONDecodeError, TypeError):
         raise ArtifactError(f"{path}: has no ALVTS metadata; is it an ALVTS artifact?") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != expected_format:
+    if not isinstance(metadata, dict) or metadata.get("format") not in formats:
         found = metadata.get("format") if isinstance(metadata, dict) else None
-        raise ArtifactError(f"{path}: expected a {expected_format} file, found format {found!r}")
+        raise ArtifactError(f"{path}: expected a {' or '.join(formats)} file, found format {found!r}")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format version {metadata.get('format_version')!r} is not supported (this toolkit reads "
             f"version {FORMAT_VERSION}); upgrade alvts-calib or re-export the artifact"
         )
     return tensors, metadata
+
+
+def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read tensors and metadata, checking the file is a readable artifact of `expected_format`."""
+    return _read(path, (expected_format,), load_tensors=True)
+
+
+def read_metadata(path: str | Path, *formats: str) -> dict[str, Any]:
+    """Only the checked metadata of an artifact of one of `formats` (no tensor is loaded)."""
+    return _read(path, formats, load_tensors=False)[1]
 
 
 @dataclass

@@ -11,10 +11,10 @@ import torch
 import typer
 
 from alvts_calib import attach, calibrate, export, load_calibration
-from alvts_calib.artifact import read_safetensors
+from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
 from alvts_calib.calibration import CALIBRATION_FORMAT
 from alvts_calib.demo import DEMO_NAME, demo_model, demo_samples
-from alvts_calib.errors import AlvtsError, ArtifactError
+from alvts_calib.errors import AlvtsError
 from alvts_calib.importance import Importance
 from alvts_calib.solver import Init
 
@@ -137,13 +137,7 @@ def inspect_command(
     json_output: JsonOption = False,
 ) -> None:
     """Show what an artifact is, for which model, how it was made and how good it is per layer."""
-    try:
-        _, metadata = read_safetensors(path, "alvts-selector")
-    except ArtifactError as selector_error:
-        try:
-            _, metadata = read_safetensors(path, CALIBRATION_FORMAT)
-        except ArtifactError:
-            raise selector_error from None
+    metadata = read_metadata(path, SELECTOR_FORMAT, CALIBRATION_FORMAT)
     if json_output:
         print_json(metadata)
         return
@@ -155,7 +149,7 @@ def inspect_command(
         f"{fingerprint['num_heads']} heads ({fingerprint['num_kv_heads']} kv), head_dim {fingerprint['head_dim']}",
         "importance": metadata.get("importance", metadata.get("options", {}).get("importance")),
     }
-    if metadata["format"] == "alvts-selector":
+    if metadata["format"] == SELECTOR_FORMAT:
         rows.update({"rank": metadata["rank"], "keep ratio": metadata["keep_ratio"], "budget": metadata["budget"],
                      "start layer": metadata["start_layer"], "calibration": metadata["calibration"]})
         console.print(key_value_table(str(path), rows))
