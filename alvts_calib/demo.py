@@ -12,19 +12,21 @@ from .adapters import decoder_layers
 from .tiny_models import tiny_inputs, tiny_llava
 
 DEMO_NAME = "builtin:tiny-llava (random weights)"
-
-
 ATTENTION_SHARPENING = 4.0  # random weights attend almost uniformly; sharper q/k make importance content-dependent
+
+
+def sharpen_attention(model: torch.nn.Module, factor: float = ATTENTION_SHARPENING) -> torch.nn.Module:
+    """Scale every decoder layer's query and key weights by `factor` in place; returns `model`."""
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+    return model
 
 
 def demo_model(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The built-in tiny LLaVA model (seeded, identical on every machine), with sharpened attention."""
-    model = tiny_llava(attn_implementation=attn_implementation, seed=0)
-    with torch.no_grad():
-        for layer in decoder_layers(model):
-            layer.self_attn.q_proj.weight.mul_(ATTENTION_SHARPENING)
-            layer.self_attn.k_proj.weight.mul_(ATTENTION_SHARPENING)
-    return model
+    return sharpen_attention(tiny_llava(attn_implementation=attn_implementation, seed=0))
 
 
 def demo_samples(model: torch.nn.Module, count: int) -> list[dict[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ import typer
 from alvts_calib import attach, calibrate, export, load_calibration
 from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
 from alvts_calib.calibration import CALIBRATION_FORMAT
+from alvts_calib.capture import input_device, move
 from alvts_calib.demo import DEMO_NAME, demo_model, demo_samples
 from alvts_calib.errors import AlvtsError
 from alvts_calib.importance import Importance
@@ -179,7 +180,7 @@ def generate_command(
     else:
         inputs, decode = _prompt_inputs(model, image, prompt)
     attach(loaded, selector, keep_ratio=keep_ratio)
-    inputs = {k: v.to(loaded.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    inputs = move(inputs, input_device(loaded))
     started = time.perf_counter()
     with torch.no_grad():
         output = loaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)

@@ -7,21 +7,14 @@ import torch
 
 import alvts_calib.pipeline as calibrate_module
 from alvts_calib import AlvtsError, Importance, calibrate, export, load_calibration
-from alvts_calib.adapters import AttentionGeometry, decoder_layers
-from alvts_calib.demo import demo_model, demo_samples
-
-
-def _sharpen(model: torch.nn.Module, factor: float = 4.0) -> torch.nn.Module:
-    for layer in decoder_layers(model):
-        layer.self_attn.q_proj.weight.mul_(factor)
-        layer.self_attn.k_proj.weight.mul_(factor)
-    return model
+from alvts_calib.adapters import AttentionGeometry
+from alvts_calib.demo import demo_model, demo_samples, sharpen_attention
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])
 def test_target_importance_matches_the_models_own_attention_weights(family, tiny_case):
     case = tiny_case(family, "eager", batch=1)
-    _sharpen(case.model)
+    sharpen_attention(case.model)
     sample = {**case.inputs, **({"visual_mask": case.explicit_visual} if case.explicit_visual is not None else {})}
     calibration = calibrate(case.model, [sample], rank=16, refine_steps=0, progress=False)
     attentions = case.model(**case.inputs, output_attentions=True).attentions
@@ -37,7 +30,7 @@ def test_target_importance_matches_the_models_own_attention_weights(family, tiny
 @pytest.mark.parametrize("init", ["weight_svd", "data_svd"])
 def test_full_rank_svd_selector_reproduces_the_full_attention(family, init, tiny_case):
     case = tiny_case(family, "sdpa")
-    _sharpen(case.model)
+    sharpen_attention(case.model)
     geometry = AttentionGeometry.of(case.model)
     samples = [{**s, "visual_mask": case.explicit_visual} if case.explicit_visual is not None else s
                for s in [case.inputs]]
