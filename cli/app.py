@@ -15,11 +15,12 @@ from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
 from alvts_calib.calibration import CALIBRATION_FORMAT
 from alvts_calib.capture import input_device, move
 from alvts_calib.demo import DEMO_NAME, demo_model, demo_samples
+from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError
 from alvts_calib.importance import Importance
 from alvts_calib.solver import Init
 
-from .report import console, fidelity_table, key_value_table, print_json
+from .report import console, doctor_tables, fidelity_table, key_value_table, print_json
 
 app = typer.Typer(
     help="ALVTS: calibrate, export and attach layer-wise visual token selectors for transformers LVLMs.",
@@ -211,6 +212,16 @@ def _prompt_inputs(model: Path, image: Path | None, prompt: str) -> tuple[dict, 
     records = datasets.Dataset.from_list([{"image": str(image.resolve()), "prompt": prompt}])
     samples, _ = build_samples(records, processor)
     return samples[0], lambda tokens: processor.batch_decode(tokens, skip_special_tokens=True)
+
+
+@app.command("doctor")
+def doctor_command(json_output: JsonOption = False) -> None:
+    """Show versions, GPUs, usable attention backends and supported model families."""
+    diagnosis = diagnose()
+    if json_output:
+        print_json(diagnosis.to_dict())
+        return
+    console.print(doctor_tables(diagnosis))
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ import json
 import math
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+
+from alvts_calib.doctor import Diagnosis
 
 console = Console()
 
@@ -56,3 +58,22 @@ def key_value_table(title: str, rows: dict[str, Any]) -> Table:
     for key, value in rows.items():
         table.add_row(key, str(value))
     return table
+
+
+def doctor_tables(diagnosis: Diagnosis) -> Group:
+    """Versions, GPUs, attention backends and model families, one table each."""
+    versions = key_value_table("versions", {k: v or "not installed" for k, v in diagnosis.versions.items()})
+    gpus = Table(title=f"GPUs (CUDA {diagnosis.cuda_version or 'not in this torch build'})")
+    for column in ("index", "name", "memory GiB", "capability", "bf16"):
+        gpus.add_column(column)
+    for gpu in diagnosis.gpus:
+        gpus.add_row(str(gpu.index), gpu.name, f"{gpu.memory_gib:.1f}", gpu.capability, "yes" if gpu.bf16 else "no")
+    if not diagnosis.gpus:
+        gpus.add_row("-", "no CUDA GPU available (CPU only)", "", "", "")
+    backends = Table(title="attention backends")
+    for column in ("backend", "usable", "why"):
+        backends.add_column(column)
+    for backend in diagnosis.attention_backends:
+        backends.add_row(backend.name, "yes" if backend.usable else "no", backend.reason)
+    families = key_value_table("model families", {"supported": ", ".join(diagnosis.families)})
+    return Group(versions, gpus, backends, families)
