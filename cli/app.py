@@ -169,9 +169,9 @@ def generate_command(
     prompt: Annotated[str, typer.Option(help="Prompt text.")] = "Describe the image.",
     keep_ratio: Annotated[float | None, typer.Option(help="Override the artifact's keep ratio.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
-    dtype: Annotated[str, typer.Option(help="Model dtype.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
-    device: Annotated[str | None, typer.Option(help="device_map for loading.")] = None,
+    device: Annotated[str | None, typer.Option(help="device_map for loading, e.g. cuda or auto.")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Attach a selector and generate, reporting the KV cache each layer kept."""
