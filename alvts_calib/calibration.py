@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from .artifact import read_safetensors, write_safetensors
-from .errors import ArtifactError
+from .budgets import LayerStatistics
+from .errors import AlvtsError, ArtifactError
 from .importance import Importance
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
 from .solver import fidelity
@@ -25,6 +26,7 @@ class LayerResult:
     heldout_parts: torch.Tensor  # (P, G, N) selector parts over held-out visual tokens
     heldout_target: torch.Tensor  # (N,) full-attention importance of the same tokens
     stats: dict[str, float] = field(default_factory=dict)  # losses, timings
+    budget: LayerStatistics | None = None  # full-attention statistics for budgets (None in older files)
 
 
 @dataclass
@@ -52,6 +54,17 @@ class Calibration:
         expected = range(int(self.metadata["options"]["start_layer"]), int(self.metadata["fingerprint"]["num_layers"]))
         return set(expected) <= set(self.layers)
 
+    def budget_statistics(self) -> tuple[dict[int, LayerStatistics], int]:
+        """Per-layer budget statistics and the reference visual token count (median per calibration row)."""
+        statistics = {index: result.budget for index, result in self.layers.items()}
+        visual_tokens = self.metadata["summary"].get("visual_tokens")
+        if visual_tokens is None or any(value is None for value in statistics.values()):
+            raise AlvtsError(
+                "this calibration has no budget statistics (made by an older alvts-calib); re-run `alvts calibrate` "
+                "for adaptive budgets, or export with --budget uniform"
+            )
+        return statistics, int(visual_tokens)
+
     def selector(self, index: int, rank: int | None = None) -> LayerSelector:
         """The solved selector of layer `index`, optionally keeping only its leading `rank` dimensions."""
         selector = LayerSelector.from_tensors(self.layers[index].selector, self.head_dim)
@@ -73,8 +86,19 @@ class Calibration:
             tensors[f"heldout.{index}.parts"] = result.heldout_parts
             tensors[f"heldout.{index}.target"] = result.heldout_target
             stats[str(index)] = result.stats
+            if result.budget is not None:
+                tensors[f"budget.{index}.coverage"] = result.budget.coverage
+                tensors[f"budget.{index}.visual_share"] = torch.tensor(result.budget.visual_share, dtype=torch.float64)
         metadata = {**self.metadata, "format": CALIBRATION_FORMAT, "format_version": 1, "layer_stats": stats}
         return write_safetensors(path, tensors, metadata)
+
+
+def _budget_statistics(tensors: dict[str, torch.Tensor], index: str) -> LayerStatistics | None:
+    """Layer `index`'s stored budget statistics, or None for files written before they existed."""
+    coverage = tensors.get(f"budget.{index}.coverage")
+    if coverage is None:
+        return None
+    return LayerStatistics(coverage=coverage, visual_share=float(tensors[f"budget.{index}.visual_share"]))
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -91,6 +115,7 @@ def load_calibration(path: str | Path) -> Calibration:
                 heldout_parts=tensors[f"heldout.{index}.parts"],
                 heldout_target=tensors[f"heldout.{index}.target"],
                 stats=stats,
+                budget=_budget_statistics(tensors, index),
             )
             for index, stats in metadata.pop("layer_stats").items()
         }

@@ -8,6 +8,7 @@ resumes from its last finished layer with identical results.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import AttentionGeometry, decoder_layers, get_adapter
+from .budgets import LayerStatistics, coverage_curves, visual_attention_share
 from .calibration import Calibration, LayerResult, load_calibration
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
 from .errors import AlvtsError
@@ -56,10 +58,11 @@ def _model_queries_keys(layer: nn.Module, normed: torch.Tensor, cos, sin, geomet
 
 def _layer_batches(
     layer: nn.Module, captured: list[CapturedBatch], geometry: AttentionGeometry, definition: Importance
-) -> list[LayerBatch]:
-    """The layer's normed inputs and full-attention importance for every calibration batch."""
+) -> tuple[list[LayerBatch], LayerStatistics]:
+    """The layer's normed inputs and full-attention importance for every calibration batch, and its budget
+    statistics over all of them."""
     device = layer.self_attn.q_proj.weight.device
-    batches = []
+    batches, curves, shares = [], [], []
     with torch.no_grad():
         for batch in captured:
             hidden = batch.hidden.to(device)
@@ -67,9 +70,13 @@ def _layer_batches(
             visual, valid = batch.visual.to(device), batch.valid.to(device)
             normed = layer.input_layernorm(hidden)
             queries, keys = _model_queries_keys(layer, normed, cos, sin, geometry)
-            target = importance_from_parts(attention_parts(queries, keys, visual, valid, definition))
+            parts = attention_parts(queries, keys, visual, valid, definition)
+            target = importance_from_parts(parts)
+            curves.append(coverage_curves(target, visual))
+            shares.append(visual_attention_share(parts, visual))
             batches.append(LayerBatch(normed.float(), cos.float(), sin.float(), visual, valid, target))
-    return batches
+    budget = LayerStatistics(coverage=torch.cat(curves).mean(0), visual_share=float(torch.cat(shares).mean()))
+    return batches, budget
 
 
 def _heldout_statistics(
@@ -96,7 +103,7 @@ def _solve_layer(
 ) -> LayerResult:
     started = time.perf_counter()
     definition = Importance(options.importance)
-    batches = _layer_batches(layer, captured, geometry, definition)
+    batches, budget = _layer_batches(layer, captured, geometry, definition)
     train = [b for i, b in enumerate(batches) if i not in heldout] or batches
     held = [batches[i] for i in heldout]
     moment = second_moment(train) if Init(options.init) is Init.DATA_SVD else None
@@ -111,7 +118,7 @@ def _solve_layer(
     parts, target = _heldout_statistics(selector, held, definition)
     state = {name: tensor.detach().cpu().clone() for name, tensor in selector.state_dict().items()}
     stats = {"loss_init": loss_init, "loss_refined": loss_refined, "seconds": time.perf_counter() - started}
-    return LayerResult(selector=state, heldout_parts=parts, heldout_target=target, stats=stats)
+    return LayerResult(selector=state, heldout_parts=parts, heldout_target=target, stats=stats, budget=budget)
 
 
 def _propagate(layer: nn.Module, captured: list[CapturedBatch]) -> None:
@@ -212,6 +219,9 @@ def calibrate(
             "heldout_samples": len(heldout),
             "heldout_is_train": len(captured) < 2,
             "skipped_without_visual": skipped,
+            "visual_tokens": statistics.median_low(
+                int(row.sum()) for batch in captured for row in batch.visual if bool(row.any())
+            ),
         },
         "toolkit_version": __version__,
     }

@@ -1,0 +1,199 @@
+"""Per-layer visual-token budgets: full-attention statistics gathered at calibration, and their allocation.
+
+Statistics, per routed layer, averaged over calibration rows:
+- the coverage curve C(f): the share of the full attention's visual importance mass held by its own top
+  keep_count(n, f) visual tokens, for keep fractions f on a fixed grid (C(0) = 0, C(1) = 1);
+- the visual attention share: how much of the attention of the importance's query rows (text rows, or the
+  last position) lands on visual tokens at all.
+
+Allocation gives each routed layer a whole number of tokens k_l at a reference visual count n, with
+sum k_l = L * keep_count(n, keep_ratio), so routed layers process on average exactly the visual tokens a uniform
+keep ratio gives. The per-layer ratio is k_l / n, which the runtime turns back into exactly k_l tokens.
+- equal coverage (default "adaptive"): every layer keeps the same share of its importance mass, so layers
+  whose importance is spread flat get more tokens and layers with a few dominant tokens get fewer;
+- water-filling ("adaptive-mass"): the most importance mass in total, each layer's mass weighted by its visual
+  attention share. It is all-or-nothing on flat curves, so at small budgets it may give such layers nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .errors import AlvtsError
+from .importance import keep_count
+
+COVERAGE_POINTS = 257  # keep fractions 0, 1/256, ..., 1
+
+
+class Budget(str, Enum):
+    """How the average keep ratio is spread over routed layers."""
+
+    UNIFORM = "uniform"  # the same ratio in every layer (the paper)
+    ADAPTIVE = "adaptive"  # equal coverage: every layer keeps the same share of its importance mass
+    ADAPTIVE_MASS = "adaptive-mass"  # water-filling: most importance mass in total, weighted by visual share
+
+    @property
+    def method(self) -> str:
+        """The allocation method's name, as recorded in artifacts."""
+        return {"uniform": "uniform", "adaptive": "equal-coverage", "adaptive-mass": "water-filling"}[self.value]
+
+
+def parse_budget(name: str | Budget) -> Budget:
+    """The budget called `name`, or a one-line error listing the choices."""
+    try:
+        return Budget(name)
+    except ValueError:
+        choices = ", ".join(budget.value for budget in Budget)
+        raise AlvtsError(f"budget must be one of {choices}, got {name!r}") from None
+
+
+def coverage_grid() -> torch.Tensor:
+    """The keep fractions (COVERAGE_POINTS,) at which coverage curves are recorded."""
+    return torch.linspace(0.0, 1.0, COVERAGE_POINTS, dtype=torch.float64)
+
+
+@lru_cache(maxsize=64)
+def _grid_counts(n: int) -> torch.Tensor:
+    """Tokens the runtime keeps out of `n` at every grid fraction."""
+    return torch.stack([keep_count(torch.tensor(n), float(f)) for f in coverage_grid()])
+
+
+def coverage_curves(importance: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(R, COVERAGE_POINTS) coverage curve of each row of (B, L) importance that has visual tokens.
+
+    Row r at fraction f: the share of its visual importance held by its top keep_count(n_r, f) visual tokens.
+    A row without importance mass counts as evenly spread (coverage k / n).
+    """
+    curves = []
+    for scores, mask in zip(importance.detach().double().cpu(), visual.cpu(), strict=True):
+        values = scores[mask].clamp(min=0.0).sort(descending=True).values
+        n = values.numel()
+        if n == 0:
+            continue
+        counts = _grid_counts(n)
+        total = float(values.sum())
+        cumulative = torch.cat([values.new_zeros(1), values.cumsum(0)])
+        curves.append(cumulative[counts] / total if total > 0 else counts.double() / n)
+    return torch.stack(curves) if curves else torch.empty(0, COVERAGE_POINTS, dtype=torch.float64)
+
+
+def visual_attention_share(parts: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(R,) share of the query rows' head-averaged attention that lands on visual tokens, per row with any.
+
+    parts: (B, P, H, L) attention parts (importance.attention_parts); the last part belongs to the query rows
+    that define relevance (text rows, or the last position), and parts are zero outside visual columns.
+    """
+    share = parts[:, -1].double().mean(dim=1).sum(dim=-1)
+    return share[visual.any(dim=-1)].cpu()
+
+
+@dataclass(frozen=True)
+class LayerStatistics:
+    """What allocation needs to know about one routed layer."""
+
+    coverage: torch.Tensor  # (COVERAGE_POINTS,) mean coverage curve
+    visual_share: float  # mean share of the query rows' attention on visual tokens
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-layer visual-token budgets at a reference visual count."""
+
+    budget: Budget
+    keep_ratio: float  # the target average, as asked
+    visual_tokens: int  # reference visual count n
+    tokens: dict[int, int]  # layer -> tokens kept out of n
+
+    @property
+    def ratios(self) -> dict[int, float]:
+        """Per-layer keep ratios k / n (the runtime keeps exactly k of n tokens)."""
+        return {index: k / self.visual_tokens for index, k in self.tokens.items()}
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready description for artifact metadata."""
+        tokens = list(self.tokens.values())
+        return {
+            "method": self.budget.method,
+            "target_keep_ratio": self.keep_ratio,
+            "visual_tokens": self.visual_tokens,
+            "mean_tokens_per_layer": sum(tokens) / len(tokens),
+            "uniform_tokens_per_layer": int(keep_count(torch.tensor(self.visual_tokens), self.keep_ratio)),
+            "mean_keep_ratio": sum(tokens) / len(tokens) / self.visual_tokens,
+            "tokens": {str(index): k for index, k in sorted(self.tokens.items())},
+        }
+
+
+def token_curves(curves: np.ndarray, visual_tokens: int) -> np.ndarray:
+    """(L, n + 1) coverage after keeping 0..n tokens, interpolated from (L, COVERAGE_POINTS) grid curves."""
+    grid = coverage_grid().numpy()
+    fractions = np.arange(visual_tokens + 1) / visual_tokens
+    interpolated = np.stack([np.interp(fractions, grid, curve) for curve in np.asarray(curves, dtype=np.float64)])
+    return np.maximum.accumulate(interpolated, axis=1)
+
+
+def water_filling(curves: np.ndarray, weights: np.ndarray, total: int) -> list[int]:
+    """Tokens per layer maximising sum_l w_l C_l(k_l) with sum k_l = total, one token at a time.
+
+    curves: (L, n + 1) coverage after 0..n tokens. Greedy on marginal gains is optimal for concave curves
+    (a layer's sorted importance makes its coverage concave); ties go to the lower layer.
+    """
+    layers, width = curves.shape
+    tokens = [0] * layers
+    gains = [(-weights[i] * (curves[i, 1] - curves[i, 0]), i) for i in range(layers)]
+    heapq.heapify(gains)
+    for _ in range(total):
+        _, i = heapq.heappop(gains)
+        tokens[i] += 1
+        if tokens[i] < width - 1:
+            heapq.heappush(gains, (-weights[i] * (curves[i, tokens[i] + 1] - curves[i, tokens[i]]), i))
+    return tokens
+
+
+def equal_coverage(curves: np.ndarray, total: int, iterations: int = 60) -> list[int]:
+    """Tokens per layer giving every layer the same coverage, with sum k_l = total.
+
+    Bisection finds the highest common coverage target whose minimal token counts fit in `total`; the few
+    tokens left go one at a time to the layer with the lowest coverage so far.
+    """
+    layers, width = curves.shape
+
+    def needed(target: float) -> np.ndarray:
+        return np.array([min(int(np.searchsorted(curve, target, side="left")), width - 1) for curve in curves])
+
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if needed(middle).sum() <= total else (low, middle)
+    tokens = needed(low).tolist()
+    lowest = [(curves[i, tokens[i]], i) for i in range(layers) if tokens[i] < width - 1]
+    heapq.heapify(lowest)
+    for _ in range(total - sum(tokens)):
+        _, i = heapq.heappop(lowest)
+        tokens[i] += 1
+        if tokens[i] < width - 1:
+            heapq.heappush(lowest, (curves[i, tokens[i]], i))
+    return tokens
+
+
+def allocate(
+    statistics: Mapping[int, LayerStatistics], keep_ratio: float, visual_tokens: int, budget: Budget
+) -> Allocation:
+    """Adaptive per-layer budgets averaging keep_count(visual_tokens, keep_ratio) tokens over the layers."""
+    indices = sorted(statistics)
+    if budget is Budget.UNIFORM or visual_tokens <= 0 or not indices:
+        raise AlvtsError("adaptive allocation needs an adaptive budget, routed layers and visual tokens")
+    total = int(keep_count(torch.tensor(visual_tokens), keep_ratio)) * len(indices)
+    curves = token_curves(np.stack([statistics[i].coverage.double().numpy() for i in indices]), visual_tokens)
+    if budget is Budget.ADAPTIVE:
+        tokens = equal_coverage(curves, total)
+    else:
+        weights = np.array([max(statistics[i].visual_share, 0.0) for i in indices])
+        tokens = water_filling(curves, weights if weights.sum() > 0 else np.ones(len(indices)), total)
+    return Allocation(budget, keep_ratio, visual_tokens, dict(zip(indices, tokens, strict=True)))
