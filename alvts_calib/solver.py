@@ -154,23 +154,27 @@ def fidelity(
     keep_ratio: float,
     num_heads: int | None = None,
 ) -> dict[str, float]:
-    """Top-k recall and Spearman correlation of selector vs full-attention importance, averaged over samples.
+    """Selector vs full-attention importance, averaged over samples: top-k recall, Spearman correlation, and
+    the share of the full attention's importance mass in the selector's top-k ("mass").
 
     selector_parts: (P, G, N) per-head parts of all samples' visual tokens concatenated; target: (N,);
-    counts: visual tokens per sample. `num_heads` keeps only the leading selector heads.
+    counts: visual tokens per sample. `num_heads` keeps only the leading selector heads. Recall is NaN at k = 0.
     """
     scores = importance_from_parts(selector_parts, num_heads)
-    recalls, correlations = [], []
+    recalls, correlations, masses = [], [], []
     for chosen, truth in zip(scores.split(list(counts)), target.split(list(counts)), strict=True):
         n = truth.numel()
         if n == 0:
             continue
         k = int(keep_count(torch.tensor(n), keep_ratio))
-        top_selected = set(chosen.argsort(descending=True, stable=True)[:k].tolist())
-        top_true = set(truth.argsort(descending=True, stable=True)[:k].tolist())
-        recalls.append(len(top_selected & top_true) / max(k, 1))
+        selected = chosen.argsort(descending=True, stable=True)[:k]
+        total = float(truth.sum())
+        masses.append(float(truth[selected].sum()) / total if total > 0 else k / n)
+        if k > 0:
+            top_true = set(truth.argsort(descending=True, stable=True)[:k].tolist())
+            recalls.append(len(set(selected.tolist()) & top_true) / k)
         if n > 1:
             rho = spearmanr(chosen.numpy(), truth.numpy()).statistic
             correlations.append(0.0 if rho != rho else float(rho))
     mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
-    return {"recall": mean(recalls), "spearman": mean(correlations)}
+    return {"recall": mean(recalls), "spearman": mean(correlations), "mass": mean(masses)}
