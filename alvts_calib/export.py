@@ -6,16 +6,28 @@ from pathlib import Path
 
 from . import __version__
 from .artifact import Selector
+from .budgets import Budget, allocate, parse_budget
 from .calibration import Calibration
 from .errors import AlvtsError
 from .options import check_keep_ratio, torch_dtype
 
 
 def build_selector(
-    calibration: Calibration, *, keep_ratio: float, rank: int | None = None, dtype: str = "float32"
+    calibration: Calibration,
+    *,
+    keep_ratio: float,
+    rank: int | None = None,
+    dtype: str = "float32",
+    budget: str | Budget = Budget.UNIFORM,
 ) -> Selector:
-    """The selector a calibration gives at `keep_ratio` (uniform over routed layers) and `rank`."""
+    """The selector a calibration gives at `keep_ratio` and `rank`, in memory (ready for `attach`).
+
+    `budget` "uniform" keeps `keep_ratio` in every routed layer; "adaptive" (equal coverage) and
+    "adaptive-mass" (water-filling) spread the same average number of visual tokens per routed layer over
+    layers by the calibration's full-attention statistics (see `budgets`); a layer may get 0 or all of them.
+    """
     check_keep_ratio(keep_ratio)
+    budget = parse_budget(budget)
     if not calibration.complete:
         raise AlvtsError("calibration is incomplete (interrupted run?); re-run `alvts calibrate` to finish it")
     rank = calibration.rank if rank is None else rank
@@ -27,13 +39,20 @@ def build_selector(
     stored_dtype = torch_dtype(dtype)
     indices = sorted(calibration.layers)
     layers = {i: calibration.selector(i, rank).to(stored_dtype) for i in indices}
-    fidelity = {str(i): calibration.fidelity(i, keep_ratio, rank) for i in indices}
+    ratios = dict.fromkeys(indices, keep_ratio)
+    allocation: dict[str, object] = {}
+    if budget is not Budget.UNIFORM:
+        statistics, visual_tokens = calibration.budget_statistics()
+        result = allocate(statistics, keep_ratio, visual_tokens, budget)
+        ratios, allocation = result.ratios, {"allocation": result.summary()}
+    fidelity = {str(i): calibration.fidelity(i, ratios[i], rank) for i in indices}
     metadata = {
         "family": calibration.metadata["family"],
         "rank": rank,
         "dtype": dtype,
         "keep_ratio": keep_ratio,
-        "budget": "uniform",
+        "budget": "uniform" if budget is Budget.UNIFORM else "adaptive",
+        **allocation,
         "start_layer": indices[0],
         "calibration": {
             **calibration.metadata["summary"],
@@ -45,7 +64,7 @@ def build_selector(
     }
     return Selector(
         layers=layers,
-        keep_ratios={i: keep_ratio for i in indices},
+        keep_ratios=ratios,
         importance=calibration.importance,
         fingerprint=calibration.metadata["fingerprint"],
         metadata=metadata,
@@ -53,9 +72,15 @@ def build_selector(
 
 
 def export(
-    calibration: Calibration, path: str | Path, *, keep_ratio: float, rank: int | None = None, dtype: str = "float32"
+    calibration: Calibration,
+    path: str | Path,
+    *,
+    keep_ratio: float,
+    rank: int | None = None,
+    dtype: str = "float32",
+    budget: str | Budget = Budget.UNIFORM,
 ) -> Selector:
-    """Write the selector artifact for `calibration` to `path` (atomically) and return it."""
-    selector = build_selector(calibration, keep_ratio=keep_ratio, rank=rank, dtype=dtype)
+    """Write the selector artifact for `calibration` to `path` (atomically) and return it (see `build_selector`)."""
+    selector = build_selector(calibration, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget)
     selector.save(path)
     return selector

@@ -20,7 +20,7 @@ from alvts_calib.errors import AlvtsError
 from alvts_calib.importance import Importance
 from alvts_calib.solver import Init
 
-from .report import console, doctor_tables, fidelity_table, key_value_table, print_json
+from .report import budget_description, console, doctor_tables, fidelity_table, key_value_table, print_json
 
 app = typer.Typer(
     help="ALVTS: calibrate, export and attach layer-wise visual token selectors for transformers LVLMs.",
@@ -121,15 +121,20 @@ def export_command(
     ),
     rank: Annotated[int | None, typer.Option(help="Export at a lower rank than calibrated (leading heads).")] = None,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16.")] = "float32",
+    budget: Annotated[str, typer.Option(
+        help="uniform: KEEP_RATIO in every layer; adaptive (equal coverage) or adaptive-mass (water-filling): "
+        "the same average visual tokens per routed layer, spread by calibration statistics.")] = "uniform",
     json_output: JsonOption = False,
 ) -> None:
     """Write a selector artifact (safetensors + metadata) from a calibration."""
-    selector = export(load_calibration(calibration), out, keep_ratio=keep_ratio, rank=rank, dtype=dtype)
+    selector = export(load_calibration(calibration), out, keep_ratio=keep_ratio, rank=rank, dtype=dtype,
+                      budget=budget)
+    keep_ratios = {str(index): ratio for index, ratio in selector.keep_ratios.items()}
     if json_output:
-        print_json({"out": str(out), **selector.metadata})
+        print_json({"out": str(out), **selector.metadata, "keep_ratios": keep_ratios})
         return
-    console.print(fidelity_table(selector.metadata["fidelity"]))
-    console.print(f"exported {len(selector.layers)} routed layers, keep ratio {keep_ratio}, rank "
+    console.print(fidelity_table(selector.metadata["fidelity"], keep_ratios))
+    console.print(f"exported {len(selector.layers)} routed layers, {budget_description(selector.metadata)}, rank "
                   f"{selector.metadata['rank']} -> {out}")
 
 
@@ -152,8 +157,9 @@ def inspect_command(
         "importance": metadata.get("importance", metadata.get("options", {}).get("importance")),
     }
     if metadata["format"] == SELECTOR_FORMAT:
-        rows.update({"rank": metadata["rank"], "keep ratio": metadata["keep_ratio"], "budget": metadata["budget"],
-                     "start layer": metadata["start_layer"], "calibration": metadata["calibration"]})
+        rows.update({"rank": metadata["rank"], "keep ratio": metadata["keep_ratio"],
+                     "budget": budget_description(metadata), "start layer": metadata["start_layer"],
+                     "calibration": metadata["calibration"]})
         console.print(key_value_table(str(path), rows))
         console.print(fidelity_table(metadata["fidelity"], metadata["keep_ratios"]))
         return

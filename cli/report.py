@@ -40,15 +40,34 @@ def fidelity_table(fidelity: dict[str, dict[str, float]], keep_ratios: dict[str,
     table.add_column("layer", justify="right")
     if keep_ratios:
         table.add_column("keep ratio", justify="right")
-    table.add_column("top-k recall", justify="right")
-    table.add_column("spearman", justify="right")
+    columns = {"recall": "top-k recall", "spearman": "spearman", "mass": "importance mass kept"}
+    columns = {key: title for key, title in columns.items() if all(key in f for f in fidelity.values())}
+    for title in columns.values():
+        table.add_column(title, justify="right")
     for layer in sorted(fidelity, key=int):
         ratio = [f"{keep_ratios[layer]:.3f}"] if keep_ratios else []
-        table.add_row(layer, *ratio, f"{fidelity[layer]['recall']:.3f}", f"{fidelity[layer]['spearman']:.3f}")
-    recalls = [f["recall"] for f in fidelity.values()]
-    spearmans = [f["spearman"] for f in fidelity.values()]
-    table.add_row("mean", *([""] if keep_ratios else []), f"{_mean(recalls):.3f}", f"{_mean(spearmans):.3f}")
+        table.add_row(layer, *ratio, *(_number(fidelity[layer][key]) for key in columns))
+    ratio = [_number(_mean([float(r) for r in keep_ratios.values()]))] if keep_ratios else []
+    table.add_row("mean", *ratio, *(_number(_mean([f[key] for f in fidelity.values()])) for key in columns))
     return table
+
+
+def _number(value: float | None) -> str:
+    """Three decimals; NaN (a layer keeping no visual token has no top-k recall) or None shows as '-'."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def budget_description(metadata: dict[str, Any]) -> str:
+    """One line on how a selector artifact spreads visual tokens over its routed layers."""
+    allocation = metadata.get("allocation")
+    if metadata["budget"] != "adaptive" or allocation is None:
+        return f"uniform keep ratio {metadata['keep_ratio']}"
+    return (
+        f"adaptive ({allocation['method']}): mean {allocation['mean_tokens_per_layer']:.2f} of "
+        f"{allocation['visual_tokens']} visual tokens per routed layer (uniform keep ratio "
+        f"{allocation['target_keep_ratio']} gives {allocation['uniform_tokens_per_layer']}), "
+        f"mean keep ratio {allocation['mean_keep_ratio']:.4f}"
+    )
 
 
 def key_value_table(title: str, rows: dict[str, Any]) -> Table:
