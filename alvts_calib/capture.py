@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import decoder_layers
+from .devices import execution_device
 from .errors import AlvtsError
 from .visual import VisualTracker
 
@@ -47,7 +48,8 @@ def move(value: Any, device: torch.device | str) -> Any:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the model's inputs go: the device its input embeddings compute on."""
+    return execution_device(model.get_input_embeddings())
 
 
 def capture_layer_inputs(

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import AttentionGeometry, decoder_layers, get_adapter
+from .devices import materialized
 from .errors import ModelMismatchError
 
 PROBE_VALUES = 8
@@ -20,10 +21,8 @@ def _probe(layers: nn.ModuleList) -> list[float]:
     picks = [layers[0].self_attn.q_proj, layers[len(layers) // 2].self_attn.k_proj, layers[-1].self_attn.q_proj]
     values: list[float] = []
     for projection in picks:
-        weight = projection.weight
-        if weight.is_meta:
-            raise ModelMismatchError("the model's weights are on the meta device; load or dispatch them first")
-        values.extend(float(v) for v in weight.detach()[0, :PROBE_VALUES].float().cpu())
+        with materialized(projection):
+            values.extend(float(v) for v in projection.weight.detach()[0, :PROBE_VALUES].float().cpu())
     return values
 
 

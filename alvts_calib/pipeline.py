@@ -23,6 +23,7 @@ from .adapters import AttentionGeometry, decoder_layers, get_adapter
 from .budgets import LayerStatistics, coverage_curves, visual_attention_share
 from .calibration import Calibration, LayerResult, load_calibration
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
+from .devices import execution_device, materialized
 from .errors import AlvtsError
 from .fingerprint import model_fingerprint
 from .importance import Importance, apply_rope, attention_parts, importance_from_parts
@@ -123,7 +124,7 @@ def _solve_layer(
 
 def _propagate(layer: nn.Module, captured: list[CapturedBatch]) -> None:
     """Replace every batch's hidden states by the unmodified layer's output."""
-    device = layer.self_attn.q_proj.weight.device
+    device = execution_device(layer)
     with torch.no_grad():
         for batch in captured:
             output = layer(batch.hidden.to(device), **move(batch.layer_kwargs, device))
@@ -229,7 +230,8 @@ def calibrate(
     for index in track(range(geometry.num_layers), "calibrating layers", enabled=progress):
         layer = layers[index]
         if index >= start_layer and index not in results:
-            results[index] = _solve_layer(layer, index, captured, heldout, geometry, options)
+            with materialized(layer):  # offloaded weights (accelerate) stay loaded while the layer is solved
+                results[index] = _solve_layer(layer, index, captured, heldout, geometry, options)
             if checkpoint is not None:
                 Calibration(results, counts, metadata).save(checkpoint)
         if index < geometry.num_layers - 1:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .devices import align_tensors, execution_device, follow_class_forward
 from .importance import Importance, top_k_mask
 from .masks import routed_attention_mask
 from .routed_cache import existing_routed_layer, routed_cache_layer
@@ -72,6 +73,7 @@ class RoutedLayerMixin:
         compacted_before = existing_routed_layer(cache, self.self_attn.layer_idx) is not None
         if context is None or args or (self.alvts_keep_ratio >= 1.0 and not compacted_before):
             return super().forward(hidden_states, *args, **kwargs)
+        align_tensors(context, hidden_states.device)
         return self._routed_forward(hidden_states, context, kwargs)
 
     def _keep_mask(self, hidden_states: torch.Tensor, context: ForwardContext, kwargs: dict) -> torch.Tensor:
@@ -129,10 +131,11 @@ def routed_class(layer_class: type) -> type:
 def route_layer(layer: nn.Module, selector: LayerSelector, keep_ratio: float, importance: Importance) -> None:
     """Patch one decoder layer in place."""
     weight = layer.self_attn.q_proj.weight
-    layer.alvts_selector = selector.to(device=weight.device, dtype=weight.dtype)
+    layer.alvts_selector = selector.to(device=execution_device(layer), dtype=weight.dtype)
     layer.alvts_keep_ratio = keep_ratio
     layer.alvts_importance = importance
     layer.__class__ = routed_class(type(layer))
+    follow_class_forward(layer)
 
 
 def unroute_layer(layer: nn.Module) -> None:
@@ -140,6 +143,7 @@ def unroute_layer(layer: nn.Module) -> None:
     if not isinstance(layer, RoutedLayerMixin):
         return
     layer.__class__ = layer.__class__.__mro__[2]
+    follow_class_forward(layer)
     del layer.alvts_selector
     del layer.alvts_keep_ratio
     del layer.alvts_importance
