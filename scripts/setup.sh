@@ -9,4 +9,4 @@ fi
 python -m pip install -q --upgrade pip
 # torch first, pinned: this machine carries the CPU wheel; a bare `torch` requirement could pull a CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,accelerate]"
