@@ -16,6 +16,7 @@ from .errors import AlvtsError
 from .fingerprint import check_fingerprint
 from .masks import check_backend
 from .options import check_keep_ratio
+from .policies import LayerPolicy, SelectorPolicy
 from .routing import CONTEXT_KWARG, ForwardContext, route_layer, unroute_layer
 from .visual import TRACKER_ATTRIBUTE, VisualTracker
 
@@ -26,10 +27,11 @@ RUNTIME_ATTRIBUTE = "_alvts_runtime"
 class _Runtime:
     """What attach changed, so detach can undo exactly that."""
 
-    selector: Selector
+    selector: Selector | None
     tracker: VisualTracker
     routed_layers: list[int]
     hooks: list[RemovableHandle] = field(default_factory=list)
+    last_visual_pass: ForwardContext | None = None  # the context of the latest pass that had visual tokens
 
 
 def _forward_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -54,7 +56,7 @@ def _valid_positions(attention_mask: Any, batch: int, length: int, device: torch
     return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
 
 
-def _context_hook(tracker: VisualTracker):
+def _context_hook(tracker: VisualTracker, runtime: _Runtime):
     def add_routing_context(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         inputs = _forward_input(args, kwargs)
         batch, length = inputs.shape[:2]
@@ -62,7 +64,10 @@ def _context_hook(tracker: VisualTracker):
         past = cache.get_seq_length() if cache is not None else 0
         valid = _valid_positions(kwargs.get("attention_mask"), batch, length, inputs.device)
         visual = tracker.take(batch, length, past, inputs.device)
-        kwargs[CONTEXT_KWARG] = ForwardContext(visual=visual, valid=valid)
+        context = ForwardContext(visual=visual, valid=valid)
+        if bool(visual.any()):
+            runtime.last_visual_pass = context
+        kwargs[CONTEXT_KWARG] = context
         return args, kwargs
 
     return add_routing_context
@@ -74,25 +79,38 @@ def attach(model: nn.Module, selector: Selector | str | Path, *, keep_ratio: flo
     `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. The artifact must have been
     calibrated on this model (checked by fingerprint).
     """
-    if getattr(model, RUNTIME_ATTRIBUTE, None) is not None:
-        raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
     if not isinstance(selector, Selector):
         selector = load_selector(selector)
-    adapter = get_adapter(model)
     check_fingerprint(selector.fingerprint, model)
-    check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
     if keep_ratio is not None:
         check_keep_ratio(keep_ratio)
+    policies = {
+        index: SelectorPolicy(selector.layers[index], ratio if keep_ratio is None else keep_ratio, selector.importance)
+        for index, ratio in selector.keep_ratios.items()
+    }
+    return attach_policies(model, policies, selector=selector)
+
+
+def attach_policies(
+    model: nn.Module, policies: dict[int, LayerPolicy], *, selector: Selector | None = None
+) -> nn.Module:
+    """Patch `model` in place so each layer in `policies` processes the visual tokens its policy selects.
+
+    This is the runtime under `attach`; the evaluation harness uses it for its reference methods too.
+    """
+    if getattr(model, RUNTIME_ATTRIBUTE, None) is not None:
+        raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
+    adapter = get_adapter(model)
+    check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
     layers = decoder_layers(model)
-    ratios = {index: keep_ratio if keep_ratio is not None else ratio for index, ratio in selector.keep_ratios.items()}
-    for index, ratio in ratios.items():
-        route_layer(layers[index], selector.layers[index], ratio, selector.importance)
+    for index, policy in policies.items():
+        route_layer(layers[index], policy)
 
     tracker = VisualTracker(model, adapter)
     tracker.install()
-    runtime = _Runtime(selector=selector, tracker=tracker, routed_layers=sorted(ratios))
+    runtime = _Runtime(selector=selector, tracker=tracker, routed_layers=sorted(policies))
     text_model = adapter.text_model(model)
-    runtime.hooks.append(text_model.register_forward_pre_hook(_context_hook(tracker), with_kwargs=True))
+    runtime.hooks.append(text_model.register_forward_pre_hook(_context_hook(tracker, runtime), with_kwargs=True))
     runtime.hooks.append(model.register_forward_pre_hook(lambda module, args: tracker.reset()))
     setattr(model, RUNTIME_ATTRIBUTE, runtime)
     setattr(model, TRACKER_ATTRIBUTE, tracker)
@@ -119,3 +137,11 @@ def attached_selector(model: nn.Module) -> Selector | None:
     """The selector attached to `model`, if any."""
     runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
     return runtime.selector if runtime is not None else None
+
+
+def processed_visual_tokens(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Per routed layer, the (B,) number of visual tokens it processed in the latest pass that had any."""
+    runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
+    if runtime is None:
+        raise AlvtsError("no ALVTS selector is attached to this model")
+    return {} if runtime.last_visual_pass is None else dict(runtime.last_visual_pass.processed)

@@ -114,9 +114,13 @@ def keep_count(num_visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:
 
 def top_k_mask(scores: torch.Tensor, visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """(B, L) bool: each row's top-k visual positions by score, k = keep_count(n_visual, keep_ratio)."""
-    masked = scores.float().masked_fill(~visual, float("-inf"))
-    k = keep_count(visual.sum(-1), keep_ratio)
+    return top_count_mask(scores, visual, keep_count(visual.sum(-1), keep_ratio))
+
+
+def top_count_mask(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: each row's `counts` (B,) highest-scoring candidate positions (ties: earlier position first)."""
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
     order = masked.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return (ranks < k[:, None]) & visual
+    return (ranks < counts[:, None]) & candidates

@@ -26,7 +26,8 @@ from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
 from .devices import execution_device, materialized
 from .errors import AlvtsError
 from .fingerprint import model_fingerprint
-from .importance import Importance, apply_rope, attention_parts, importance_from_parts
+from .importance import Importance, attention_parts, importance_from_parts
+from .layer_attention import layer_queries_keys
 from .options import check_keep_ratio, check_rank, check_start_layer
 from .progress import track
 from .selector import LayerSelector
@@ -48,15 +49,6 @@ class CalibrationOptions:
     seed: int
 
 
-def _model_queries_keys(layer: nn.Module, normed: torch.Tensor, cos, sin, geometry: AttentionGeometry):
-    """The layer's own rotated queries (B, H, L, d) and keys (B, H_kv, L, d)."""
-    attention = layer.self_attn
-    batch, length = normed.shape[:2]
-    queries = attention.q_proj(normed).view(batch, length, geometry.num_heads, geometry.head_dim).transpose(1, 2)
-    keys = attention.k_proj(normed).view(batch, length, geometry.num_kv_heads, geometry.head_dim).transpose(1, 2)
-    return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
-
-
 def _layer_batches(
     layer: nn.Module, captured: list[CapturedBatch], geometry: AttentionGeometry, definition: Importance
 ) -> tuple[list[LayerBatch], LayerStatistics]:
@@ -70,7 +62,7 @@ def _layer_batches(
             cos, sin = move(batch.position_embeddings, device)
             visual, valid = batch.visual.to(device), batch.valid.to(device)
             normed = layer.input_layernorm(hidden)
-            queries, keys = _model_queries_keys(layer, normed, cos, sin, geometry)
+            queries, keys = layer_queries_keys(layer, normed, cos, sin, geometry.head_dim)
             parts = attention_parts(queries, keys, visual, valid, definition)
             target = importance_from_parts(parts)
             curves.append(coverage_curves(target, visual))

@@ -7,16 +7,18 @@ and hooks on the layer keep working; `detach` swaps it back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .devices import align_tensors, execution_device, follow_class_forward
-from .importance import Importance, top_k_mask
 from .masks import routed_attention_mask
 from .routed_cache import existing_routed_layer, routed_cache_layer
-from .selector import LayerSelector
+
+if TYPE_CHECKING:
+    from .policies import LayerPolicy
 
 CONTEXT_KWARG = "alvts_context"
 
@@ -27,6 +29,8 @@ class ForwardContext:
 
     visual: torch.Tensor  # (B, L) bool: visual positions among this pass's inputs
     valid: torch.Tensor  # (B, L) bool: non-padding positions among this pass's inputs
+    retained: torch.Tensor | None = None  # (B, L) bool: visual tokens static pruning has kept so far
+    processed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) visual tokens it processed
 
 
 @dataclass
@@ -60,39 +64,40 @@ class Compaction:
         return extended.scatter(1, index, compact.to(full.dtype))[:, :-1]
 
 
-class RoutedLayerMixin:
-    """Mixed into a decoder layer's class by `attach` (which sets the `alvts_*` attributes)."""
+def processed_positions(context: ForwardContext, visual_keep: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) bool: valid text tokens, the kept visual tokens (None: all) and the last position."""
+    keep = context.valid & (~context.visual | (visual_keep if visual_keep is not None else context.visual))
+    keep[:, -1] = True
+    return keep
 
-    alvts_selector: LayerSelector
-    alvts_keep_ratio: float
-    alvts_importance: Importance
+
+class RoutedLayerMixin:
+    """Mixed into a decoder layer's class by `route_layer` (which sets `alvts_policy`)."""
+
+    alvts_policy: LayerPolicy
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
-        cache = kwargs.get("cache")
-        compacted_before = existing_routed_layer(cache, self.self_attn.layer_idx) is not None
-        if context is None or args or (self.alvts_keep_ratio >= 1.0 and not compacted_before):
+        if context is None or args:
             return super().forward(hidden_states, *args, **kwargs)
         align_tensors(context, hidden_states.device)
-        return self._routed_forward(hidden_states, context, kwargs)
-
-    def _keep_mask(self, hidden_states: torch.Tensor, context: ForwardContext, kwargs: dict) -> torch.Tensor:
-        """(B, L) bool: top-k visual tokens by the selector, every valid text token, and the last position."""
-        keep = context.valid & ~context.visual
+        visual_keep = None
         if bool(context.visual.any()):
             cos, sin = kwargs["position_embeddings"]
-            normed = self.input_layernorm(hidden_states)
-            weight = self.alvts_selector.q_proj.weight
-            scores = self.alvts_selector.scores(
-                normed.to(weight.dtype), cos, sin, context.visual, context.valid, self.alvts_importance
-            )
-            keep = keep | top_k_mask(scores, context.visual & context.valid, self.alvts_keep_ratio)
-        keep[:, -1] = True
-        return keep
+            visual_keep = self.alvts_policy.select(self, self.input_layernorm(hidden_states), context, cos, sin)
+            processed = context.visual & context.valid if visual_keep is None else visual_keep & context.valid
+            context.processed[self.self_attn.layer_idx] = processed.sum(-1)
+        compacted_before = existing_routed_layer(kwargs.get("cache"), self.self_attn.layer_idx) is not None
+        if visual_keep is None and not compacted_before:
+            return super().forward(hidden_states, **kwargs)
+        return self._routed_forward(hidden_states, context, visual_keep, kwargs)
 
-    def _routed_forward(self, hidden_states: torch.Tensor, context: ForwardContext, kwargs: dict) -> torch.Tensor:
+    def _routed_forward(
+        self, hidden_states: torch.Tensor, context: ForwardContext, visual_keep: torch.Tensor | None, kwargs: dict
+    ) -> torch.Tensor:
+        """Run the layer on valid text tokens, the kept visual tokens and the last position; scatter back."""
         layer_idx = self.self_attn.layer_idx
-        keep = self._keep_mask(hidden_states, context, kwargs)
+        keep = processed_positions(context, visual_keep)
         dense = bool(keep.all())
         compaction = None if dense else Compaction.from_keep(keep)
         compact = hidden_states if dense else compaction.gather(hidden_states)
@@ -128,12 +133,10 @@ def routed_class(layer_class: type) -> type:
     return _ROUTED_CLASSES[layer_class]
 
 
-def route_layer(layer: nn.Module, selector: LayerSelector, keep_ratio: float, importance: Importance) -> None:
-    """Patch one decoder layer in place."""
+def route_layer(layer: nn.Module, policy: LayerPolicy) -> None:
+    """Patch one decoder layer in place; the policy's tensors move to the layer's device and dtype."""
     weight = layer.self_attn.q_proj.weight
-    layer.alvts_selector = selector.to(device=execution_device(layer), dtype=weight.dtype)
-    layer.alvts_keep_ratio = keep_ratio
-    layer.alvts_importance = importance
+    layer.alvts_policy = policy.to(device=execution_device(layer), dtype=weight.dtype)
     layer.__class__ = routed_class(type(layer))
     follow_class_forward(layer)
 
@@ -144,6 +147,4 @@ def unroute_layer(layer: nn.Module) -> None:
         return
     layer.__class__ = layer.__class__.__mro__[2]
     follow_class_forward(layer)
-    del layer.alvts_selector
-    del layer.alvts_keep_ratio
-    del layer.alvts_importance
+    del layer.alvts_policy

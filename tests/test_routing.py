@@ -13,9 +13,9 @@ from alvts_calib.adapters import decoder_layers, get_adapter
 from alvts_calib.attach import RUNTIME_ATTRIBUTE, attach, detach
 from alvts_calib.errors import AlvtsError, ModelMismatchError
 from alvts_calib.routed_cache import RoutedCacheLayer
-from alvts_calib.routing import CONTEXT_KWARG, RoutedLayerMixin
+from alvts_calib.routing import CONTEXT_KWARG, RoutedLayerMixin, processed_positions
 from alvts_calib.tiny_models import TINY_MODELS
-from alvts_calib.visual import TRACKER_ATTRIBUTE
+from alvts_calib.visual import TRACKER_ATTRIBUTE, visual_positions
 
 ALL = pytest.mark.parametrize("backend", ["eager", "sdpa"])
 FAMILY = pytest.mark.parametrize("family", list(TINY_MODELS))
@@ -194,7 +194,7 @@ def test_detach_restores_the_model(tiny_case, make_selector, family, backend):
     assert not any("alvts" in name for name, _ in model.named_modules())
     assert {name for name, _ in model.named_modules()} == module_names
     assert set(model.state_dict().keys()) == keys
-    assert not any(hasattr(layer, "alvts_selector") for layer in decoder_layers(model))
+    assert not any(hasattr(layer, "alvts_policy") for layer in decoder_layers(model))
     if owner is not None:
         assert "get_placeholder_mask" not in vars(owner)
     assert (len(model._forward_pre_hooks), len(text_model._forward_pre_hooks)) == pre_hooks
@@ -308,7 +308,10 @@ def test_skipped_tokens_pass_through_unchanged(tiny_case, make_selector, family,
     def make_hook(index: int):
         def hook(module, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]
-            keep = module._keep_mask(hidden, kwargs[CONTEXT_KWARG], kwargs)
+            context = kwargs[CONTEXT_KWARG]
+            cos, sin = kwargs["position_embeddings"]
+            selected = module.alvts_policy.select(module, module.input_layernorm(hidden), context, cos, sin)
+            keep = processed_positions(context, selected)
             changed = (output != hidden).any(-1)
             seen[index] = (keep, changed)
             assert torch.equal(output[~keep], hidden[~keep])
@@ -443,15 +446,23 @@ def test_attach_twice_and_detach_unpatched_raise(tiny_case, make_selector):
         detach(model)
 
 
-def test_continuing_an_unrouted_cache_raises(tiny_case, make_selector):
-    case = tiny_case("llava", "eager")
+def test_continuing_an_unrouted_cache(tiny_case, make_selector):
+    """Text-only steps after attaching run unrouted (exact); a pass with visual tokens needs a routed cache."""
+    case = tiny_case("llama", "eager")
     model = case.model
+    mask = torch.cat([case.inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    next_token = torch.full((2, 1), 5)
+    cache = model(**case.inputs, use_cache=True).past_key_values
+    reference = model(input_ids=next_token, attention_mask=mask, cache=cache).logits
     cache = model(**case.inputs, use_cache=True).past_key_values
     attach(model, make_selector(model, RATIO))
-    next_token = torch.full((2, 1), 5)
-    mask = torch.cat([case.inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
-    with pytest.raises(AlvtsError, match="cache"):
-        model(input_ids=next_token, attention_mask=mask, cache=cache, use_cache=True)
+    continued = model(input_ids=next_token, attention_mask=mask, cache=cache, use_cache=True).logits
+    assert torch.equal(continued, reference)
+    longer = torch.cat([mask, mask[:, -1:]], 1)
+    visual = torch.zeros_like(longer, dtype=torch.bool)
+    visual[:, -1] = True  # the next position is visual
+    with visual_positions(model, visual), pytest.raises(AlvtsError, match="cache"):
+        model(input_ids=next_token, attention_mask=longer, cache=cache)
 
 
 @pytest.mark.parametrize(
@@ -476,7 +487,7 @@ def test_attach_rejects_bad_keep_ratio(tiny_case, make_selector, keep_ratio):
         attach(model, make_selector(model, RATIO), keep_ratio=keep_ratio)
     assert_unpatched(model, classes)
     attach(model, make_selector(model, RATIO), keep_ratio=0.5)  # a failed attach leaves the model attachable
-    assert all(decoder_layers(model)[i].alvts_keep_ratio == 0.5 for i in range(1, 4))
+    assert all(decoder_layers(model)[i].alvts_policy.keep_ratio == 0.5 for i in range(1, 4))
 
 
 @pytest.mark.parametrize("family", ["llava", "llama"])

@@ -1,0 +1,170 @@
+"""Per-layer selection policies: which visual tokens a routed decoder layer processes.
+
+ALVTS uses its calibrated selector (`SelectorPolicy`). The evaluation harness runs its reference points in
+the same runtime: the exact full-attention importance (`ExactPolicy`, the selector's upper bound), random
+selection, and static pruning (FastV, PyramidDrop, DART), where a `PrunePolicy` shrinks the set of retained
+visual tokens at its layer and `CarryPolicy` layers process whatever is still retained.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .importance import Importance, attention_parts, importance_from_parts, keep_count, top_count_mask, top_k_mask
+from .layer_attention import last_query_attention, layer_queries_keys
+from .routing import ForwardContext
+from .selector import LayerSelector
+
+
+class LayerPolicy(ABC):
+    """Chooses the visual tokens one decoder layer processes."""
+
+    @abstractmethod
+    def select(
+        self, layer: nn.Module, normed: torch.Tensor, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(B, L) bool of the visual tokens to process, or None for all of them.
+
+        `normed` is the layer's input after its input layernorm; `cos`/`sin` are the layer's RoPE tables.
+        Called only for passes that contain visual tokens.
+        """
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LayerPolicy:
+        """Move any tensors the policy holds; returns the policy."""
+        return self
+
+
+class SelectorPolicy(LayerPolicy):
+    """ALVTS: the top `keep_ratio` of visual tokens by the calibrated low-rank selector's importance."""
+
+    def __init__(self, selector: LayerSelector, keep_ratio: float, importance: Importance):
+        self.selector = selector
+        self.keep_ratio = keep_ratio
+        self.importance = importance
+
+    def select(self, layer, normed, context, cos, sin):
+        if self.keep_ratio >= 1.0:
+            return None
+        weight = self.selector.q_proj.weight
+        scores = self.selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, self.importance)
+        return top_k_mask(scores, context.visual & context.valid, self.keep_ratio)
+
+    def to(self, device, dtype):
+        self.selector = self.selector.to(device=device, dtype=dtype)
+        return self
+
+
+class ExactPolicy(LayerPolicy):
+    """The oracle: the same top-k rule on the importance of the layer's own full attention."""
+
+    def __init__(self, keep_ratio: float, importance: Importance):
+        self.keep_ratio = keep_ratio
+        self.importance = importance
+
+    def select(self, layer, normed, context, cos, sin):
+        if self.keep_ratio >= 1.0:
+            return None
+        queries, keys = layer_queries_keys(layer, normed, cos, sin, layer.self_attn.head_dim)
+        parts = attention_parts(queries, keys, context.visual, context.valid, self.importance)
+        return top_k_mask(importance_from_parts(parts), context.visual & context.valid, self.keep_ratio)
+
+
+class RandomPolicy(LayerPolicy):
+    """A uniformly random `keep_ratio` of the visual tokens, drawn afresh at every layer (seeded)."""
+
+    def __init__(self, keep_ratio: float, seed: int):
+        self.keep_ratio = keep_ratio
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def select(self, layer, normed, context, cos, sin):
+        if self.keep_ratio >= 1.0:
+            return None
+        scores = torch.rand(context.visual.shape, generator=self.generator).to(context.visual.device)
+        return top_k_mask(scores, context.visual & context.valid, self.keep_ratio)
+
+
+Chooser = Callable[[nn.Module, torch.Tensor, ForwardContext, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                   torch.Tensor]
+
+
+class PrunePolicy(LayerPolicy):
+    """Static pruning step: keep `keep_fraction` of each row's visual tokens among those still retained.
+
+    The choice is stored in the forward context for the following layers. With `applies_here` the layer
+    itself already processes only the new set (PyramidDrop, DART); otherwise it runs on the previous set and
+    the pruning takes effect from the next layer (FastV decides at layer K-1 for layers K and up).
+    """
+
+    def __init__(self, keep_fraction: float, choose: Chooser, applies_here: bool):
+        self.keep_fraction = keep_fraction
+        self.choose = choose
+        self.applies_here = applies_here
+
+    def select(self, layer, normed, context, cos, sin):
+        before = context.retained
+        candidates = context.visual & context.valid if before is None else before
+        counts = torch.minimum(
+            keep_count((context.visual & context.valid).sum(-1), self.keep_fraction), candidates.sum(-1)
+        )
+        context.retained = self.choose(layer, normed, context, cos, sin, candidates, counts)
+        return context.retained if self.applies_here else before
+
+
+class CarryPolicy(LayerPolicy):
+    """Process the visual tokens that earlier pruning steps retained (all of them before the first step)."""
+
+    def select(self, layer, normed, context, cos, sin):
+        return context.retained
+
+
+def last_attention_choice(layer, normed, context, cos, sin, candidates, counts) -> torch.Tensor:
+    """FastV / PyramidDrop: the candidates the last position attends to most (head-averaged)."""
+    scores = last_query_attention(layer, normed, cos, sin, context.valid, layer.self_attn.head_dim)
+    return top_count_mask(scores, candidates, counts)
+
+
+DART_IMAGE_PIVOTS = 4
+DART_TEXT_PIVOTS = 4
+
+
+def dart_choice(layer, normed, context, cos, sin, candidates, counts) -> torch.Tensor:
+    """DART: pivots by largest key L1 norm, then per pivot the candidates least similar to it (cosine)."""
+    key_norms = layer.self_attn.k_proj(normed).float().abs().sum(-1)
+    states = torch.nn.functional.normalize(normed.float(), dim=-1)
+    text = context.valid & ~context.visual
+    keep = torch.zeros_like(candidates)
+    for row in range(candidates.shape[0]):
+        keep[row] = _dart_row(states[row], key_norms[row], candidates[row], text[row], int(counts[row]))
+    return keep
+
+
+def _dart_row(
+    states: torch.Tensor, key_norms: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, count: int
+) -> torch.Tensor:
+    keep = torch.zeros_like(candidates)
+    if count == 0:
+        return keep
+    image_pivots = _top_positions(key_norms, candidates, min(DART_IMAGE_PIVOTS, count))
+    text_pivots = _top_positions(key_norms, text, DART_TEXT_PIVOTS)
+    keep[image_pivots] = True
+    pivots = [*image_pivots.tolist(), *text_pivots.tolist()]
+    per_pivot = math.ceil((count - len(image_pivots)) / max(len(pivots), 1))
+    for pivot in pivots:
+        remaining = candidates & ~keep
+        wanted = min(per_pivot, count - int(keep.sum()), int(remaining.sum()))
+        if wanted <= 0:
+            break
+        similarity = states @ states[pivot]
+        keep[_top_positions(-similarity, remaining, wanted)] = True
+    return keep
+
+
+def _top_positions(scores: torch.Tensor, allowed: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest `scores` among `allowed` positions (fewer if fewer are allowed)."""
+    count = min(count, int(allowed.sum()))
+    return scores.masked_fill(~allowed, float("-inf")).topk(count).indices
