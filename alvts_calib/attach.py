@@ -139,9 +139,9 @@ def attached_selector(model: nn.Module) -> Selector | None:
     return runtime.selector if runtime is not None else None
 
 
-def processed_visual_tokens(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Per routed layer, the (B,) number of visual tokens it processed in the latest pass that had any."""
+def last_visual_pass(model: nn.Module) -> ForwardContext | None:
+    """The routing context of the latest forward pass that had visual tokens (its `processed` counts per layer)."""
     runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
     if runtime is None:
         raise AlvtsError("no ALVTS selector is attached to this model")
-    return {} if runtime.last_visual_pass is None else dict(runtime.last_visual_pass.processed)
+    return runtime.last_visual_pass

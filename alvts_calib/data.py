@@ -27,6 +27,7 @@ UNREADABLE_IMAGE = "unreadable image"
 EMPTY_PROMPT = "empty prompt"
 NO_IMAGE_TOKEN = "prompt without image token"
 REJECTED = "rejected by processor"
+MISSING_ANSWER = "missing answer"
 
 
 @dataclass
@@ -73,17 +74,7 @@ def build_samples(
     prompt are dropped); without one the prompt must contain the image token (`image_token`, default the
     processor's). Stops after `num_samples` usable samples (default: all rows), so skipped rows may leave fewer.
     """
-    if len(records) == 0:
-        raise AlvtsError("the calibration data is empty: it needs rows with an image and a prompt")
-    if num_samples is not None and not 0 < num_samples <= len(records):
-        raise AlvtsError(f"num_samples={num_samples} is not between 1 and the {len(records)} rows of the data")
-    _check_columns(records, "the calibration data")
-    token = image_token or getattr(processor, "image_token", None)
-    if token is None and not getattr(processor, "chat_template", None):
-        raise AlvtsError("the processor has no chat template and no image token: pass image_token")
-    if isinstance(records.features["image"], datasets.Image):
-        records = records.cast_column("image", datasets.Image(decode=False))
-
+    token, records = _prepare(records, processor, num_samples, image_token, "the calibration data")
     samples: list[dict[str, torch.Tensor]] = []
     skipped: Counter[str] = Counter()
     for row in records:
@@ -98,6 +89,55 @@ def build_samples(
     if not samples:
         raise AlvtsError(f"no usable rows in the calibration data: {report.summary()}")
     return samples, report
+
+
+@dataclass
+class LabelledItem:
+    """One evaluation row: the opened image, the processor text (chat template applied) and the answer."""
+
+    image: Image.Image
+    text: str
+    answer: str
+
+
+def build_labelled_items(
+    records: datasets.Dataset, processor: Any, *, num_samples: int | None = None, image_token: str | None = None
+) -> tuple[list[LabelledItem], DataReport]:
+    """Usable rows of a labelled set (an `answer` column is required), with the same skip rules as `build_samples`."""
+    if "answer" not in records.column_names:
+        raise AlvtsError(f"the evaluation data needs an answer column; it has {', '.join(records.column_names)}")
+    token, records = _prepare(records, processor, num_samples, image_token, "the evaluation data")
+    items: list[LabelledItem] = []
+    skipped: Counter[str] = Counter()
+    for row in records:
+        if num_samples is not None and len(items) == num_samples:
+            break
+        usable = MISSING_ANSWER if not str(row["answer"] or "").strip() else _usable_row(row, processor, token)
+        if isinstance(usable, str):
+            skipped[usable] += 1
+        else:
+            items.append(LabelledItem(*usable, answer=str(row["answer"]).strip()))
+    report = DataReport(used=len(items), skipped=dict(skipped))
+    if not items:
+        raise AlvtsError(f"no usable rows in the evaluation data: {report.summary()}")
+    return items, report
+
+
+def _prepare(
+    records: datasets.Dataset, processor: Any, num_samples: int | None, image_token: str | None, source: str
+) -> tuple[str | None, datasets.Dataset]:
+    """Check the records and options; the image token to require and records with undecoded images."""
+    if len(records) == 0:
+        raise AlvtsError(f"{source} is empty: it needs rows with an image and a prompt")
+    if num_samples is not None and not 0 < num_samples <= len(records):
+        raise AlvtsError(f"num_samples={num_samples} is not between 1 and the {len(records)} rows of the data")
+    _check_columns(records, source)
+    token = image_token or getattr(processor, "image_token", None)
+    if token is None and not getattr(processor, "chat_template", None):
+        raise AlvtsError("the processor has no chat template and no image token: pass image_token")
+    if isinstance(records.features["image"], datasets.Image):
+        records = records.cast_column("image", datasets.Image(decode=False))
+    return token, records
 
 
 def _read_jsonl(path: Path) -> datasets.Dataset:
@@ -131,6 +171,18 @@ def _check_columns(dataset: datasets.Dataset, source: str) -> None:
 
 def _build_sample(row: dict[str, Any], processor: Any, token: str | None) -> dict[str, torch.Tensor] | str:
     """The processor inputs for one row, or the reason it is skipped."""
+    usable = _usable_row(row, processor, token)
+    if isinstance(usable, str):
+        return usable
+    image, text = usable
+    try:
+        return dict(processor(images=image, text=text, return_tensors="pt"))
+    except ValueError:
+        return REJECTED
+
+
+def _usable_row(row: dict[str, Any], processor: Any, token: str | None) -> tuple[Image.Image, str] | str:
+    """The opened image and the processor text of one row, or the reason it is skipped."""
     text = _prompt_text(row["prompt"] or "", processor, token)
     if not text.strip():
         return EMPTY_PROMPT
@@ -139,10 +191,7 @@ def _build_sample(row: dict[str, Any], processor: Any, token: str | None) -> dic
     image = _open_image(row["image"])
     if isinstance(image, str):
         return image
-    try:
-        return dict(processor(images=image, text=text, return_tensors="pt"))
-    except ValueError:
-        return REJECTED
+    return image, text
 
 
 def _open_image(value: str | dict[str, Any] | None) -> Image.Image | str:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .adapters import AttentionGeometry
 from .importance import Importance, attention_parts, importance_from_parts, keep_count, top_count_mask, top_k_mask
 from .layer_attention import last_query_attention, layer_queries_keys
 from .routing import ForwardContext
@@ -38,6 +39,17 @@ class LayerPolicy(ABC):
         """Move any tensors the policy holds; returns the policy."""
         return self
 
+    def selection_flops(self, num_tokens: int, geometry: AttentionGeometry) -> float:
+        """Approximate FLOPs of one selection over a row of `num_tokens` positions (matmuls only)."""
+        return 0.0
+
+
+class KeepAllPolicy(LayerPolicy):
+    """Process every visual token (the layer runs unpatched); lets the harness count tokens in every layer."""
+
+    def select(self, layer, normed, context, cos, sin):
+        return None
+
 
 class SelectorPolicy(LayerPolicy):
     """ALVTS: the top `keep_ratio` of visual tokens by the calibrated low-rank selector's importance."""
@@ -58,6 +70,10 @@ class SelectorPolicy(LayerPolicy):
         self.selector = self.selector.to(device=device, dtype=dtype)
         return self
 
+    def selection_flops(self, num_tokens, geometry):
+        rank = self.selector.q_proj.out_features
+        return 2.0 * num_tokens * geometry.hidden_size * 2 * rank + 4.0 * num_tokens**2 * rank
+
 
 class ExactPolicy(LayerPolicy):
     """The oracle: the same top-k rule on the importance of the layer's own full attention."""
@@ -72,6 +88,11 @@ class ExactPolicy(LayerPolicy):
         queries, keys = layer_queries_keys(layer, normed, cos, sin, layer.self_attn.head_dim)
         parts = attention_parts(queries, keys, context.visual, context.valid, self.importance)
         return top_k_mask(importance_from_parts(parts), context.visual & context.valid, self.keep_ratio)
+
+    def selection_flops(self, num_tokens, geometry):
+        width = (geometry.num_heads + geometry.num_kv_heads) * geometry.head_dim
+        query_width = geometry.num_heads * geometry.head_dim
+        return 2.0 * num_tokens * geometry.hidden_size * width + 4.0 * num_tokens**2 * query_width
 
 
 class RandomPolicy(LayerPolicy):
@@ -113,6 +134,10 @@ class PrunePolicy(LayerPolicy):
         )
         context.retained = self.choose(layer, normed, context, cos, sin, candidates, counts)
         return context.retained if self.applies_here else before
+
+    def selection_flops(self, num_tokens, geometry):
+        keys = 2.0 * num_tokens * geometry.hidden_size * geometry.num_kv_heads * geometry.head_dim
+        return keys + 2.0 * num_tokens * geometry.hidden_size  # one query row, or DART's pivot similarities
 
 
 class CarryPolicy(LayerPolicy):

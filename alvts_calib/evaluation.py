@@ -1,0 +1,285 @@
+"""The evaluation harness: accuracy of the unpatched model and of every method at matched visual-token budgets.
+
+All methods run in the same runtime (`attach_policies`): each decoder layer processes the visual tokens its
+policy selects. The harness measures, per method and budget, the visual tokens each layer actually processed,
+the resulting compression and LLM prefill FLOPs (selection cost included), and the accuracy on a labelled set.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import AttentionGeometry
+from .artifact import Selector
+from .attach import attach_policies, detach, last_visual_pass
+from .calibration import Calibration
+from .capture import input_device, move
+from .data import LabelledItem
+from .errors import AlvtsError
+from .export import build_selector
+from .flops import layer_flops
+from .methods import (
+    Plan,
+    alvts_plan,
+    check_compression,
+    dart_plan,
+    fastv_plan,
+    oracle_plan,
+    pyramid_plan,
+    random_plan,
+    selector_plan,
+)
+from .policies import KeepAllPolicy
+from .progress import track
+
+METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
+DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")
+DEFAULT_COMPRESSIONS = (0.67, 0.78, 0.89)
+
+
+@dataclass
+class MethodResult:
+    """One method at one budget (compression None: the unpatched model)."""
+
+    method: str
+    compression: float | None
+    correct: int
+    total: int
+    visual_tokens_per_layer: list[float]  # measured mean over rows
+    flops: float  # mean LLM prefill FLOPs per row, selection included
+    selection_flops: float
+    fidelity: dict[str, float] | None = None  # selector vs full attention on held-out calibration rows
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+    @property
+    def mean_visual_tokens(self) -> float:
+        return statistics.fmean(self.visual_tokens_per_layer)
+
+
+@dataclass
+class EvalReport:
+    """Everything `alvts eval` prints: the full model's accuracy and each method's retention at each budget."""
+
+    model: str
+    data: str
+    num_rows: int
+    data_summary: str
+    num_visual: int
+    num_layers: int
+    results: list[MethodResult] = field(default_factory=list)
+    infeasible: list[tuple[str, float]] = field(default_factory=list)  # (method, compression) with no token to keep
+    seconds: float = 0.0
+
+    @property
+    def full(self) -> MethodResult:
+        return self.results[0]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per result: accuracy, retention, measured compression and FLOPs relative to the full model."""
+        rows = []
+        for result in self.results:
+            rows.append({
+                "method": result.method,
+                "target_compression": result.compression,
+                "compression": 1.0 - result.mean_visual_tokens / self.num_visual,
+                "visual_tokens_per_layer": result.mean_visual_tokens,
+                "accuracy": result.accuracy,
+                "retention": result.accuracy / self.full.accuracy if self.full.accuracy else float("nan"),
+                "flops_ratio": result.flops / self.full.flops,
+                "selection_flops_ratio": result.selection_flops / self.full.flops,
+                "mean_recall": None if result.fidelity is None else result.fidelity.get("recall"),
+            })
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = {key: value for key, value in asdict(self).items() if key != "results"}
+        return {**summary, "rows": self.rows(), "results": [asdict(result) for result in self.results]}
+
+
+def answer_matches(prediction: str, answer: str) -> bool:
+    """Relaxed exact match: the normalised prediction is the answer or starts with it as whole words."""
+    predicted, expected = _normalise(prediction), _normalise(answer)
+    return bool(expected) and (predicted == expected or predicted.startswith(expected + " "))
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _batches(items: list[LabelledItem], size: int) -> Iterator[list[LabelledItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Harness:
+    """Runs one model over one labelled set under any plan, batch by batch."""
+
+    def __init__(self, model: nn.Module, processor: Any, items: list[LabelledItem], batch_size: int = 32):
+        if batch_size < 1:
+            raise AlvtsError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model
+        self.processor = processor
+        self.items = items
+        self.batch_size = batch_size
+        self.geometry = AttentionGeometry.of(model)
+        self.intermediate_size = model.config.get_text_config(decoder=True).intermediate_size
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"
+        longest = max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in items)
+        self.max_new_tokens = longest + 1
+
+    def run(self, plan: Plan | None, label: str, compression: float | None) -> MethodResult:
+        """Accuracy and measured budgets with `plan` attached (None: every layer keeps every token)."""
+        policies = {} if plan is None else dict(plan.policies)
+        for index in range(self.geometry.num_layers):
+            policies.setdefault(index, KeepAllPolicy())
+        attach_policies(self.model, policies)
+        try:
+            correct, tokens, flops, selection = 0, [], [], []
+            for batch in track(list(_batches(self.items, self.batch_size)), f"{label}"):
+                predictions, context = self._generate(batch)
+                correct += sum(answer_matches(p, item.answer) for p, item in zip(predictions, batch, strict=True))
+                batch_tokens, batch_flops, batch_selection = self._costs(context, policies)
+                tokens.append(batch_tokens)
+                flops.extend(batch_flops)
+                selection.extend(batch_selection)
+        finally:
+            detach(self.model)
+        per_layer = torch.cat(tokens).float().mean(0).tolist()
+        mean_flops, mean_selection = statistics.fmean(flops), statistics.fmean(selection)
+        return MethodResult(label, compression, correct, len(self.items), per_layer, mean_flops, mean_selection)
+
+    def _generate(self, batch: list[LabelledItem]) -> tuple[list[str], Any]:
+        inputs = self.processor(
+            images=[item.image for item in batch], text=[item.text for item in batch], padding=True, return_tensors="pt"
+        )
+        inputs = move(dict(inputs), input_device(self.model))
+        with torch.no_grad():
+            output = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1
+            )
+        context = last_visual_pass(self.model)
+        if context is None:
+            raise AlvtsError("the model saw no visual tokens: check that prompts reach the model with their image")
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), context
+
+    def _costs(self, context, policies) -> tuple[torch.Tensor, list[float], list[float]]:
+        """(B, layers) processed visual tokens, and per row the prefill FLOPs and the selection FLOPs."""
+        tokens = torch.stack([context.processed[i].cpu() for i in range(self.geometry.num_layers)], dim=1)
+        text = (context.valid & ~context.visual).sum(-1).cpu()
+        length = context.valid.sum(-1).cpu()
+        flops, selection = [], []
+        for row in range(tokens.shape[0]):
+            processed = (tokens[row] + text[row]).tolist()
+            flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in processed)
+            selection_row = sum(p.selection_flops(int(length[row]), self.geometry) for p in policies.values())
+            flops.append(flops_row + selection_row)
+            selection.append(selection_row)
+        return tokens, flops, selection
+
+
+def reference_visual_count(result: MethodResult) -> int:
+    """The reference visual-token count n: the (rounded) mean the full model processed per layer."""
+    return round(result.visual_tokens_per_layer[0])
+
+
+def build_plans(
+    method: str,
+    compression: float,
+    *,
+    num_layers: int,
+    num_visual: int,
+    selector: Selector | None = None,
+    calibration: Calibration | None = None,
+    seed: int = 0,
+) -> tuple[Plan | None, dict[str, float] | None]:
+    """The plan of `method` at `compression` (None when the budget is infeasible) and its selector fidelity."""
+    fraction = check_compression(compression)
+    start_layer = selector.start_layer if selector is not None else 1
+    importance = selector.importance if selector is not None else None
+    builders: dict[str, Callable[[], Plan | None]] = {
+        "oracle": lambda: oracle_plan(importance, fraction, num_layers, num_visual, start_layer),
+        "random": lambda: random_plan(fraction, num_layers, num_visual, start_layer, seed),
+        "fastv": lambda: fastv_plan(fraction, num_layers, num_visual),
+        "pyramiddrop": lambda: pyramid_plan(fraction, num_layers, num_visual),
+        "dart": lambda: dart_plan(fraction, num_layers, num_visual),
+    }
+    if method in builders:
+        if method == "oracle" and importance is None:
+            raise AlvtsError("the oracle needs a selector or calibration (for its importance definition)")
+        return builders[method](), None
+    if method not in ("alvts", "alvts-adaptive"):
+        raise AlvtsError(f"unknown method {method!r}; expected some of {', '.join(METHODS)}")
+    if selector is None:
+        raise AlvtsError(f"{method} needs a selector artifact or a calibration file")
+    uniform = alvts_plan(selector, fraction, num_layers, num_visual)
+    if uniform is None:
+        return None, None
+    ratio = uniform.planned_tokens[-1] / num_visual
+    if method == "alvts":
+        return uniform, _fidelity(calibration, {i: ratio for i in uniform.policies}, selector)
+    if calibration is None:
+        raise AlvtsError("alvts-adaptive re-allocates budgets from calibration statistics: pass a calibration file")
+    adaptive = build_selector(calibration, keep_ratio=ratio, budget="adaptive")
+    return selector_plan(method, adaptive, num_visual), _fidelity(calibration, adaptive.keep_ratios, adaptive)
+
+
+def _fidelity(calibration: Calibration | None, ratios: dict[int, float], selector: Selector) -> dict[str, float]:
+    """Mean held-out fidelity over routed layers (from the calibration, else the artifact's stored figures)."""
+    if calibration is not None:
+        per_layer = [calibration.fidelity(index, ratio, selector.layers[index].q_proj.out_features)
+                     for index, ratio in ratios.items()]
+    else:
+        per_layer = list(selector.metadata.get("fidelity", {}).values())
+    keys = per_layer[0].keys() if per_layer else []
+    return {key: statistics.fmean(layer[key] for layer in per_layer if layer[key] == layer[key]) for key in keys}
+
+
+def evaluate(
+    model: nn.Module,
+    processor: Any,
+    items: list[LabelledItem],
+    *,
+    selector: Selector | None = None,
+    calibration: Calibration | None = None,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    compressions: tuple[float, ...] = DEFAULT_COMPRESSIONS,
+    batch_size: int = 32,
+    model_name: str = "",
+    data_name: str = "",
+    data_summary: str = "",
+) -> EvalReport:
+    """Evaluate the full model, then every method at every compression, on `items`."""
+    started = time.perf_counter()
+    harness = Harness(model, processor, items, batch_size)
+    full = harness.run(None, "full", None)
+    num_visual = reference_visual_count(full)
+    report = EvalReport(
+        model_name, data_name, len(items), data_summary, num_visual, harness.geometry.num_layers, [full]
+    )
+    for compression in compressions:
+        for method in methods:
+            plan, fidelity = build_plans(
+                method, compression, num_layers=harness.geometry.num_layers, num_visual=num_visual,
+                selector=selector, calibration=calibration,
+            )
+            if plan is None:
+                report.infeasible.append((method, compression))
+                continue
+            result = harness.run(plan, method, compression)
+            result.fidelity = fidelity
+            report.results.append(result)
+    report.seconds = time.perf_counter() - started
+    return report

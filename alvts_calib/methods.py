@@ -1,0 +1,165 @@
+"""Token-selection methods at a matched budget: per-layer policies for ALVTS, its oracle and the peers.
+
+The budget is the average number of visual tokens processed per decoder layer, as a fraction of the visual
+tokens n (compression = 1 - fraction; see docs). Every method gets the largest whole token counts whose
+average over all decoder layers does not exceed the budget at the reference count n.
+
+- ALVTS, oracle, random: layers before `start_layer` process everything; every later layer k tokens.
+- FastV (K=2): layers 0..K-1 process everything; layer K-1's last-position attention picks T tokens for the rest.
+- PyramidDrop: layers 0..1 process everything, then N0 tokens picked at layer 2 and halved (lambda 0.5) at
+  1/4, 1/2 and 3/4 of depth, each time by the last position's attention. Stage one keeps all tokens in the
+  original method, which caps it near 53% compression; the layer-2 cut is how it reaches 67-89%.
+- DART (K=2): after layer K-1, T tokens least duplicated with respect to pivot tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .artifact import Selector
+from .errors import AlvtsError
+from .importance import Importance
+from .policies import (
+    CarryPolicy,
+    ExactPolicy,
+    LayerPolicy,
+    PrunePolicy,
+    RandomPolicy,
+    SelectorPolicy,
+    dart_choice,
+    last_attention_choice,
+)
+
+STATIC_PRUNE_LAYER = 2  # K of FastV and DART, and PyramidDrop's first cut
+PYRAMID_LAMBDA = 0.5
+PYRAMID_STAGES = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class Plan:
+    """One method at one budget: the policy of each patched layer and the planned tokens of every layer."""
+
+    method: str
+    policies: dict[int, LayerPolicy]
+    planned_tokens: list[int]  # visual tokens processed per decoder layer at the reference count
+
+
+def _per_layer_count(fraction: float, num_layers: int, num_visual: int, full_layers: int) -> int | None:
+    """Largest k with (full_layers * n + k * (L - full_layers)) / L <= fraction * n, or None if k < 0."""
+    spare = fraction * num_layers * num_visual - full_layers * num_visual
+    count = int(spare // (num_layers - full_layers) + 1e-9) if spare >= 0 else -1
+    return min(count, num_visual) if count >= 0 else None
+
+
+def _uniform_plan(
+    method: str, fraction: float, num_layers: int, num_visual: int, start_layer: int,
+    make: Callable[[int, float], LayerPolicy],
+) -> Plan | None:
+    count = _per_layer_count(fraction, num_layers, num_visual, start_layer)
+    if count is None or count == 0:
+        return None
+    ratio = count / num_visual
+    policies = {index: make(index, ratio) for index in range(start_layer, num_layers)}
+    return Plan(method, policies, [num_visual] * start_layer + [count] * (num_layers - start_layer))
+
+
+def alvts_plan(selector: Selector, fraction: float, num_layers: int, num_visual: int) -> Plan | None:
+    """ALVTS with `selector`'s layers at one uniform keep ratio matching the budget."""
+    importance = selector.importance
+    return _uniform_plan(
+        "alvts", fraction, num_layers, num_visual, selector.start_layer,
+        lambda index, ratio: SelectorPolicy(selector.layers[index], ratio, importance),
+    )
+
+
+def selector_plan(method: str, selector: Selector, num_visual: int) -> Plan:
+    """ALVTS with the selector's own per-layer ratios (e.g. adaptive budgets)."""
+    policies = {
+        index: SelectorPolicy(selector.layers[index], ratio, selector.importance)
+        for index, ratio in selector.keep_ratios.items()
+    }
+    num_layers = int(selector.fingerprint["num_layers"])
+    planned = [num_visual] * num_layers
+    for index, ratio in selector.keep_ratios.items():
+        planned[index] = round(ratio * num_visual)
+    return Plan(method, policies, planned)
+
+
+def oracle_plan(
+    importance: Importance, fraction: float, num_layers: int, num_visual: int, start_layer: int
+) -> Plan | None:
+    """The exact full-attention importance with ALVTS's top-k rule (the selector's upper bound)."""
+    return _uniform_plan(
+        "oracle", fraction, num_layers, num_visual, start_layer, lambda index, ratio: ExactPolicy(ratio, importance)
+    )
+
+
+def random_plan(fraction: float, num_layers: int, num_visual: int, start_layer: int, seed: int = 0) -> Plan | None:
+    """Random per-layer selection at ALVTS's per-layer counts."""
+    return _uniform_plan(
+        "random", fraction, num_layers, num_visual, start_layer,
+        lambda index, ratio: RandomPolicy(ratio, seed + index),
+    )
+
+
+def _static_plan(method: str, count: int, num_layers: int, num_visual: int, decide_before: bool, choose) -> Plan:
+    """Everything for K layers, `count` tokens after; the choice is made at layer K-1 or at layer K."""
+    decision_layer = STATIC_PRUNE_LAYER - 1 if decide_before else STATIC_PRUNE_LAYER
+    policies: dict[int, LayerPolicy] = {decision_layer: PrunePolicy(count / num_visual, choose, not decide_before)}
+    policies.update({index: CarryPolicy() for index in range(STATIC_PRUNE_LAYER, num_layers) if index not in policies})
+    planned = [num_visual] * STATIC_PRUNE_LAYER + [count] * (num_layers - STATIC_PRUNE_LAYER)
+    return Plan(method, policies, planned)
+
+
+def fastv_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None:
+    """FastV (K=2): layer 1's last-position attention keeps T tokens for layers 2 and up."""
+    count = _per_layer_count(fraction, num_layers, num_visual, STATIC_PRUNE_LAYER)
+    if not count:
+        return None
+    return _static_plan("fastv", count, num_layers, num_visual, True, last_attention_choice)
+
+
+def dart_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None:
+    """DART (K=2): the T least duplicated tokens at layer 2's input, for layers 2 and up."""
+    count = _per_layer_count(fraction, num_layers, num_visual, STATIC_PRUNE_LAYER)
+    if not count:
+        return None
+    return _static_plan("dart", count, num_layers, num_visual, False, dart_choice)
+
+
+def _pyramid_counts(first: int, num_layers: int, num_visual: int) -> list[int]:
+    boundaries = [round(stage * num_layers) for stage in PYRAMID_STAGES]
+    counts = []
+    for index in range(num_layers):
+        if index < STATIC_PRUNE_LAYER:
+            counts.append(num_visual)
+            continue
+        halvings = sum(index >= boundary for boundary in boundaries)
+        counts.append(int(first * PYRAMID_LAMBDA**halvings))
+    return counts
+
+
+def pyramid_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None:
+    """PyramidDrop: N0 tokens from layer 2, halved at 1/4, 1/2 and 3/4 of depth by last-position attention."""
+    budget = fraction * num_layers * num_visual + 1e-9
+    first = next(
+        (n0 for n0 in range(num_visual, 0, -1) if sum(_pyramid_counts(n0, num_layers, num_visual)) <= budget), None
+    )
+    if first is None:
+        return None
+    counts = _pyramid_counts(first, num_layers, num_visual)
+    policies: dict[int, LayerPolicy] = {}
+    for index in range(STATIC_PRUNE_LAYER, num_layers):
+        if counts[index] != counts[index - 1]:
+            policies[index] = PrunePolicy(counts[index] / num_visual, last_attention_choice, applies_here=True)
+        else:
+            policies[index] = CarryPolicy()
+    return Plan("pyramiddrop", policies, counts)
+
+
+def check_compression(compression: float) -> float:
+    """The processed fraction 1 - compression, after checking 0 <= compression < 1."""
+    if not 0.0 <= compression < 1.0:
+        raise AlvtsError(f"compression must be in [0, 1) (e.g. 0.89 keeps 11% of visual tokens), got {compression}")
+    return 1.0 - compression
