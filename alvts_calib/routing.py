@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .devices import align_tensors, execution_device, follow_class_forward
 from .masks import routed_attention_mask
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from .policies import LayerPolicy
 
 CONTEXT_KWARG = "alvts_context"
+SELECT_RANGE = "alvts.select"  # profiler ranges, for the share of routed time spent selecting and compacting
+COMPACT_RANGE = "alvts.compact"
+SCATTER_RANGE = "alvts.scatter"
 
 
 @dataclass
@@ -84,9 +88,10 @@ class RoutedLayerMixin:
         visual_keep = None
         if bool(context.visual.any()):
             cos, sin = kwargs["position_embeddings"]
-            visual_keep = self.alvts_policy.select(self, self.input_layernorm(hidden_states), context, cos, sin)
-            processed = context.visual & context.valid if visual_keep is None else visual_keep & context.valid
-            context.processed[self.self_attn.layer_idx] = processed.sum(-1)
+            with record_function(SELECT_RANGE):
+                visual_keep = self.alvts_policy.select(self, self.input_layernorm(hidden_states), context, cos, sin)
+                processed = context.visual & context.valid if visual_keep is None else visual_keep & context.valid
+                context.processed[self.self_attn.layer_idx] = processed.sum(-1)
         compacted_before = existing_routed_layer(kwargs.get("cache"), self.self_attn.layer_idx) is not None
         if visual_keep is None and not compacted_before:
             return super().forward(hidden_states, **kwargs)
@@ -97,30 +102,34 @@ class RoutedLayerMixin:
     ) -> torch.Tensor:
         """Run the layer on valid text tokens, the kept visual tokens and the last position; scatter back."""
         layer_idx = self.self_attn.layer_idx
-        keep = processed_positions(context, visual_keep)
-        dense = bool(keep.all())
-        compaction = None if dense else Compaction.from_keep(keep)
-        compact = hidden_states if dense else compaction.gather(hidden_states)
-        new_valid = keep if dense else ~compaction.filler
+        with record_function(COMPACT_RANGE):
+            keep = processed_positions(context, visual_keep)
+            dense = bool(keep.all())
+            compaction = None if dense else Compaction.from_keep(keep)
+            compact = hidden_states if dense else compaction.gather(hidden_states)
+            new_valid = keep if dense else ~compaction.filler
 
-        cache = kwargs.get("cache")
-        layer_cache = routed_cache_layer(cache, layer_idx) if cache is not None else None
-        key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
-        kwargs["attention_mask"] = routed_attention_mask(
-            key_valid, compact.shape[1], self.self_attn.config._attn_implementation, hidden_states.dtype
-        )
-        kwargs["position_ids"] = None
-        if not dense:
-            cos, sin = kwargs["position_embeddings"]
-            batch = hidden_states.shape[0]
-            kwargs["position_embeddings"] = (
-                compaction.gather(cos.expand(batch, -1, -1)),
-                compaction.gather(sin.expand(batch, -1, -1)),
+            cache = kwargs.get("cache")
+            layer_cache = routed_cache_layer(cache, layer_idx) if cache is not None else None
+            key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
+            kwargs["attention_mask"] = routed_attention_mask(
+                key_valid, compact.shape[1], self.self_attn.config._attn_implementation, hidden_states.dtype
             )
+            kwargs["position_ids"] = None
+            if not dense:
+                cos, sin = kwargs["position_embeddings"]
+                batch = hidden_states.shape[0]
+                kwargs["position_embeddings"] = (
+                    compaction.gather(cos.expand(batch, -1, -1)),
+                    compaction.gather(sin.expand(batch, -1, -1)),
+                )
         output = super().forward(compact, **kwargs)
         if layer_cache is not None:
             layer_cache.key_valid = key_valid
-        return output if dense else compaction.scatter(hidden_states, output)
+        if dense:
+            return output
+        with record_function(SCATTER_RANGE):
+            return compaction.scatter(hidden_states, output)
 
 
 _ROUTED_CLASSES: dict[type, type] = {}
