@@ -17,7 +17,7 @@ from .fingerprint import check_fingerprint
 from .masks import check_backend
 from .options import check_keep_ratio
 from .policies import LayerPolicy, SelectorPolicy
-from .routing import CONTEXT_KWARG, ForwardContext, route_layer, unroute_layer
+from .routing import CONTEXT_KWARG, ForwardContext, PassCounts, route_layer, unroute_layer
 from .visual import TRACKER_ATTRIBUTE, VisualTracker
 
 RUNTIME_ATTRIBUTE = "_alvts_runtime"
@@ -64,8 +64,8 @@ def _context_hook(tracker: VisualTracker, runtime: _Runtime):
         past = cache.get_seq_length() if cache is not None else 0
         valid = _valid_positions(kwargs.get("attention_mask"), batch, length, inputs.device)
         visual = tracker.take(batch, length, past, inputs.device)
-        context = ForwardContext(visual=visual, valid=valid)
-        if bool(visual.any()):
+        context = ForwardContext(visual=visual, valid=valid, counts=PassCounts.of(visual, valid))
+        if context.counts.has_visual:
             runtime.last_visual_pass = context
         kwargs[CONTEXT_KWARG] = context
         return args, kwargs

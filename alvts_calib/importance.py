@@ -7,6 +7,7 @@ parts over heads before combining them gives the importance of the head-averaged
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import torch
@@ -110,6 +111,11 @@ def normalized(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
 def keep_count(num_visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """k = ceil(keep_ratio * n_visual) per row, computed in float64 so 1.0 keeps exactly everything."""
     return torch.ceil(num_visual.double() * keep_ratio - 1e-9).long().clamp(min=0)
+
+
+def keep_count_host(num_visual: int, keep_ratio: float) -> int:
+    """`keep_count` of one row on the host (the same float64 arithmetic), without touching a device."""
+    return max(0, math.ceil(num_visual * keep_ratio - 1e-9))
 
 
 def top_k_mask(scores: torch.Tensor, visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:

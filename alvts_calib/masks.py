@@ -26,14 +26,19 @@ def check_backend(implementation: str | None) -> None:
 
 
 def routed_attention_mask(
-    key_valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype
+    key_valid: torch.Tensor,
+    query_length: int,
+    implementation: str,
+    dtype: torch.dtype,
+    all_valid: bool | None = None,
 ) -> torch.Tensor | None:
     """Mask for `query_length` new queries over keys whose validity is `key_valid` (B, L_k), or None.
 
     The last `query_length` keys are the queries' own. Returns a 2-D key mask for FlashAttention, a 4-D bool
-    mask for SDPA and a 4-D additive mask for eager attention.
+    mask for SDPA and a 4-D additive mask for eager attention. `all_valid`, when the caller knows it, saves
+    reading `key_valid` on the host.
     """
-    all_valid = bool(key_valid.all())
+    all_valid = bool(key_valid.all()) if all_valid is None else all_valid
     past = key_valid.shape[1] - query_length
     if implementation in FLASH:
         return None if all_valid else key_valid.to(torch.long)

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from .adapters import AttentionGeometry
-from .importance import Importance, attention_parts, importance_from_parts, keep_count, top_count_mask, top_k_mask
+from .importance import (
+    Importance,
+    attention_parts,
+    importance_from_parts,
+    keep_count,
+    keep_count_host,
+    top_count_mask,
+    top_k_mask,
+)
 from .layer_attention import last_query_attention, layer_queries_keys
 from .routing import ForwardContext
 from .selector import LayerSelector
@@ -31,9 +39,21 @@ class LayerPolicy(ABC):
     ) -> torch.Tensor | None:
         """(B, L) bool of the visual tokens to process, or None for all of them.
 
-        `normed` is the layer's input after its input layernorm; `cos`/`sin` are the layer's RoPE tables.
-        Called only for passes that contain visual tokens.
+        `normed` is the layer's input after its input layernorm (None when `reads_states` is False);
+        `cos`/`sin` are the layer's RoPE tables. Called only for passes that contain visual tokens, and not
+        when `keeps_all`.
         """
+
+    reads_states = True  # select() uses `normed` (the routed layer then computes it)
+
+    @property
+    def keeps_all(self) -> bool:
+        """The layer processes every visual token: it runs unpatched, without calling `select`."""
+        return False
+
+    def kept_visual(self, num_visual: int) -> int | None:
+        """How many of a row's `num_visual` valid visual tokens `select` keeps, if that is known in advance."""
+        return None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LayerPolicy:
         """Move any tensors the policy holds; returns the policy."""
@@ -47,11 +67,27 @@ class LayerPolicy(ABC):
 class KeepAllPolicy(LayerPolicy):
     """Process every visual token (the layer runs unpatched); lets the harness count tokens in every layer."""
 
+    reads_states = False
+    keeps_all = True
+
     def select(self, layer, normed, context, cos, sin):
         return None
 
 
-class SelectorPolicy(LayerPolicy):
+class RatioPolicy(LayerPolicy):
+    """A policy keeping keep_count(n, keep_ratio) visual tokens of each row; a ratio of 1.0 keeps all."""
+
+    keep_ratio: float
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.keep_ratio >= 1.0
+
+    def kept_visual(self, num_visual):
+        return keep_count_host(num_visual, self.keep_ratio)
+
+
+class SelectorPolicy(RatioPolicy):
     """ALVTS: the top `keep_ratio` of visual tokens by the calibrated low-rank selector's importance."""
 
     def __init__(self, selector: LayerSelector, keep_ratio: float, importance: Importance):
@@ -75,7 +111,7 @@ class SelectorPolicy(LayerPolicy):
         return 2.0 * num_tokens * geometry.hidden_size * 2 * rank + 4.0 * num_tokens**2 * rank
 
 
-class ExactPolicy(LayerPolicy):
+class ExactPolicy(RatioPolicy):
     """The oracle: the same top-k rule on the importance of the layer's own full attention."""
 
     def __init__(self, keep_ratio: float, importance: Importance):
@@ -95,7 +131,7 @@ class ExactPolicy(LayerPolicy):
         return 2.0 * num_tokens * geometry.hidden_size * width + 4.0 * num_tokens**2 * query_width
 
 
-class RandomPolicy(LayerPolicy):
+class RandomPolicy(RatioPolicy):
     """A uniformly random `keep_ratio` of the visual tokens, drawn afresh at every layer (seeded)."""
 
     def __init__(self, keep_ratio: float, seed: int):
@@ -142,6 +178,8 @@ class PrunePolicy(LayerPolicy):
 
 class CarryPolicy(LayerPolicy):
     """Process the visual tokens that earlier pruning steps retained (all of them before the first step)."""
+
+    reads_states = False
 
     def select(self, layer, normed, context, cos, sin):
         return context.retained

@@ -19,14 +19,24 @@ class RoutedCacheLayer(DynamicLayer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.key_valid: torch.Tensor | None = None
+        self.keys_all_valid: bool | None = None  # host-side: every cached key is valid (None: not known)
 
     def append_validity(self, valid: torch.Tensor) -> torch.Tensor:
         """Validity of all keys after appending `valid` (B, L) for the keys about to be cached."""
         return valid if self.key_valid is None else torch.cat([self.key_valid, valid.to(self.key_valid.device)], 1)
 
+    def all_valid_after(self, appended_all_valid: bool | None) -> bool | None:
+        """Whether every key is valid after appending keys that are all valid (True), not (False) or unknown."""
+        if self.key_valid is None:
+            return appended_all_valid
+        if self.keys_all_valid is False or appended_all_valid is False:
+            return False
+        return None if self.keys_all_valid is None or appended_all_valid is None else True
+
     def reset(self) -> None:
         super().reset()
         self.key_valid = None
+        self.keys_all_valid = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -27,6 +27,31 @@ COMPACT_RANGE = "alvts.compact"
 SCATTER_RANGE = "alvts.scatter"
 
 
+@dataclass(frozen=True)
+class PassCounts:
+    """Host-side token counts of one forward pass, read once so routed layers need no host syncs of their own."""
+
+    visual: list[int]  # valid visual tokens per row
+    text: list[int]  # valid text tokens per row
+    length: int  # sequence length of the pass
+    last_text: bool  # every row ends with a valid text token
+
+    @classmethod
+    def of(cls, visual: torch.Tensor, valid: torch.Tensor) -> PassCounts:
+        """Counts of (B, L) masks, with one device-to-host copy."""
+        last_text = valid[:, -1] & ~visual[:, -1]
+        rows = torch.stack([(visual & valid).sum(-1), (~visual & valid).sum(-1), last_text.long()]).tolist()
+        return cls(visual=rows[0], text=rows[1], length=visual.shape[1], last_text=all(rows[2]))
+
+    @property
+    def has_visual(self) -> bool:
+        return any(self.visual)
+
+    @property
+    def all_valid(self) -> bool:
+        return all(v + t == self.length for v, t in zip(self.visual, self.text, strict=True))
+
+
 @dataclass
 class ForwardContext:
     """What every routed layer needs to know about the current forward pass."""
@@ -35,6 +60,13 @@ class ForwardContext:
     valid: torch.Tensor  # (B, L) bool: non-padding positions among this pass's inputs
     retained: torch.Tensor | None = None  # (B, L) bool: visual tokens static pruning has kept so far
     processed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) visual tokens it processed
+    counts: PassCounts | None = None  # host-side counts; computed on first use if not given
+
+    def host_counts(self) -> PassCounts:
+        """The pass's host-side counts (one device sync the first time, none after)."""
+        if self.counts is None:
+            self.counts = PassCounts.of(self.visual, self.valid)
+        return self.counts
 
 
 @dataclass
@@ -45,12 +77,13 @@ class Compaction:
     filler: torch.Tensor  # (B, L_c) bool
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor) -> Compaction:
+    def from_keep(cls, keep: torch.Tensor, compact_length: int | None = None) -> Compaction:
+        """From (B, L) kept positions; `compact_length` (the largest row count) saves a host sync when known."""
         length = keep.shape[1]
         positions = torch.arange(length, device=keep.device).expand_as(keep)
         order = torch.where(keep, positions, positions + length).argsort(dim=1, stable=True)
         kept = keep.sum(1)
-        compact_length = int(kept.max())
+        compact_length = int(kept.max()) if compact_length is None else compact_length
         filler = torch.arange(compact_length, device=keep.device)[None, :] >= kept[:, None]
         index = order[:, :compact_length].masked_fill(filler, length)
         return cls(index=index, filler=filler)
@@ -75,6 +108,21 @@ def processed_positions(context: ForwardContext, visual_keep: torch.Tensor | Non
     return keep
 
 
+def compact_rows(counts: PassCounts, policy: LayerPolicy | None) -> list[int] | None:
+    """Positions each row processes, known on the host: its valid text tokens plus the visual tokens `policy`
+    keeps (None: all of them). None when not known without a sync (a policy with data-dependent counts, or a
+    row not ending in a valid text token)."""
+    if not counts.last_text:
+        return None
+    rows = []
+    for num_visual, num_text in zip(counts.visual, counts.text, strict=True):
+        kept = num_visual if policy is None else policy.kept_visual(num_visual)
+        if kept is None:
+            return None
+        rows.append(num_text + kept)
+    return rows
+
+
 class RoutedLayerMixin:
     """Mixed into a decoder layer's class by `route_layer` (which sets `alvts_policy`)."""
 
@@ -85,35 +133,52 @@ class RoutedLayerMixin:
         if context is None or args:
             return super().forward(hidden_states, *args, **kwargs)
         align_tensors(context, hidden_states.device)
+        counts = context.host_counts()
+        policy = self.alvts_policy
         visual_keep = None
-        if bool(context.visual.any()):
-            cos, sin = kwargs["position_embeddings"]
+        if counts.has_visual:
             with record_function(SELECT_RANGE):
-                visual_keep = self.alvts_policy.select(self, self.input_layernorm(hidden_states), context, cos, sin)
+                if not policy.keeps_all:
+                    cos, sin = kwargs["position_embeddings"]
+                    normed = self.input_layernorm(hidden_states) if policy.reads_states else None
+                    visual_keep = policy.select(self, normed, context, cos, sin)
                 processed = context.visual & context.valid if visual_keep is None else visual_keep & context.valid
                 context.processed[self.self_attn.layer_idx] = processed.sum(-1)
         compacted_before = existing_routed_layer(kwargs.get("cache"), self.self_attn.layer_idx) is not None
         if visual_keep is None and not compacted_before:
             return super().forward(hidden_states, **kwargs)
-        return self._routed_forward(hidden_states, context, visual_keep, kwargs)
+        rows = compact_rows(counts, None if visual_keep is None else policy)
+        return self._routed_forward(hidden_states, context, visual_keep, kwargs, rows)
 
     def _routed_forward(
-        self, hidden_states: torch.Tensor, context: ForwardContext, visual_keep: torch.Tensor | None, kwargs: dict
+        self,
+        hidden_states: torch.Tensor,
+        context: ForwardContext,
+        visual_keep: torch.Tensor | None,
+        kwargs: dict,
+        rows: list[int] | None,
     ) -> torch.Tensor:
-        """Run the layer on valid text tokens, the kept visual tokens and the last position; scatter back."""
+        """Run the layer on valid text tokens, the kept visual tokens and the last position; scatter back.
+
+        `rows` (positions processed per row, if known on the host) avoids host syncs for the compact length
+        and for the masks.
+        """
         layer_idx = self.self_attn.layer_idx
         with record_function(COMPACT_RANGE):
             keep = processed_positions(context, visual_keep)
-            dense = bool(keep.all())
-            compaction = None if dense else Compaction.from_keep(keep)
+            dense = bool(keep.all()) if rows is None else min(rows) == hidden_states.shape[1]
+            compaction = None if dense else Compaction.from_keep(keep, None if rows is None else max(rows))
             compact = hidden_states if dense else compaction.gather(hidden_states)
             new_valid = keep if dense else ~compaction.filler
+            all_valid = True if dense else None if rows is None else min(rows) == max(rows)
 
             cache = kwargs.get("cache")
             layer_cache = routed_cache_layer(cache, layer_idx) if cache is not None else None
             key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
+            keys_all_valid = all_valid if layer_cache is None else layer_cache.all_valid_after(all_valid)
             kwargs["attention_mask"] = routed_attention_mask(
-                key_valid, compact.shape[1], self.self_attn.config._attn_implementation, hidden_states.dtype
+                key_valid, compact.shape[1], self.self_attn.config._attn_implementation, hidden_states.dtype,
+                keys_all_valid,
             )
             kwargs["position_ids"] = None
             if not dense:
@@ -125,7 +190,7 @@ class RoutedLayerMixin:
                 )
         output = super().forward(compact, **kwargs)
         if layer_cache is not None:
-            layer_cache.key_valid = key_valid
+            layer_cache.key_valid, layer_cache.keys_all_valid = key_valid, keys_all_valid
         if dense:
             return output
         with record_function(SCATTER_RANGE):
