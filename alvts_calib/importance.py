@@ -60,17 +60,21 @@ def attention_parts(
     """
     batch, num_heads, length, head_dim = queries.shape
     group = num_heads // keys.shape[1]
-    allowed = causal_allowed(valid)[:, None]
+    masked = ~causal_allowed(valid)[:, None]
     rows = _row_weights(visual, valid, definition)  # (B, P, L)
     scale = head_dim**-0.5
+    keys = keys.float()
     chunks = []
     for start in range(0, num_heads, head_chunk):
         q = queries[:, start : start + head_chunk].float()
-        heads = torch.arange(start, start + q.shape[1], device=q.device) // group
-        k = keys.float().index_select(1, heads)
+        if group == 1:
+            k = keys[:, start : start + head_chunk]
+        else:
+            k = keys.index_select(1, torch.arange(start, start + q.shape[1], device=q.device) // group)
         logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        probs = torch.where(allowed, probs, torch.zeros((), device=probs.device))
+        # a finite fill keeps rows without any allowed key (padding) finite; their row weight is zero, and in
+        # every other row exp(min - max) underflows to exactly the 0 that -inf would give
+        probs = torch.softmax(logits.masked_fill_(masked, torch.finfo(logits.dtype).min), dim=-1)
         chunks.append(torch.einsum("bpi,bhij->bphj", rows, probs))
     parts = torch.cat(chunks, dim=2)
     return parts * visual[:, None, None, :].to(parts.dtype)
