@@ -1,0 +1,92 @@
+"""The routing variants the speed benchmark compares, at matched budgets, and their ideal decoder FLOP ratio.
+
+Selectors come from the RoPE-aware weight SVD of each layer (`rope_svd_init`, rank 2 x head_dim), so the
+runtime runs its real code path without calibration data. The adaptive variant is a *synthetic* allocation
+with the same average tokens per routed layer as the uniform one (alternating 1.5x / 0.5x the uniform count):
+for speed only the token counts matter, not which layers get them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from alvts_calib.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.artifact import Selector
+from alvts_calib.fingerprint import model_fingerprint
+from alvts_calib.flops import layer_flops
+from alvts_calib.importance import Importance
+from alvts_calib.methods import alvts_plan, fastv_plan, pyramid_plan
+from alvts_calib.policies import LayerPolicy, SelectorPolicy
+from alvts_calib.selector import LayerSelector
+from alvts_calib.solver import rope_svd_init
+
+COMPRESSIONS = (0.67, 0.78, 0.89)
+SELECTOR_HEADS = 2  # rank 2 x head_dim, the calibration default
+
+
+@dataclass
+class Variant:
+    """One row of the comparison: a method at one compression, as per-layer policies (None: the unpatched model)."""
+
+    method: str
+    compression: float | None
+    policies: dict[int, LayerPolicy] | None
+    planned_tokens: list[int]  # visual tokens processed per decoder layer
+
+
+def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
+    """A Selector from each layer's RoPE-aware weight SVD (no calibration data), for layers start_layer and up."""
+    geometry = AttentionGeometry.of(model)
+    layers = decoder_layers(model)
+    selectors = {}
+    for index in range(start_layer, geometry.num_layers):
+        attention = layers[index].self_attn
+        tensors = rope_svd_init(attention, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim,
+                                SELECTOR_HEADS)
+        weight = attention.q_proj.weight
+        selectors[index] = LayerSelector.from_tensors(tensors, geometry.head_dim).to(weight.device, weight.dtype)
+    return Selector(selectors, dict.fromkeys(selectors, 1.0), Importance.PAPER, model_fingerprint(model))
+
+
+def _alternating(selector: Selector, uniform: dict[int, LayerPolicy], num_visual: int) -> dict[int, int]:
+    """Tokens per routed layer alternating 1.5x / 0.5x the uniform count (same total, capped at n)."""
+    counts = {}
+    indices = sorted(uniform)
+    for position, index in enumerate(indices):
+        base = round(uniform[index].keep_ratio * num_visual)
+        high = min(num_visual, round(1.5 * base))
+        counts[index] = high if position % 2 == 0 else max(0, 2 * base - high)
+    return counts
+
+
+def variants(selector: Selector, num_layers: int, num_visual: int) -> list[Variant]:
+    """Unpatched, ALVTS keep-all, then ALVTS uniform/adaptive, FastV and PyramidDrop at each compression."""
+    full = [num_visual] * num_layers
+    keep_all = {index: SelectorPolicy(layer, 1.0, selector.importance) for index, layer in selector.layers.items()}
+    rows = [Variant("unpatched", None, None, full), Variant("alvts-keep-all", 0.0, keep_all, full)]
+    for compression in COMPRESSIONS:
+        fraction = 1.0 - compression
+        uniform = alvts_plan(selector, fraction, num_layers, num_visual)
+        if uniform is not None:
+            rows.append(Variant("alvts-uniform", compression, uniform.policies, uniform.planned_tokens))
+            counts = _alternating(selector, uniform.policies, num_visual)
+            adaptive = {
+                index: SelectorPolicy(selector.layers[index], count / num_visual, selector.importance)
+                for index, count in counts.items()
+            }
+            planned = [counts.get(index, num_visual) for index in range(num_layers)]
+            rows.append(Variant("alvts-adaptive*", compression, adaptive, planned))
+        for plan in (fastv_plan(fraction, num_layers, num_visual), pyramid_plan(fraction, num_layers, num_visual)):
+            if plan is not None:
+                rows.append(Variant(plan.method, compression, plan.policies, plan.planned_tokens))
+    return rows
+
+
+def ideal_speedup(planned: list[int], num_visual: int, num_text: int, geometry: AttentionGeometry,
+                  intermediate: int) -> float:
+    """Decoder prefill FLOPs of all tokens over those of the planned counts (layer matmuls only)."""
+    full = sum(layer_flops(num_text + num_visual, geometry, intermediate) for _ in planned)
+    routed = sum(layer_flops(num_text + count, geometry, intermediate) for count in planned)
+    return full / routed

@@ -1,0 +1,74 @@
+"""The speed benchmark's core functions on a tiny geometry, one repetition: report structure and KV cache savings.
+
+No timing assertions: speed targets live in the benchmark and docs/BENCHMARKS.md, not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import speed  # noqa: E402
+from speed_measure import Timing  # noqa: E402
+from speed_models import ModelSpec  # noqa: E402
+
+TINY = ModelSpec("llava-tiny", "llava", 64, 20, 2, 2, 128, 32064, 32, 1, 2, 64, 168)  # 144 visual tokens
+ROW_KEYS = {
+    "method", "compression", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_memory_bytes",
+    "kv_bytes_per_layer", "kv_bytes", "prefill_speedup", "ttft_speedup", "decode_speedup",
+    "ideal_prefill_speedup", "kv_routed_layers_reduction",
+}
+ROUTED_KEYS = {"selector_share", "gather_scatter_share", "host_syncs", "top_level_ops"}
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    settings = speed.settings_for(small=True, device=torch.device("cpu"))
+    settings = replace(settings, specs=(TINY,), batches=(1,), new_tokens=2, timing=Timing(0, 1),
+                       decode_timing=Timing(0, 1))
+    return {"models": [speed.benchmark_model(TINY, settings)]}
+
+
+def test_report_structure(report):
+    json.dumps(report)  # JSON-ready
+    (run,) = report["models"][0]["runs"]
+    assert run["visual_tokens"] == 144 and run["batch"] == 1
+    methods = {(row["method"], row["compression"]) for row in run["rows"]}
+    assert {("unpatched", None), ("alvts-keep-all", 0.0)} <= methods
+    for compression in (0.67, 0.78, 0.89):
+        assert {("alvts-uniform", compression), ("alvts-adaptive*", compression), ("fastv", compression),
+                ("pyramiddrop", compression)} <= methods
+    for row in run["rows"]:
+        assert ROW_KEYS <= set(row), row["method"]
+        assert len(row["kv_bytes_per_layer"]) == TINY.layers
+        assert math.isfinite(row["prefill_ms"]) and row["prefill_ms"] > 0
+        if row["compression"]:
+            assert ROUTED_KEYS <= set(row)
+            assert 0.0 < row["selector_share"] < 1.0 and 0.0 < row["gather_scatter_share"] < 1.0
+
+
+def test_routed_kv_cache_is_smaller(report):
+    rows = report["models"][0]["runs"][0]["rows"]
+    base, keep_all = rows[0], rows[1]
+    assert keep_all["kv_bytes"] == base["kv_bytes"]
+    assert keep_all["ideal_prefill_speedup"] == pytest.approx(1.0)
+    for row in rows[2:]:
+        assert row["kv_bytes"] < base["kv_bytes"], row["method"]
+        assert row["kv_routed_layers_reduction"] > 0.0
+        assert row["ideal_prefill_speedup"] > 1.0
+    uniform = {row["compression"]: row for row in rows if row["method"] == "alvts-uniform"}
+    assert uniform[0.89]["kv_bytes"] < uniform[0.78]["kv_bytes"] < uniform[0.67]["kv_bytes"]
+
+
+def test_no_host_syncs_in_routed_alvts_layers(report):
+    """One host read per pass (the context's counts); routed ALVTS layers add none."""
+    rows = report["models"][0]["runs"][0]["rows"]
+    assert all(row["host_syncs"] <= 1 for row in rows if row["method"] == "alvts-uniform")
