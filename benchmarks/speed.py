@@ -17,7 +17,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from speed_measure import (
     peak_memory,
     routed_shares,
 )
-from speed_methods import Variant, ideal_speedup, variants, weight_svd_selector
+from speed_methods import Variant, ideal_speedup, selection_flops, variants, weight_svd_selector
 from speed_models import FULL, SMALL, ModelSpec, build_inputs, build_model, visual_mask
 
 import alvts_calib
@@ -115,8 +115,11 @@ def _compare(rows: list[dict[str, Any]], geometry: AttentionGeometry, intermedia
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
         row["ttft_speedup"] = base["ttft_ms"] / row["ttft_ms"]
         row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        row["ideal_prefill_speedup"] = ideal_speedup(row.pop("planned_tokens"), num_visual, num_text, geometry,
-                                                     intermediate)
+        planned = row.pop("planned_tokens")
+        row["ideal_prefill_speedup"] = ideal_speedup(planned, num_visual, num_text, geometry, intermediate)
+        row["ideal_prefill_speedup_with_selection"] = ideal_speedup(
+            planned, num_visual, num_text, geometry, intermediate, row.pop("selection_flops")
+        )
         row["kv_bytes"] = sum(row["kv_bytes_per_layer"])
         routed_base = sum(base["kv_bytes_per_layer"][i] for i in routed)
         routed_now = sum(row["kv_bytes_per_layer"][i] for i in routed)
@@ -140,7 +143,8 @@ def benchmark_model(spec: ModelSpec, settings: Settings, console: Console | None
                 if console is not None:
                     console.log(f"{spec.name} {backend} batch {batch}: {variant.method} {variant.compression}")
                 row = {"method": variant.method, "compression": variant.compression,
-                       "planned_tokens": variant.planned_tokens, "routed_layers": sorted(variant.policies or ())}
+                       "planned_tokens": variant.planned_tokens, "routed_layers": sorted(variant.policies or ()),
+                       "selection_flops": selection_flops(variant.policies, length, geometry)}
                 row.update(measure_variant(model, inputs, decoder, variant, settings))
                 rows.append(row)
             _compare(rows, geometry, spec.intermediate, num_visual, length - num_visual)
@@ -157,6 +161,8 @@ def calibration_seconds(spec: ModelSpec, samples: int, settings: Settings) -> di
     """Wall time of `alvts_calib.calibrate` (default options) on `samples` synthetic single-image prompts."""
     model = build_model(spec, "sdpa", settings.device, settings.dtype)
     data = [build_inputs(spec, model, 1, settings.device, settings.dtype, seed=seed) for seed in range(samples)]
+    if settings.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(settings.device)
     started = time.perf_counter()
     calibration = alvts_calib.calibrate(model, data, progress=False)
     seconds = time.perf_counter() - started
@@ -184,7 +190,8 @@ def _metadata(settings: Settings, small: bool) -> dict[str, Any]:
             "alvts-adaptive* is a synthetic allocation: alternating 1.5x / 0.5x the uniform per-layer count",
             "prefill: decoder stack only (inputs_embeds replayed); ttft: vision tower + projector + prefill + "
             "last-position logits; decode: (N - 1) / (t(N tokens) - t(1 token)) per row",
-            "ideal_prefill_speedup: decoder layer matmul FLOPs, unpatched over planned token counts",
+            "ideal_prefill_speedup: decoder layer matmul FLOPs, unpatched over planned token counts; "
+            "_with_selection adds the policies' own selection FLOPs",
             "selector/gather_scatter shares: profiler ranges in one routed prefill (inflated by profiling)",
         ],
     }
@@ -229,12 +236,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--small", action="store_true", help="scaled-down geometries on the CPU (development)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--models", nargs="*", help="only these geometries (names as in the table)")
+    parser.add_argument("--batches", type=int, nargs="*", help="override the batch sizes (default 1 8)")
+    parser.add_argument("--new-tokens", type=int, help="override the decoded tokens (default 256, small 8)")
     parser.add_argument("--calibration-samples", type=int, help="override the calibration sample count (0: skip)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # all compute on the timed thread: the thread-cpu clock then counts all of it
     settings = settings_for(args.small, device, args.models)
+    if args.batches:
+        settings = replace(settings, batches=tuple(args.batches))
+    if args.new_tokens:
+        settings = replace(settings, new_tokens=args.new_tokens)
     console = Console()
     report: dict[str, Any] = {"metadata": _metadata(settings, args.small), "models": []}
     for spec in settings.specs:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers.cache_utils import DynamicCache
 
@@ -151,6 +152,8 @@ def routed_shares(model: nn.Module, decoder: DecoderInputs, device: torch.device
     counts: dict[str, int] = {}
     ops = 0
     for event in profiler.events():
+        if event.device_type != DeviceType.CPU:  # GPU-side copies of the ranges; CPU events carry device time
+            continue
         elapsed = event.device_time_total if device.type == "cuda" else event.cpu_time_total
         totals[event.name] = totals.get(event.name, 0.0) + elapsed
         counts[event.name] = counts.get(event.name, 0) + 1

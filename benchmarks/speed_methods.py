@@ -85,8 +85,13 @@ def variants(selector: Selector, num_layers: int, num_visual: int) -> list[Varia
 
 
 def ideal_speedup(planned: list[int], num_visual: int, num_text: int, geometry: AttentionGeometry,
-                  intermediate: int) -> float:
-    """Decoder prefill FLOPs of all tokens over those of the planned counts (layer matmuls only)."""
+                  intermediate: int, selection_flops: float = 0.0) -> float:
+    """Decoder prefill FLOPs of all tokens over those of the planned counts plus `selection_flops` (matmuls only)."""
     full = sum(layer_flops(num_text + num_visual, geometry, intermediate) for _ in planned)
     routed = sum(layer_flops(num_text + count, geometry, intermediate) for count in planned)
-    return full / routed
+    return full / (routed + selection_flops)
+
+
+def selection_flops(policies: dict[int, LayerPolicy] | None, num_tokens: int, geometry: AttentionGeometry) -> float:
+    """FLOPs all policies spend selecting over a row of `num_tokens` positions (their own estimates)."""
+    return sum(policy.selection_flops(num_tokens, geometry) for policy in (policies or {}).values())
