@@ -17,7 +17,7 @@ from .fingerprint import check_fingerprint
 from .masks import check_backend
 from .options import check_keep_ratio
 from .policies import LayerPolicy, SelectorPolicy
-from .routing import CONTEXT_KWARG, ForwardContext, PassCounts, route_layer, unroute_layer
+from .routing import CONTEXT_KWARG, ForwardContext, PassCounts, SkippedUpdate, route_layer, unroute_layer
 from .visual import TRACKER_ATTRIBUTE, VisualTracker
 
 RUNTIME_ATTRIBUTE = "_alvts_runtime"
@@ -73,11 +73,18 @@ def _context_hook(tracker: VisualTracker, runtime: _Runtime):
     return add_routing_context
 
 
-def attach(model: nn.Module, selector: Selector | str | Path, *, keep_ratio: float | None = None) -> nn.Module:
+def attach(
+    model: nn.Module,
+    selector: Selector | str | Path,
+    *,
+    keep_ratio: float | None = None,
+    skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+) -> nn.Module:
     """Patch `model` in place so routed layers process only their selected visual tokens; returns `model`.
 
-    `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. The artifact must have been
-    calibrated on this model (checked by fingerprint).
+    `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. `skipped_update` "mean" gives
+    visual tokens that skip a layer the mean update of the ones it processed (see `SkippedUpdate`). The artifact
+    must have been calibrated on this model (checked by fingerprint).
     """
     if not isinstance(selector, Selector):
         selector = load_selector(selector)
@@ -88,11 +95,15 @@ def attach(model: nn.Module, selector: Selector | str | Path, *, keep_ratio: flo
         index: SelectorPolicy(selector.layers[index], ratio if keep_ratio is None else keep_ratio, selector.importance)
         for index, ratio in selector.keep_ratios.items()
     }
-    return attach_policies(model, policies, selector=selector)
+    return attach_policies(model, policies, selector=selector, skipped_update=skipped_update)
 
 
 def attach_policies(
-    model: nn.Module, policies: dict[int, LayerPolicy], *, selector: Selector | None = None
+    model: nn.Module,
+    policies: dict[int, LayerPolicy],
+    *,
+    selector: Selector | None = None,
+    skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
 ) -> nn.Module:
     """Patch `model` in place so each layer in `policies` processes the visual tokens its policy selects.
 
@@ -102,9 +113,10 @@ def attach_policies(
         raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
     adapter = get_adapter(model)
     check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
+    skipped_update = _skipped_update(skipped_update)
     layers = decoder_layers(model)
     for index, policy in policies.items():
-        route_layer(layers[index], policy)
+        route_layer(layers[index], policy, skipped_update)
 
     tracker = VisualTracker(model, adapter)
     tracker.install()
@@ -115,6 +127,14 @@ def attach_policies(
     setattr(model, RUNTIME_ATTRIBUTE, runtime)
     setattr(model, TRACKER_ATTRIBUTE, tracker)
     return model
+
+
+def _skipped_update(value: SkippedUpdate | str) -> SkippedUpdate:
+    try:
+        return SkippedUpdate(value)
+    except ValueError:
+        choices = ", ".join(option.value for option in SkippedUpdate)
+        raise AlvtsError(f"skipped_update must be one of {choices}, got {value!r}") from None
 
 
 def detach(model: nn.Module) -> nn.Module:

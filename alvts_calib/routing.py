@@ -8,6 +8,7 @@ and hooks on the layer keep working; `detach` swaps it back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -127,6 +128,7 @@ class RoutedLayerMixin:
     """Mixed into a decoder layer's class by `route_layer` (which sets `alvts_policy`)."""
 
     alvts_policy: LayerPolicy
+    alvts_skipped_update: SkippedUpdate
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
@@ -194,7 +196,28 @@ class RoutedLayerMixin:
         if dense:
             return output
         with record_function(SCATTER_RANGE):
-            return compaction.scatter(hidden_states, output)
+            merged = compaction.scatter(hidden_states, output)
+            if self.alvts_skipped_update is SkippedUpdate.MEAN:
+                merged = mean_update(merged, hidden_states, keep, context)
+            return merged
+
+
+class SkippedUpdate(str, Enum):
+    """What the visual tokens that skip a layer receive from it."""
+
+    NONE = "none"  # nothing: they keep their hidden state (the paper)
+    MEAN = "mean"  # the mean residual update of the visual tokens the layer processed in the same row
+
+
+def mean_update(
+    merged: torch.Tensor, before: torch.Tensor, keep: torch.Tensor, context: ForwardContext
+) -> torch.Tensor:
+    """Add to each skipped visual token the mean update (output - input) of its row's processed visual tokens."""
+    visual = context.visual & context.valid
+    processed = (visual & keep)[..., None].to(merged.dtype)
+    skipped = (visual & ~keep)[..., None].to(merged.dtype)
+    mean = ((merged - before) * processed).sum(1, keepdim=True) / processed.sum(1, keepdim=True).clamp(min=1)
+    return merged + skipped * mean
 
 
 _ROUTED_CLASSES: dict[type, type] = {}
@@ -207,10 +230,11 @@ def routed_class(layer_class: type) -> type:
     return _ROUTED_CLASSES[layer_class]
 
 
-def route_layer(layer: nn.Module, policy: LayerPolicy) -> None:
+def route_layer(layer: nn.Module, policy: LayerPolicy, skipped_update: SkippedUpdate = SkippedUpdate.NONE) -> None:
     """Patch one decoder layer in place; the policy's tensors move to the layer's device and dtype."""
     weight = layer.self_attn.q_proj.weight
     layer.alvts_policy = policy.to(device=execution_device(layer), dtype=weight.dtype)
+    layer.alvts_skipped_update = SkippedUpdate(skipped_update)
     layer.__class__ = routed_class(type(layer))
     follow_class_forward(layer)
 
@@ -222,3 +246,4 @@ def unroute_layer(layer: nn.Module) -> None:
     layer.__class__ = layer.__class__.__mro__[2]
     follow_class_forward(layer)
     del layer.alvts_policy
+    del layer.alvts_skipped_update

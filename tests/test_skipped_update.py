@@ -1,0 +1,62 @@
+"""Stale-state handling: what visual tokens that skip a routed layer receive from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alvts_calib.adapters import decoder_layers
+from alvts_calib.attach import attach, detach
+from alvts_calib.errors import AlvtsError
+
+RATIO = 0.25
+
+
+def _layer_io(case, selector, skipped_update):
+    """Input and output of layer 1 (the first routed layer) in one routed prefill."""
+    model = case.model
+    attach(model, selector, skipped_update=skipped_update)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
+        seen["output"] = output.clone()
+
+    handle = decoder_layers(model)[1].register_forward_hook(hook, with_kwargs=True)
+    try:
+        with case.routing():
+            logits = model(**case.inputs).logits
+    finally:
+        handle.remove()
+        detach(model)
+    return seen["input"], seen["output"], logits
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(tiny_case, make_selector, family):
+    case = tiny_case(family, "sdpa")
+    selector = make_selector(case.model, RATIO)
+    before, plain, _ = _layer_io(case, selector, "none")
+    before_mean, compensated, _ = _layer_io(case, selector, "mean")
+    assert torch.equal(before, before_mean)  # layer 0 is not routed
+    visual = case.visual & case.valid
+    skipped = visual & (plain == before).all(-1)
+    processed = visual & ~skipped
+    assert bool(skipped.any()) and bool(processed.any())
+    torch.testing.assert_close(compensated[~skipped], plain[~skipped])
+    for row in range(before.shape[0]):
+        mean = (plain[row][processed[row]] - before[row][processed[row]]).mean(0)
+        torch.testing.assert_close(compensated[row][skipped[row]], before[row][skipped[row]] + mean)
+
+
+def test_mean_update_is_exact_at_keep_ratio_one(tiny_case, make_selector):
+    case = tiny_case("llava", "eager")
+    reference = case.model(**case.inputs).logits
+    _, _, logits = _layer_io(case, make_selector(case.model, 1.0), "mean")
+    assert torch.equal(logits, reference)
+
+
+def test_unknown_skipped_update_is_rejected(tiny_case, make_selector):
+    case = tiny_case("llava", "eager")
+    with pytest.raises(AlvtsError, match="skipped_update must be one of none, mean"):
+        attach(case.model, make_selector(case.model, RATIO), skipped_update="magic")
