@@ -63,7 +63,8 @@ def test_routed_kv_cache_is_smaller(report):
     for row in rows[2:]:
         assert row["kv_bytes"] < base["kv_bytes"], row["method"]
         assert row["kv_routed_layers_reduction"] > 0.0
-        assert 1.0 < row["ideal_prefill_speedup_with_selection"] < row["ideal_prefill_speedup"]
+        assert row["ideal_prefill_speedup"] > 1.0
+        assert row["ideal_prefill_speedup_with_selection"] < row["ideal_prefill_speedup"]  # selection costs FLOPs
     uniform = {row["compression"]: row for row in rows if row["method"] == "alvts-uniform"}
     assert uniform[0.89]["kv_bytes"] < uniform[0.78]["kv_bytes"] < uniform[0.67]["kv_bytes"]
 
