@@ -1,0 +1,76 @@
+"""The demo LVLM's architecture and processor: a small LLaVA (CLIP-style tower, projector, deep narrow Llama).
+
+The decoder is deep (24 layers) so budgets of static peers with K=2 full layers stay feasible at 89%
+compression, as in 7B models; it is narrow so it trains on a CPU. One vision patch covers one board cell,
+so the image gives GRID x GRID = 64 visual tokens.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from .shapes_task import CELL, GRID, IMAGE_SIZE, VOCABULARY
+from .tiny_processor import CHAT_TEMPLATE
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
+NUM_VISUAL_TOKENS = GRID * GRID
+DECODER_LAYERS = 24
+
+
+def shapes_config(attn_implementation: str = "sdpa") -> LlavaConfig:
+    """The demo model's configuration (random initialisation is seeded by the caller)."""
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=CELL, projection_dim=64,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(SPECIAL_TOKENS) + len(VOCABULARY), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=DECODER_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        ),
+        image_token_index=IMAGE_TOKEN_ID, image_seq_length=NUM_VISUAL_TOKENS, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=True,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def shapes_model(attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
+    """A freshly initialised demo model."""
+    return LlavaForConditionalGeneration(shapes_config(attn_implementation))
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the task's vocabulary that prepends `<s>`."""
+    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *VOCABULARY))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+
+
+def shapes_processor() -> LlavaProcessor:
+    """The demo model's processor: no resizing (images are IMAGE_SIZE square), CLIP normalisation."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_resize=False, do_center_crop=False,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=_tokenizer(), patch_size=CELL,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
