@@ -39,6 +39,7 @@ from .methods import (
 )
 from .policies import KeepAllPolicy
 from .progress import track
+from .routing import SkippedUpdate
 
 METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
 DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")
@@ -125,13 +126,21 @@ def _batches(items: list[LabelledItem], size: int) -> Iterator[list[LabelledItem
 class Harness:
     """Runs one model over one labelled set under any plan, batch by batch."""
 
-    def __init__(self, model: nn.Module, processor: Any, items: list[LabelledItem], batch_size: int = 32):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        items: list[LabelledItem],
+        batch_size: int = 32,
+        skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+    ):
         if batch_size < 1:
             raise AlvtsError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
         self.processor = processor
         self.items = items
         self.batch_size = batch_size
+        self.skipped_update = skipped_update
         self.geometry = AttentionGeometry.of(model)
         self.intermediate_size = model.config.get_text_config(decoder=True).intermediate_size
         tokenizer = processor.tokenizer
@@ -144,7 +153,7 @@ class Harness:
         policies = {} if plan is None else dict(plan.policies)
         for index in range(self.geometry.num_layers):
             policies.setdefault(index, KeepAllPolicy())
-        attach_policies(self.model, policies)
+        attach_policies(self.model, policies, skipped_update=self.skipped_update)
         try:
             correct, tokens, flops, selection = 0, [], [], []
             for batch in track(list(_batches(self.items, self.batch_size)), f"{label}"):
@@ -257,13 +266,14 @@ def evaluate(
     methods: tuple[str, ...] = DEFAULT_METHODS,
     compressions: tuple[float, ...] = DEFAULT_COMPRESSIONS,
     batch_size: int = 32,
+    skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
     model_name: str = "",
     data_name: str = "",
     data_summary: str = "",
 ) -> EvalReport:
     """Evaluate the full model, then every method at every compression, on `items`."""
     started = time.perf_counter()
-    harness = Harness(model, processor, items, batch_size)
+    harness = Harness(model, processor, items, batch_size, skipped_update)
     full = harness.run(None, "full", None)
     num_visual = reference_visual_count(full)
     report = EvalReport(

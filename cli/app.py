@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -10,17 +11,33 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from alvts_calib import attach, calibrate, export, load_calibration
+from alvts_calib import attach, build_selector, calibrate, export, load_calibration
 from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
+from alvts_calib.builtin import (
+    BUILTIN_NAME,
+    CALIBRATION_SAMPLES,
+    EVALUATION_SAMPLES,
+    builtin_model,
+    builtin_processor,
+)
 from alvts_calib.calibration import CALIBRATION_FORMAT
 from alvts_calib.capture import input_device, move
-from alvts_calib.demo import DEMO_NAME, demo_model, demo_samples
 from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError
+from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
 from alvts_calib.importance import Importance
+from alvts_calib.routing import SkippedUpdate
 from alvts_calib.solver import Init
 
-from .report import budget_description, console, doctor_tables, fidelity_table, key_value_table, print_json
+from .report import (
+    budget_description,
+    console,
+    doctor_tables,
+    eval_table,
+    fidelity_table,
+    key_value_table,
+    print_json,
+)
 
 app = typer.Typer(
     help="ALVTS: calibrate, export and attach layer-wise visual token selectors for transformers LVLMs.",
@@ -31,7 +48,7 @@ _state = {"debug": False}
 
 ModelOption = Annotated[
     Path | None,
-    typer.Option(help="Local transformers model directory (from_pretrained). Default: the built-in tiny demo model."),
+    typer.Option(help="Local transformers model directory (from_pretrained). Default: the built-in shapes demo model."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
@@ -43,25 +60,40 @@ def _main(debug: Annotated[bool, typer.Option(help="Show full tracebacks on erro
 
 def _load(model_path: Path | None, dtype: str, attn: str, device: str | None) -> tuple[Any, str]:
     if model_path is None:
-        return demo_model(attn), DEMO_NAME
+        return builtin_model("float32" if dtype == "auto" else dtype, attn), BUILTIN_NAME
     from alvts_calib.loading import load_model
 
     return load_model(model_path, dtype=dtype, attn_implementation=attn, device=device), str(model_path)
 
 
-def _samples(model: Any, model_path: Path | None, data: Path | None, num_samples: int | None) -> list[dict]:
-    if model_path is None and data is None:
-        return demo_samples(model, num_samples or 16)
-    if data is None:
+def _processor(model_path: Path | None) -> Any:
+    if model_path is None:
+        return builtin_processor()
+    from alvts_calib.loading import load_processor
+
+    return load_processor(model_path)
+
+
+def _records(model_path: Path | None, data: Path | None, split: str, count: int) -> Any:
+    """The user's records, or the built-in demo split when neither --model nor --data is given."""
+    if data is not None:
+        from alvts_calib.data import load_records
+
+        return load_records(data)
+    if model_path is not None:
         raise AlvtsError(
             "--data is required with --model: a JSONL of {image, prompt}, an image folder or a saved dataset"
         )
-    if model_path is None:
-        raise AlvtsError("--data needs --model: the built-in demo model has no processor for real images")
-    from alvts_calib.data import build_samples, load_records
-    from alvts_calib.loading import load_processor
+    from alvts_calib.shapes_task import split_records
 
-    samples, report = build_samples(load_records(data), load_processor(model_path), num_samples=num_samples)
+    return split_records(split, count)
+
+
+def _samples(model_path: Path | None, data: Path | None, num_samples: int | None) -> list[dict]:
+    from alvts_calib.data import build_samples
+
+    records = _records(model_path, data, "calibration", num_samples or CALIBRATION_SAMPLES)
+    samples, report = build_samples(records, _processor(model_path), num_samples=num_samples)
     print(f"data: {report.summary()}", file=sys.stderr)
     return samples
 
@@ -73,7 +105,9 @@ def calibrate_command(
     ),
     model: ModelOption = None,
     data: Annotated[Path | None, typer.Option(help="Calibration data: JSONL, image folder or saved dataset.")] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Use the first N samples (default: all; demo: 16).")] = None,
+    num_samples: Annotated[
+        int | None, typer.Option(help=f"Use the first N samples (default: all; demo: {CALIBRATION_SAMPLES}).")
+    ] = None,
     rank: Annotated[int | None, typer.Option(help="Selector rank, a multiple of head_dim (default 2 heads).")] = None,
     start_layer: Annotated[int, typer.Option(help="First routed layer (layer 0 is never routed).")] = 1,
     importance: Annotated[Importance, typer.Option(help="Importance definition.")] = Importance.PAPER,
@@ -88,7 +122,7 @@ def calibrate_command(
 ) -> None:
     """Run the model over a calibration set and solve a selector for every routed decoder layer."""
     loaded, name = _load(model, dtype, attn_implementation, device)
-    samples = _samples(loaded, model, data, num_samples)
+    samples = _samples(model, data, num_samples)
     checkpoint = out.with_name(out.name + ".partial.safetensors")
     if not resume and checkpoint.exists():
         checkpoint.unlink()
@@ -171,8 +205,8 @@ def inspect_command(
 def generate_command(
     selector: Annotated[Path, typer.Option(help="Selector artifact to attach.")],
     model: ModelOption = None,
-    image: Annotated[Path | None, typer.Option(help="Image file (required with --model).")] = None,
-    prompt: Annotated[str, typer.Option(help="Prompt text.")] = "Describe the image.",
+    image: Annotated[Path | None, typer.Option(help="Image file (required with --model; demo: a test image).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt text (demo: that image's question).")] = None,
     keep_ratio: Annotated[float | None, typer.Option(help="Override the artifact's keep ratio.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
@@ -182,10 +216,8 @@ def generate_command(
 ) -> None:
     """Attach a selector and generate, reporting the KV cache each layer kept."""
     loaded, name = _load(model, dtype, attn_implementation, device)
-    if model is None:
-        inputs, decode = demo_samples(loaded, 1)[0], None
-    else:
-        inputs, decode = _prompt_inputs(model, image, prompt)
+    processor = _processor(model)
+    inputs, prompt = _prompt_inputs(processor, model, image, prompt)
     attach(loaded, selector, keep_ratio=keep_ratio)
     inputs = move(inputs, input_device(loaded))
     started = time.perf_counter()
@@ -193,31 +225,125 @@ def generate_command(
         output = loaded.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
     seconds = time.perf_counter() - started
     new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
-    texts = decode(new_tokens) if decode else [row.tolist() for row in new_tokens]
+    texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
     cache = [layer.keys.shape[-2] for layer in output.past_key_values.layers]
-    payload = {"model": name, "outputs": texts, "kv_cache_tokens_per_layer": cache, "seconds": seconds}
+    payload = {"model": name, "prompt": prompt, "outputs": texts, "kv_cache_tokens_per_layer": cache}
+    payload["seconds"] = seconds
     if json_output:
         print_json(payload)
         return
+    console.print(f"prompt: {prompt}")
     for text in texts:
         console.print(f"output: {text}")
     console.print(f"KV cache tokens per layer: {cache} ({seconds:.2f} s)")
 
 
-def _prompt_inputs(model: Path, image: Path | None, prompt: str) -> tuple[dict, Any]:
+def _prompt_inputs(processor: Any, model: Path | None, image: Path | None, prompt: str | None) -> tuple[dict, str]:
+    """Processor inputs for one image and prompt; the demo's first test example when neither is given."""
     import datasets
 
     from alvts_calib.data import build_samples
-    from alvts_calib.loading import load_processor
 
-    if image is None:
+    if image is None and model is None:
+        from alvts_calib.shapes_task import split_records
+
+        records = split_records("test", 1)
+        if prompt is not None:
+            records = records.map(lambda row: {"prompt": prompt})
+    elif image is None:
         raise AlvtsError("--image is required with --model")
-    if not image.is_file():
+    elif not image.is_file():
         raise AlvtsError(f"{image}: image file not found")
-    processor = load_processor(model)
-    records = datasets.Dataset.from_list([{"image": str(image.resolve()), "prompt": prompt}])
+    else:
+        row = {"image": str(image.resolve()), "prompt": prompt or "Describe the image."}
+        records = datasets.Dataset.from_list([row])
     samples, _ = build_samples(records, processor)
-    return samples[0], lambda tokens: processor.batch_decode(tokens, skip_special_tokens=True)
+    return samples[0], records[0]["prompt"]
+
+
+@app.command("eval")
+def eval_command(
+    selector: Annotated[Path, typer.Argument(
+        help="A selector artifact (ALVTS at each budget), or a calibration file (also enables alvts-adaptive).")],
+    model: ModelOption = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Labelled data {image, prompt, answer}: JSONL, image folder or saved dataset (demo: its test split).")
+    ] = None,
+    num_samples: Annotated[int | None, typer.Option(
+        help=f"Evaluate the first N usable rows (default: all; demo: {EVALUATION_SAMPLES}).")] = None,
+    methods: Annotated[str, typer.Option(help=f"Comma-separated, from {', '.join(METHODS)}.")] = ",".join(
+        DEFAULT_METHODS),
+    compression: Annotated[str, typer.Option(
+        help="Comma-separated compressions: 1 - (visual tokens processed per layer / visual tokens).")] = ",".join(
+        str(c) for c in DEFAULT_COMPRESSIONS),
+    batch_size: Annotated[int, typer.Option(help="Rows per generate() call.")] = 32,
+    skipped_update: Annotated[SkippedUpdate, typer.Option(
+        help="What visual tokens that skip a layer get: none (the paper) or mean (processed tokens' mean update).")
+    ] = SkippedUpdate.NONE,
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
+    attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
+    device: Annotated[str | None, typer.Option(help="device_map for loading, e.g. cuda or auto.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the full report as JSON to this file.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
+    from alvts_calib.artifact import load_selector
+    from alvts_calib.data import build_labelled_items
+    from alvts_calib.evaluation import evaluate
+
+    kind = read_metadata(selector, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"]
+    calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
+    artifact = build_selector(calibration, keep_ratio=1.0) if calibration is not None else load_selector(selector)
+    loaded, name = _load(model, dtype, attn_implementation, device)
+    processor = _processor(model)
+    records = _records(model, data, "test", num_samples or EVALUATION_SAMPLES)
+    items, data_report = build_labelled_items(records, processor, num_samples=num_samples)
+    print(f"data: {data_report.summary()}", file=sys.stderr)
+    report = evaluate(
+        loaded, processor, items, selector=artifact, calibration=calibration,
+        methods=_names(methods, METHODS, "method"), compressions=tuple(float(c) for c in compression.split(",")),
+        batch_size=batch_size, skipped_update=skipped_update, model_name=name,
+        data_name=str(data or "builtin:shapes test split"), data_summary=data_report.summary(),
+    )
+    payload = report.to_dict()
+    if out is not None:
+        out.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    if json_output:
+        print_json(payload)
+        return
+    console.print(eval_table(report.rows(), f"{name}: {len(items)} rows, {report.num_visual} visual tokens"))
+    for method, target in report.infeasible:
+        console.print(f"{method} at {target:.0%}: infeasible (its full layers alone exceed the budget)")
+    console.print(f"evaluated in {report.seconds:.0f} s" + (f" -> {out}" if out else ""))
+
+
+def _names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise AlvtsError(f"unknown {what}(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)}")
+    return names
+
+
+@app.command("demo-data")
+def demo_data_command(
+    out: Annotated[Path, typer.Argument(help="Folder to write images/ and metadata.jsonl into.")],
+    split: Annotated[str, typer.Option(help="calibration, test or train.")] = "test",
+    count: Annotated[int, typer.Option(help="Number of rows.")] = 100,
+    json_output: JsonOption = False,
+) -> None:
+    """Write a split of the demo task in the toolkit's data format (an image folder with metadata.jsonl)."""
+    from alvts_calib.shapes_task import SPLIT_SEEDS, write_split
+
+    if count < 1:
+        raise AlvtsError(f"count must be at least 1, got {count}")
+    if split not in SPLIT_SEEDS:
+        raise AlvtsError(f"unknown split {split!r}; choose from {', '.join(SPLIT_SEEDS)}")
+    metadata = write_split(out, split, count)
+    if json_output:
+        print_json({"metadata": str(metadata), "rows": count, "split": split})
+        return
+    console.print(f"wrote {count} rows -> {metadata}")
 
 
 @app.command("doctor")

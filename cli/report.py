@@ -96,3 +96,24 @@ def doctor_tables(diagnosis: Diagnosis) -> Group:
         backends.add_row(backend.name, "yes" if backend.usable else "no", backend.reason)
     families = key_value_table("model families", {"supported": ", ".join(diagnosis.families)})
     return Group(versions, gpus, backends, families)
+
+
+def eval_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Accuracy, retention, measured compression and FLOPs per method and budget."""
+    table = Table(title=title)
+    for column in ("method", "target", "measured compression", "visual tokens / layer", "accuracy", "retention",
+                   "FLOPs vs full", "selector recall"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        target = row["target_compression"]
+        table.add_row(
+            row["method"],
+            "-" if target is None else f"{target:.0%}",
+            f"{row['compression']:.1%}",
+            f"{row['visual_tokens_per_layer']:.1f}",
+            f"{row['accuracy']:.1%}",
+            "-" if not math.isfinite(row["retention"]) else f"{row['retention']:.1%}",
+            f"{row['flops_ratio']:.2f}",
+            _number(row["mean_recall"]),
+        )
+    return table
