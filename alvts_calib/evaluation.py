@@ -133,6 +133,7 @@ class Harness:
         items: list[LabelledItem],
         batch_size: int = 32,
         skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+        progress: bool = True,
     ):
         if batch_size < 1:
             raise AlvtsError(f"batch size must be at least 1, got {batch_size}")
@@ -141,6 +142,7 @@ class Harness:
         self.items = items
         self.batch_size = batch_size
         self.skipped_update = skipped_update
+        self.progress = progress
         self.geometry = AttentionGeometry.of(model)
         self.intermediate_size = model.config.get_text_config(decoder=True).intermediate_size
         tokenizer = processor.tokenizer
@@ -156,7 +158,7 @@ class Harness:
         attach_policies(self.model, policies, skipped_update=self.skipped_update)
         try:
             correct, tokens, flops, selection = 0, [], [], []
-            for batch in track(list(_batches(self.items, self.batch_size)), f"{label}"):
+            for batch in track(list(_batches(self.items, self.batch_size)), label, enabled=self.progress):
                 predictions, context = self._generate(batch)
                 correct += sum(answer_matches(p, item.answer) for p, item in zip(predictions, batch, strict=True))
                 batch_tokens, batch_flops, batch_selection = self._costs(context, policies)
@@ -267,13 +269,14 @@ def evaluate(
     compressions: tuple[float, ...] = DEFAULT_COMPRESSIONS,
     batch_size: int = 32,
     skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+    progress: bool = True,
     model_name: str = "",
     data_name: str = "",
     data_summary: str = "",
 ) -> EvalReport:
     """Evaluate the full model, then every method at every compression, on `items`."""
     started = time.perf_counter()
-    harness = Harness(model, processor, items, batch_size, skipped_update)
+    harness = Harness(model, processor, items, batch_size, skipped_update, progress)
     full = harness.run(None, "full", None)
     num_visual = reference_visual_count(full)
     report = EvalReport(

@@ -70,6 +70,7 @@ def curriculum(step: int, steps: int) -> int:
     return 2 if progress < 0.1 else 4 if progress < 0.25 else 5 if progress < 0.4 else MAX_OBJECTS
 
 
+@torch.enable_grad()
 def train(
     out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, eval_rows: int = 256
 ) -> dict:

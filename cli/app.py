@@ -33,6 +33,7 @@ from .report import (
     budget_description,
     console,
     doctor_tables,
+    eval_markdown,
     eval_table,
     fidelity_table,
     key_value_table,
@@ -284,6 +285,7 @@ def eval_command(
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
     device: Annotated[str | None, typer.Option(help="device_map for loading, e.g. cuda or auto.")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the full report as JSON to this file.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown to this file.")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
@@ -302,12 +304,14 @@ def eval_command(
     report = evaluate(
         loaded, processor, items, selector=artifact, calibration=calibration,
         methods=_names(methods, METHODS, "method"), compressions=tuple(float(c) for c in compression.split(",")),
-        batch_size=batch_size, skipped_update=skipped_update, model_name=name,
+        batch_size=batch_size, skipped_update=skipped_update, progress=not json_output, model_name=name,
         data_name=str(data or "builtin:shapes test split"), data_summary=data_report.summary(),
     )
     payload = report.to_dict()
     if out is not None:
         out.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    if markdown is not None:
+        markdown.write_text(eval_markdown(report.rows()), encoding="utf-8")
     if json_output:
         print_json(payload)
         return

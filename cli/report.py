@@ -117,3 +117,18 @@ def eval_table(rows: list[dict[str, Any]], title: str) -> Table:
             _number(row["mean_recall"]),
         )
     return table
+
+
+def eval_markdown(rows: list[dict[str, Any]]) -> str:
+    """The evaluation table as Markdown (for docs/RESULTS.md)."""
+    lines = ["| method | target | measured compression | visual tokens / layer | accuracy | retention | FLOPs vs full "
+             "| selector recall |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        target = row["target_compression"]
+        retention = "-" if not math.isfinite(row["retention"]) else f"{row['retention']:.1%}"
+        lines.append(
+            f"| {row['method']} | {'-' if target is None else f'{target:.0%}'} | {row['compression']:.1%} "
+            f"| {row['visual_tokens_per_layer']:.1f} | {row['accuracy']:.1%} | {retention} | {row['flops_ratio']:.2f} "
+            f"| {_number(row['mean_recall'])} |"
+        )
+    return "\n".join(lines) + "\n"
