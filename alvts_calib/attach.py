@@ -15,7 +15,7 @@ from .artifact import Selector, load_selector
 from .errors import AlvtsError
 from .fingerprint import check_fingerprint
 from .masks import check_backend
-from .options import check_keep_ratio
+from .options import check_keep_ratio, parse_choice
 from .policies import LayerPolicy, SelectorPolicy
 from .routing import CONTEXT_KWARG, ForwardContext, PassCounts, SkippedUpdate, route_layer, unroute_layer
 from .visual import TRACKER_ATTRIBUTE, VisualTracker
@@ -113,7 +113,7 @@ def attach_policies(
         raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
     adapter = get_adapter(model)
     check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
-    skipped_update = _skipped_update(skipped_update)
+    skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
     layers = decoder_layers(model)
     for index, policy in policies.items():
         route_layer(layers[index], policy, skipped_update)
@@ -127,14 +127,6 @@ def attach_policies(
     setattr(model, RUNTIME_ATTRIBUTE, runtime)
     setattr(model, TRACKER_ATTRIBUTE, tracker)
     return model
-
-
-def _skipped_update(value: SkippedUpdate | str) -> SkippedUpdate:
-    try:
-        return SkippedUpdate(value)
-    except ValueError:
-        choices = ", ".join(option.value for option in SkippedUpdate)
-        raise AlvtsError(f"skipped_update must be one of {choices}, got {value!r}") from None
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ import torch
 
 from .errors import AlvtsError
 from .importance import keep_count
+from .options import parse_choice
 
 COVERAGE_POINTS = 257  # keep fractions 0, 1/256, ..., 1
 
@@ -47,11 +48,7 @@ class Budget(str, Enum):
 
 def parse_budget(name: str | Budget) -> Budget:
     """The budget called `name`, or a one-line error listing the choices."""
-    try:
-        return Budget(name)
-    except ValueError:
-        choices = ", ".join(budget.value for budget in Budget)
-        raise AlvtsError(f"budget must be one of {choices}, got {name!r}") from None
+    return parse_choice(Budget, name, "budget")
 
 
 def coverage_grid() -> torch.Tensor:

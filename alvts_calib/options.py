@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import TypeVar
+
 import torch
 
 from .adapters import AttentionGeometry
 from .errors import AlvtsError
 
+E = TypeVar("E", bound=Enum)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,3 +44,12 @@ def check_start_layer(start_layer: int, geometry: AttentionGeometry) -> None:
             f"start layer must be between 1 and {geometry.num_layers - 1} (layer 0 always stays unrouted), "
             f"got {start_layer}"
         )
+
+
+def parse_choice(kind: type[E], value: E | str, name: str) -> E:
+    """`value` as a member of the str enum `kind`, or a one-line error naming `name` and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise AlvtsError(f"{name} must be one of {choices}, got {value!r}") from None

@@ -93,19 +93,19 @@ def _unique(scene: list[Shape], key: Callable[[Shape], str]) -> list[Shape]:
 
 
 def _color_of(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
-    candidates = _unique(scene, lambda item: item.shape)
-    if not candidates:
-        return None
-    item = rng.choice(candidates)
-    return f"what color is the {item.shape} ?", item.color
+    item = _pick_unique(scene, rng, lambda candidate: candidate.shape)
+    return None if item is None else (f"what color is the {item.shape} ?", item.color)
 
 
 def _shape_of(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
-    candidates = _unique(scene, lambda item: item.color)
-    if not candidates:
-        return None
-    item = rng.choice(candidates)
-    return f"what shape is the {item.color} object ?", item.shape
+    item = _pick_unique(scene, rng, lambda candidate: candidate.color)
+    return None if item is None else (f"what shape is the {item.color} object ?", item.shape)
+
+
+def _pick_unique(scene: list[Shape], rng: random.Random, key: Callable[[Shape], str]) -> Shape | None:
+    """A random object that no other object shares `key` with, or None."""
+    candidates = _unique(scene, key)
+    return rng.choice(candidates) if candidates else None
 
 
 def _count(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
@@ -126,10 +126,9 @@ def _relation(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
 
 
 def _position(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
-    candidates = _unique(scene, lambda item: item.name)
-    if not candidates:
+    item = _pick_unique(scene, rng, lambda candidate: candidate.name)
+    if item is None:
         return None
-    item = rng.choice(candidates)
     if rng.random() < 0.5:
         return f"which row is the {item.name} in ?", str(item.row + 1)
     return f"which column is the {item.name} in ?", str(item.column + 1)
