@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 from rich.console import Console, Group
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from alvts_calib.doctor import Diagnosis
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)  # pipes and logs get whole tables
 
 
 def print_json(payload: Any) -> None:
