@@ -26,6 +26,7 @@ from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
 from alvts_calib.importance import Importance
+from alvts_calib.methods import check_compression
 from alvts_calib.routing import SkippedUpdate
 from alvts_calib.solver import Init
 
@@ -293,6 +294,7 @@ def eval_command(
     from alvts_calib.data import build_labelled_items
     from alvts_calib.evaluation import evaluate
 
+    method_names, compressions = _names(methods, METHODS, "method"), _compressions(compression)
     kind = read_metadata(selector, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"]
     calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
     artifact = build_selector(calibration, keep_ratio=1.0) if calibration is not None else load_selector(selector)
@@ -303,7 +305,7 @@ def eval_command(
     print(f"data: {data_report.summary()}", file=sys.stderr)
     report = evaluate(
         loaded, processor, items, selector=artifact, calibration=calibration,
-        methods=_names(methods, METHODS, "method"), compressions=tuple(float(c) for c in compression.split(",")),
+        methods=method_names, compressions=compressions,
         batch_size=batch_size, skipped_update=skipped_update, progress=not json_output, model_name=name,
         data_name=str(data or "builtin:shapes test split"), data_summary=data_report.summary(),
     )
@@ -319,6 +321,17 @@ def eval_command(
     for method, target in report.infeasible:
         console.print(f"{method} at {target:.0%}: infeasible (its full layers alone exceed the budget)")
     console.print(f"evaluated in {report.seconds:.0f} s" + (f" -> {out}" if out else ""))
+
+
+def _compressions(value: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        message = f"--compression takes comma-separated numbers in [0, 1) such as 0.67,0.89, got {value!r}"
+        raise AlvtsError(message) from None
+    for item in values:
+        check_compression(item)
+    return values
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:

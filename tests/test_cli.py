@@ -117,3 +117,15 @@ def test_demo_data_writes_the_toolkit_format(tmp_path):
     _ok(["demo-data", str(tmp_path / "demo"), "--count", "3"])
     lines = (tmp_path / "demo" / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 3 and {"file_name", "prompt", "answer", "kind"} <= set(json.loads(lines[0]))
+
+
+def test_eval_rejects_nonsense_options_in_one_line(tmp_path):
+    calibration = tmp_path / "calib.safetensors"
+    _ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0", "--json"])
+    for option, value, message in (("--compression", "abc", "--compression takes"),
+                                   ("--compression", "1.2", "compression must be in [0, 1)"),
+                                   ("--methods", "alvts,magic", "unknown method(s) magic")):
+        process = subprocess.run([sys.executable, "-m", "alvts_cli.app", "eval", str(calibration), option, value,
+                                  "--num-samples", "2"], capture_output=True, text=True)
+        assert process.returncode == 1 and message in process.stderr, process.stderr
+        assert len(process.stderr.strip().splitlines()) == 1, process.stderr
