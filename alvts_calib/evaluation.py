@@ -25,6 +25,7 @@ from .capture import input_device, move
 from .data import LabelledItem
 from .errors import AlvtsError
 from .export import build_selector
+from .fingerprint import check_fingerprint
 from .flops import layer_flops
 from .methods import (
     Plan,
@@ -195,7 +196,9 @@ class Harness:
         for row in range(tokens.shape[0]):
             processed = (tokens[row] + text[row]).tolist()
             flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in processed)
-            selection_row = sum(p.selection_flops(int(length[row]), self.geometry) for p in policies.values())
+            selection_row = sum(
+                p.selection_flops(int(length[row]), self.geometry) for p in policies.values() if not p.keeps_all
+            )
             flops.append(flops_row + selection_row)
             selection.append(selection_row)
         return tokens, flops, selection
@@ -247,15 +250,31 @@ def build_plans(
     return selector_plan(method, adaptive, num_visual), _fidelity(calibration, adaptive.keep_ratios, adaptive)
 
 
-def _fidelity(calibration: Calibration | None, ratios: dict[int, float], selector: Selector) -> dict[str, float]:
-    """Mean held-out fidelity over routed layers (from the calibration, else the artifact's stored figures)."""
-    if calibration is not None:
-        per_layer = [calibration.fidelity(index, ratio, selector.layers[index].q_proj.out_features)
-                     for index, ratio in ratios.items()]
-    else:
-        per_layer = list(selector.metadata.get("fidelity", {}).values())
+def _fidelity(
+    calibration: Calibration | None, ratios: dict[int, float], selector: Selector
+) -> dict[str, float] | None:
+    """Mean held-out fidelity over routed layers at these ratios (None without a calibration to measure it)."""
+    if calibration is None:
+        return None
+    per_layer = [calibration.fidelity(index, ratio, selector.layers[index].q_proj.out_features)
+                 for index, ratio in ratios.items()]
     keys = per_layer[0].keys() if per_layer else []
-    return {key: statistics.fmean(layer[key] for layer in per_layer if layer[key] == layer[key]) for key in keys}
+    means = {}
+    for key in keys:
+        finite = [layer[key] for layer in per_layer if layer[key] == layer[key]]
+        means[key] = statistics.fmean(finite) if finite else float("nan")
+    return means
+
+
+def check_methods(methods: tuple[str, ...], selector: Selector | None, calibration: Calibration | None) -> None:
+    """Fail before any work when a method is unknown or lacks what it needs."""
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or not methods:
+        raise AlvtsError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    if selector is None and any(m in ("alvts", "alvts-adaptive", "oracle") for m in methods):
+        raise AlvtsError("alvts, alvts-adaptive and oracle need a selector artifact or a calibration file")
+    if calibration is None and "alvts-adaptive" in methods:
+        raise AlvtsError("alvts-adaptive re-allocates budgets from calibration statistics: pass a calibration file")
 
 
 def evaluate(
@@ -275,6 +294,9 @@ def evaluate(
     data_summary: str = "",
 ) -> EvalReport:
     """Evaluate the full model, then every method at every compression, on `items`."""
+    check_methods(methods, selector, calibration)
+    if selector is not None:
+        check_fingerprint(selector.fingerprint, model)
     started = time.perf_counter()
     harness = Harness(model, processor, items, batch_size, skipped_update, progress)
     full = harness.run(None, "full", None)

@@ -14,12 +14,13 @@ average over all decoder layers does not exceed the budget at the reference coun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .artifact import Selector
 from .errors import AlvtsError
-from .importance import Importance
+from .importance import Importance, keep_count_host
 from .policies import (
     CarryPolicy,
     ExactPolicy,
@@ -48,7 +49,7 @@ class Plan:
 def _per_layer_count(fraction: float, num_layers: int, num_visual: int, full_layers: int) -> int | None:
     """Largest k with (full_layers * n + k * (L - full_layers)) / L <= fraction * n, or None if k < 0."""
     spare = fraction * num_layers * num_visual - full_layers * num_visual
-    count = int(spare // (num_layers - full_layers) + 1e-9) if spare >= 0 else -1
+    count = math.floor(spare / (num_layers - full_layers) + 1e-9) if spare >= -1e-9 else -1
     return min(count, num_visual) if count >= 0 else None
 
 
@@ -82,7 +83,7 @@ def selector_plan(method: str, selector: Selector, num_visual: int) -> Plan:
     num_layers = int(selector.fingerprint["num_layers"])
     planned = [num_visual] * num_layers
     for index, ratio in selector.keep_ratios.items():
-        planned[index] = round(ratio * num_visual)
+        planned[index] = keep_count_host(num_visual, ratio)
     return Plan(method, policies, planned)
 
 

@@ -96,8 +96,6 @@ class SelectorPolicy(RatioPolicy):
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
-        if self.keep_ratio >= 1.0:
-            return None
         weight = self.selector.q_proj.weight
         scores = self.selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, self.importance)
         return top_k_mask(scores, context.visual & context.valid, self.keep_ratio)
@@ -119,8 +117,6 @@ class ExactPolicy(RatioPolicy):
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
-        if self.keep_ratio >= 1.0:
-            return None
         queries, keys = layer_queries_keys(layer, normed, cos, sin, layer.self_attn.head_dim)
         parts = attention_parts(queries, keys, context.visual, context.valid, self.importance)
         return top_k_mask(importance_from_parts(parts), context.visual & context.valid, self.keep_ratio)
@@ -139,8 +135,6 @@ class RandomPolicy(RatioPolicy):
         self.generator = torch.Generator().manual_seed(seed)
 
     def select(self, layer, normed, context, cos, sin):
-        if self.keep_ratio >= 1.0:
-            return None
         scores = torch.rand(context.visual.shape, generator=self.generator).to(context.visual.device)
         return top_k_mask(scores, context.visual & context.valid, self.keep_ratio)
 
@@ -173,7 +167,8 @@ class PrunePolicy(LayerPolicy):
 
     def selection_flops(self, num_tokens, geometry):
         keys = 2.0 * num_tokens * geometry.hidden_size * geometry.num_kv_heads * geometry.head_dim
-        return keys + 2.0 * num_tokens * geometry.hidden_size  # one query row, or DART's pivot similarities
+        rows = DART_IMAGE_PIVOTS + DART_TEXT_PIVOTS if self.choose is dart_choice else 1  # pivots, or one query
+        return keys + 2.0 * rows * num_tokens * geometry.hidden_size
 
 
 class CarryPolicy(LayerPolicy):
@@ -186,8 +181,13 @@ class CarryPolicy(LayerPolicy):
 
 
 def last_attention_choice(layer, normed, context, cos, sin, candidates, counts) -> torch.Tensor:
-    """FastV / PyramidDrop: the candidates the last position attends to most (head-averaged)."""
-    scores = last_query_attention(layer, normed, cos, sin, context.valid, layer.self_attn.head_dim)
+    """FastV / PyramidDrop: the candidates the last position attends to most (head-averaged).
+
+    The softmax runs over the positions still in play (text and the candidates), as if earlier drops had
+    removed the other visual tokens from the sequence.
+    """
+    present = context.valid & (~context.visual | candidates)
+    scores = last_query_attention(layer, normed, cos, sin, present, layer.self_attn.head_dim)
     return top_count_mask(scores, candidates, counts)
 
 

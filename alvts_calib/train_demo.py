@@ -65,7 +65,7 @@ def accuracy(model: torch.nn.Module, processor, seeds: range, batch_size: int = 
 
 
 def curriculum(step: int, steps: int) -> int:
-    """Most objects per scene at `step`: one or two first (find the object), all distractors from 40% on."""
+    """Most objects per scene at `step`: two first (find the object), all distractors from 40% on."""
     progress = step / steps
     return 2 if progress < 0.1 else 4 if progress < 0.25 else 5 if progress < 0.4 else MAX_OBJECTS
 

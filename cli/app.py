@@ -292,12 +292,14 @@ def eval_command(
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
     from alvts_calib.artifact import load_selector
     from alvts_calib.data import build_labelled_items
-    from alvts_calib.evaluation import evaluate
+    from alvts_calib.evaluation import check_methods, evaluate
 
-    method_names, compressions = _names(methods, METHODS, "method"), _compressions(compression)
+    method_names = tuple(name.strip() for name in methods.split(",") if name.strip())
+    compressions = _compressions(compression)
     kind = read_metadata(selector, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"]
     calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
     artifact = build_selector(calibration, keep_ratio=1.0) if calibration is not None else load_selector(selector)
+    check_methods(method_names, artifact, calibration)
     loaded, name = _load(model, dtype, attn_implementation, device)
     processor = _processor(model)
     records = _records(model, data, "test", num_samples or EVALUATION_SAMPLES)
@@ -332,14 +334,6 @@ def _compressions(value: str) -> tuple[float, ...]:
     for item in values:
         check_compression(item)
     return values
-
-
-def _names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in value.split(",") if name.strip())
-    unknown = [name for name in names if name not in allowed]
-    if unknown or not names:
-        raise AlvtsError(f"unknown {what}(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(allowed)}")
-    return names
 
 
 @app.command("demo-data")

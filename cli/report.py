@@ -99,37 +99,36 @@ def doctor_tables(diagnosis: Diagnosis) -> Group:
     return Group(versions, gpus, backends, families)
 
 
+EVAL_COLUMNS = ("method", "target", "measured compression", "visual tokens / layer", "accuracy", "retention",
+                "FLOPs vs full", "selector recall")
+
+
+def _eval_cells(row: dict[str, Any]) -> list[str]:
+    target = row["target_compression"]
+    return [
+        row["method"],
+        "-" if target is None else f"{target:.0%}",
+        f"{row['compression']:.1%}",
+        f"{row['visual_tokens_per_layer']:.1f}",
+        f"{row['accuracy']:.1%}",
+        "-" if not math.isfinite(row["retention"]) else f"{row['retention']:.1%}",
+        f"{row['flops_ratio']:.2f}",
+        _number(row["mean_recall"]),
+    ]
+
+
 def eval_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Accuracy, retention, measured compression and FLOPs per method and budget."""
     table = Table(title=title)
-    for column in ("method", "target", "measured compression", "visual tokens / layer", "accuracy", "retention",
-                   "FLOPs vs full", "selector recall"):
+    for column in EVAL_COLUMNS:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        target = row["target_compression"]
-        table.add_row(
-            row["method"],
-            "-" if target is None else f"{target:.0%}",
-            f"{row['compression']:.1%}",
-            f"{row['visual_tokens_per_layer']:.1f}",
-            f"{row['accuracy']:.1%}",
-            "-" if not math.isfinite(row["retention"]) else f"{row['retention']:.1%}",
-            f"{row['flops_ratio']:.2f}",
-            _number(row["mean_recall"]),
-        )
+        table.add_row(*_eval_cells(row))
     return table
 
 
 def eval_markdown(rows: list[dict[str, Any]]) -> str:
     """The evaluation table as Markdown (for docs/RESULTS.md)."""
-    lines = ["| method | target | measured compression | visual tokens / layer | accuracy | retention | FLOPs vs full "
-             "| selector recall |", "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        target = row["target_compression"]
-        retention = "-" if not math.isfinite(row["retention"]) else f"{row['retention']:.1%}"
-        lines.append(
-            f"| {row['method']} | {'-' if target is None else f'{target:.0%}'} | {row['compression']:.1%} "
-            f"| {row['visual_tokens_per_layer']:.1f} | {row['accuracy']:.1%} | {retention} | {row['flops_ratio']:.2f} "
-            f"| {_number(row['mean_recall'])} |"
-        )
+    lines = ["| " + " | ".join(EVAL_COLUMNS) + " |", "|" + "---|" * len(EVAL_COLUMNS)]
+    lines += ["| " + " | ".join(_eval_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -56,6 +56,12 @@ def test_plans_use_the_largest_token_counts_within_the_budget(num_layers, num_vi
             assert sum(plan.planned_tokens) + pruned > budget, name
 
 
+@pytest.mark.parametrize(("compression", "num_layers", "num_visual", "full", "expected"),
+                         [(0.8, 24, 10, 0, 2), (0.8, 24, 5, 0, 1), (0.67, 24, 575, 1, 173)])
+def test_per_layer_counts_are_not_lost_to_float_rounding(compression, num_layers, num_visual, full, expected):
+    assert _per_layer_count(check_compression(compression), num_layers, num_visual, full) == expected
+
+
 def test_pyramiddrop_halves_at_quarter_depths():
     plan = pyramid_plan(0.33, 24, 576)
     counts = plan.planned_tokens
@@ -138,8 +144,8 @@ def test_the_oracle_matches_a_full_rank_selector(tiny_case, family):
         for i in range(1, geometry.num_layers)
     }
     oracle = {i: ExactPolicy(0.5, Importance.PAPER) for i in range(1, geometry.num_layers)}
-    logits_selector, context_selector = _run(case, full_rank)
-    logits_oracle, context_oracle = _run(case, oracle)
+    logits_selector, _ = _run(case, full_rank)
+    logits_oracle, _ = _run(case, oracle)
     torch.testing.assert_close(logits_selector, logits_oracle, atol=1e-4, rtol=1e-4)
 
 
