@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import AttentionGeometry
+from .errors import AlvtsError
 from .importance import (
     Importance,
     attention_parts,
@@ -157,6 +158,8 @@ class PrunePolicy(LayerPolicy):
         self.applies_here = applies_here
 
     def select(self, layer, normed, context, cos, sin):
+        if not bool(context.valid[:, -1].all()):
+            raise AlvtsError("static pruning reads the last position's attention: pad batches on the left")
         before = context.retained
         candidates = context.visual & context.valid if before is None else before
         counts = torch.minimum(

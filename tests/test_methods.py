@@ -166,3 +166,14 @@ def test_alvts_plan_uses_the_selector_from_its_start_layer(make_selector, tiny_c
     assert sorted(plan.policies) == [2, 3]
     assert plan.planned_tokens == [16, 16, 8, 8]
     assert all(policy.keep_ratio == 0.5 for policy in plan.policies.values())
+
+
+def test_static_pruning_refuses_right_padding(tiny_case):
+    case = tiny_case("llava", "eager")
+    for key in ("input_ids", "attention_mask"):  # move each row's padding to the right
+        case.inputs[key] = torch.stack([torch.roll(row, -int((mask == 0).sum()))
+                                        for row, mask in zip(case.inputs[key], case.inputs["attention_mask"],
+                                                             strict=True)])
+    assert not bool(case.inputs["attention_mask"][:, -1].all())
+    with pytest.raises(AlvtsError, match="pad batches on the left"):
+        _run(case, fastv_plan(0.7, 4, int(case.visual[0].sum())).policies)
