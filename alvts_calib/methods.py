@@ -22,6 +22,7 @@ from .artifact import Selector
 from .errors import AlvtsError
 from .importance import Importance, keep_count_host
 from .policies import (
+    DART_PIVOTS,
     CarryPolicy,
     ExactPolicy,
     LayerPolicy,
@@ -104,10 +105,13 @@ def random_plan(fraction: float, num_layers: int, num_visual: int, start_layer: 
     )
 
 
-def _static_plan(method: str, count: int, num_layers: int, num_visual: int, decide_before: bool, choose) -> Plan:
+def _static_plan(
+    method: str, count: int, num_layers: int, num_visual: int, decide_before: bool, choose, query_rows: int = 1
+) -> Plan:
     """Everything for K layers, `count` tokens after; the choice is made at layer K-1 or at layer K."""
     decision_layer = STATIC_PRUNE_LAYER - 1 if decide_before else STATIC_PRUNE_LAYER
-    policies: dict[int, LayerPolicy] = {decision_layer: PrunePolicy(count / num_visual, choose, not decide_before)}
+    step = PrunePolicy(count / num_visual, choose, not decide_before, query_rows)
+    policies: dict[int, LayerPolicy] = {decision_layer: step}
     policies.update({index: CarryPolicy() for index in range(STATIC_PRUNE_LAYER, num_layers) if index not in policies})
     planned = [num_visual] * STATIC_PRUNE_LAYER + [count] * (num_layers - STATIC_PRUNE_LAYER)
     return Plan(method, policies, planned)
@@ -126,7 +130,7 @@ def dart_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None:
     count = _per_layer_count(fraction, num_layers, num_visual, STATIC_PRUNE_LAYER)
     if not count:
         return None
-    return _static_plan("dart", count, num_layers, num_visual, False, dart_choice)
+    return _static_plan("dart", count, num_layers, num_visual, False, dart_choice, DART_PIVOTS)
 
 
 def _pyramid_counts(first: int, num_layers: int, num_visual: int) -> list[int]:

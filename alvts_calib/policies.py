@@ -152,10 +152,11 @@ class PrunePolicy(LayerPolicy):
     the pruning takes effect from the next layer (FastV decides at layer K-1 for layers K and up).
     """
 
-    def __init__(self, keep_fraction: float, choose: Chooser, applies_here: bool):
+    def __init__(self, keep_fraction: float, choose: Chooser, applies_here: bool, query_rows: int = 1):
         self.keep_fraction = keep_fraction
         self.choose = choose
         self.applies_here = applies_here
+        self.query_rows = query_rows  # rows scored against every position: one query, or DART's pivots
 
     def select(self, layer, normed, context, cos, sin):
         if not bool(context.valid[:, -1].all()):
@@ -170,8 +171,7 @@ class PrunePolicy(LayerPolicy):
 
     def selection_flops(self, num_tokens, geometry):
         keys = 2.0 * num_tokens * geometry.hidden_size * geometry.num_kv_heads * geometry.head_dim
-        rows = DART_IMAGE_PIVOTS + DART_TEXT_PIVOTS if self.choose is dart_choice else 1  # pivots, or one query
-        return keys + 2.0 * rows * num_tokens * geometry.hidden_size
+        return keys + 2.0 * self.query_rows * num_tokens * geometry.hidden_size
 
 
 class CarryPolicy(LayerPolicy):
@@ -196,6 +196,7 @@ def last_attention_choice(layer, normed, context, cos, sin, candidates, counts) 
 
 DART_IMAGE_PIVOTS = 4
 DART_TEXT_PIVOTS = 4
+DART_PIVOTS = DART_IMAGE_PIVOTS + DART_TEXT_PIVOTS
 
 
 def dart_choice(layer, normed, context, cos, sin, candidates, counts) -> torch.Tensor:
