@@ -152,7 +152,7 @@ def attached_selector(model: nn.Module) -> Selector | None:
 
 
 def last_visual_pass(model: nn.Module) -> ForwardContext | None:
-    """The routing context of the latest forward pass that had visual tokens (its `processed` counts per layer)."""
+    """The routing context of the latest forward pass that had visual tokens (see `processed_counts`)."""
     runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
     if runtime is None:
         raise AlvtsError("no ALVTS selector is attached to this model")

@@ -189,13 +189,14 @@ class Harness:
 
     def _costs(self, context, policies) -> tuple[torch.Tensor, list[float], list[float]]:
         """(B, layers) processed visual tokens, and per row the prefill FLOPs and the selection FLOPs."""
-        tokens = torch.stack([context.processed[i].cpu() for i in range(self.geometry.num_layers)], dim=1)
+        processed = context.processed_counts()
+        tokens = torch.stack([processed[i].cpu() for i in range(self.geometry.num_layers)], dim=1)
         text = (context.valid & ~context.visual).sum(-1).cpu()
         length = context.valid.sum(-1).cpu()
         flops, selection = [], []
         for row in range(tokens.shape[0]):
-            processed = (tokens[row] + text[row]).tolist()
-            flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in processed)
+            positions = (tokens[row] + text[row]).tolist()
+            flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in positions)
             selection_row = sum(
                 p.selection_flops(int(length[row]), self.geometry) for p in policies.values() if not p.keeps_all
             )
@@ -220,6 +221,7 @@ def build_plans(
     seed: int = 0,
 ) -> tuple[Plan | None, dict[str, float] | None]:
     """The plan of `method` at `compression` (None when the budget is infeasible) and its selector fidelity."""
+    check_methods((method,), selector, calibration)
     fraction = check_compression(compression)
     start_layer = selector.start_layer if selector is not None else 1
     importance = selector.importance if selector is not None else None
@@ -231,21 +233,13 @@ def build_plans(
         "dart": lambda: dart_plan(fraction, num_layers, num_visual),
     }
     if method in builders:
-        if method == "oracle" and importance is None:
-            raise AlvtsError("the oracle needs a selector or calibration (for its importance definition)")
         return builders[method](), None
-    if method not in ("alvts", "alvts-adaptive"):
-        raise AlvtsError(f"unknown method {method!r}; expected some of {', '.join(METHODS)}")
-    if selector is None:
-        raise AlvtsError(f"{method} needs a selector artifact or a calibration file")
     uniform = alvts_plan(selector, fraction, num_layers, num_visual)
     if uniform is None:
         return None, None
     ratio = uniform.planned_tokens[-1] / num_visual
     if method == "alvts":
         return uniform, _fidelity(calibration, {i: ratio for i in uniform.policies}, selector)
-    if calibration is None:
-        raise AlvtsError("alvts-adaptive re-allocates budgets from calibration statistics: pass a calibration file")
     adaptive = build_selector(calibration, keep_ratio=ratio, budget="adaptive")
     return selector_plan(method, adaptive, num_visual), _fidelity(calibration, adaptive.keep_ratios, adaptive)
 

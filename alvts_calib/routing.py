@@ -60,8 +60,15 @@ class ForwardContext:
     visual: torch.Tensor  # (B, L) bool: visual positions among this pass's inputs
     valid: torch.Tensor  # (B, L) bool: non-padding positions among this pass's inputs
     retained: torch.Tensor | None = None  # (B, L) bool: visual tokens static pruning has kept so far
-    processed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) visual tokens it processed
+    selected: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> its visual keep mask (None: all)
     counts: PassCounts | None = None  # host-side counts; computed on first use if not given
+
+    def processed_counts(self) -> dict[int, torch.Tensor]:
+        """Per routed layer, the (B,) valid visual tokens it processed (counted here, off the hot path)."""
+        visual = self.visual & self.valid
+        return {
+            layer: (visual if keep is None else keep & self.valid).sum(-1) for layer, keep in self.selected.items()
+        }
 
     def host_counts(self) -> PassCounts:
         """The pass's host-side counts (one device sync the first time, none after)."""
@@ -144,8 +151,7 @@ class RoutedLayerMixin:
                     cos, sin = kwargs["position_embeddings"]
                     normed = self.input_layernorm(hidden_states) if policy.reads_states else None
                     visual_keep = policy.select(self, normed, context, cos, sin)
-                processed = context.visual & context.valid if visual_keep is None else visual_keep & context.valid
-                context.processed[self.self_attn.layer_idx] = processed.sum(-1)
+                context.selected[self.self_attn.layer_idx] = visual_keep
         compacted_before = existing_routed_layer(kwargs.get("cache"), self.self_attn.layer_idx) is not None
         if visual_keep is None and not compacted_before:
             return super().forward(hidden_states, **kwargs)

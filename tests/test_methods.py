@@ -94,7 +94,7 @@ def test_measured_tokens_follow_the_plan(tiny_case, family, method):
     _, context = _run(case, plan.policies)
     for layer, planned in enumerate(plan.planned_tokens):
         expected = torch.ceil(visual_counts * planned / num_visual - 1e-9).long()
-        assert torch.equal(context.processed[layer].cpu(), expected), (method, layer)
+        assert torch.equal(context.processed_counts()[layer].cpu(), expected), (method, layer)
 
 
 def test_fastv_keeps_what_the_last_position_attends_to_in_layer_k_minus_1(tiny_case):
@@ -156,7 +156,7 @@ def test_keep_all_everywhere_is_exact(tiny_case, family, backend):
     reference = case.model(**case.inputs).logits
     logits, context = _run(case, {})
     assert torch.equal(logits, reference)
-    assert sorted(context.processed) == list(range(len(decoder_layers(case.model))))
+    assert sorted(context.processed_counts()) == list(range(len(decoder_layers(case.model))))
 
 
 def test_alvts_plan_uses_the_selector_from_its_start_layer(make_selector, tiny_case):
