@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from .errors import ArtifactError
 from .importance import Importance
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
+from .skip_update import SKIP_UPDATE_TENSOR_NAMES, SkipUpdate
 
 SELECTOR_FORMAT = "alvts-selector"
 FORMAT_VERSION = 1
@@ -85,6 +86,7 @@ class Selector:
     importance: Importance
     fingerprint: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    skip_updates: dict[int, SkipUpdate] = field(default_factory=dict)  # fitted updates for skipped tokens
 
     @property
     def start_layer(self) -> int:
@@ -97,6 +99,8 @@ class Selector:
             for index, selector in self.layers.items()
             for name, tensor in selector.state_dict().items()
         }
+        for index, module in self.skip_updates.items():
+            tensors.update({f"skip.{index}.{name}": tensor for name, tensor in module.state_dict().items()})
         metadata = {
             **self.metadata,
             "format": SELECTOR_FORMAT,
@@ -121,11 +125,16 @@ def load_selector(path: str | Path) -> Selector:
             for index in keep_ratios
         }
         importance = Importance(metadata["importance"])
+        skip_updates = {
+            index: SkipUpdate.from_tensors({name: tensors[f"skip.{index}.{name}"] for name in SKIP_UPDATE_TENSOR_NAMES})
+            for index in keep_ratios
+            if f"skip.{index}.{SKIP_UPDATE_TENSOR_NAMES[0]}" in tensors
+        }
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
         raise ArtifactError(
             f"{path}: selector artifact is incomplete or inconsistent ({error!r}); re-export it"
         ) from None
     if not keep_ratios or any(not 0.0 <= ratio <= 1.0 for ratio in keep_ratios.values()):
         raise ArtifactError(f"{path}: selector artifact has no layers or keep ratios outside [0, 1]; re-export it")
-    return Selector(layers, keep_ratios, importance, metadata["fingerprint"], metadata)
+    return Selector(layers, keep_ratios, importance, metadata["fingerprint"], metadata, skip_updates)
 

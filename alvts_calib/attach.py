@@ -83,7 +83,8 @@ def attach(
     """Patch `model` in place so routed layers process only their selected visual tokens; returns `model`.
 
     `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. `skipped_update` "mean" gives
-    visual tokens that skip a layer the mean update of the ones it processed (see `SkippedUpdate`). The artifact
+    visual tokens that skip a layer the mean update of the ones it processed, "linear" the artifact's fitted
+    update of their own state (see `SkippedUpdate`). The artifact
     must have been calibrated on this model (checked by fingerprint).
     """
     if not isinstance(selector, Selector):
@@ -114,9 +115,10 @@ def attach_policies(
     adapter = get_adapter(model)
     check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
     skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
+    skip_modules = _skip_modules(skipped_update, selector, policies)
     layers = decoder_layers(model)
     for index, policy in policies.items():
-        route_layer(layers[index], policy, skipped_update)
+        route_layer(layers[index], policy, skipped_update, skip_modules.get(index))
 
     tracker = VisualTracker(model, adapter)
     tracker.install()
@@ -127,6 +129,26 @@ def attach_policies(
     setattr(model, RUNTIME_ATTRIBUTE, runtime)
     setattr(model, TRACKER_ATTRIBUTE, tracker)
     return model
+
+
+def require_skip_updates(selector: Selector | None, layers: list[int]) -> None:
+    """Fail unless `selector` has fitted skip updates for `layers` (what skipped_update "linear" needs)."""
+    missing = sorted(set(layers) - set({} if selector is None else selector.skip_updates))
+    if missing:
+        raise AlvtsError(
+            f"skipped_update 'linear' needs fitted skip updates for layers {missing}, and the selector has none "
+            "there; calibrate with --skip-update-rank above 0 and export again, or use 'none' or 'mean'"
+        )
+
+
+def _skip_modules(
+    skipped_update: SkippedUpdate, selector: Selector | None, policies: dict[int, LayerPolicy]
+) -> dict[int, nn.Module]:
+    """The fitted skip updates "linear" needs, for every layer that may skip visual tokens."""
+    if skipped_update is not SkippedUpdate.LINEAR:
+        return {}
+    require_skip_updates(selector, [index for index, policy in policies.items() if not policy.keeps_all])
+    return {index: selector.skip_updates[index] for index in policies if index in selector.skip_updates}
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ from .budgets import LayerStatistics
 from .errors import AlvtsError, ArtifactError
 from .importance import Importance
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
+from .skip_update import SKIP_UPDATE_TENSOR_NAMES
 from .solver import fidelity
 
 CALIBRATION_FORMAT = "alvts-calibration"
@@ -27,6 +28,7 @@ class LayerResult:
     heldout_target: torch.Tensor  # (N,) full-attention importance of the same tokens
     stats: dict[str, float] = field(default_factory=dict)  # losses, timings
     budget: LayerStatistics | None = None  # full-attention statistics for budgets (None in older files)
+    skip_update: dict[str, torch.Tensor] | None = None  # fitted update for skipped tokens (see `skip_update`)
 
 
 @dataclass
@@ -71,10 +73,14 @@ class Calibration:
         return selector if rank is None or rank == self.rank else selector.truncated(rank)
 
     def fidelity(self, index: int, keep_ratio: float, rank: int | None = None) -> dict[str, float]:
-        """Held-out top-k recall and Spearman correlation of layer `index` at `keep_ratio`."""
+        """Held-out top-k recall and Spearman correlation of layer `index` at `keep_ratio` (and, where fitted, the
+        share of the skipped-token update's variance the fitted map explains on calibration data)."""
         result = self.layers[index]
         heads = None if rank is None else rank // self.head_dim
-        return fidelity(result.heldout_parts, result.heldout_target, self.heldout_counts, keep_ratio, heads)
+        measured = fidelity(result.heldout_parts, result.heldout_target, self.heldout_counts, keep_ratio, heads)
+        if "skip_update_explained" in result.stats:
+            measured["update_explained"] = result.stats["skip_update_explained"]
+        return measured
 
     def save(self, path: str | Path) -> Path:
         """Write atomically as safetensors with JSON metadata."""
@@ -89,6 +95,8 @@ class Calibration:
             if result.budget is not None:
                 tensors[f"budget.{index}.coverage"] = result.budget.coverage
                 tensors[f"budget.{index}.visual_share"] = torch.tensor(result.budget.visual_share, dtype=torch.float64)
+            for name, tensor in (result.skip_update or {}).items():
+                tensors[f"skip.{index}.{name}"] = tensor
         metadata = {**self.metadata, "format": CALIBRATION_FORMAT, "format_version": 1, "layer_stats": stats}
         return write_safetensors(path, tensors, metadata)
 
@@ -99,6 +107,13 @@ def _budget_statistics(tensors: dict[str, torch.Tensor], index: str) -> LayerSta
     if coverage is None:
         return None
     return LayerStatistics(coverage=coverage, visual_share=float(tensors[f"budget.{index}.visual_share"]))
+
+
+def _skip_update(tensors: dict[str, torch.Tensor], index: str) -> dict[str, torch.Tensor] | None:
+    """Layer `index`'s fitted skipped-token update, or None if the calibration fitted none."""
+    if f"skip.{index}.{SKIP_UPDATE_TENSOR_NAMES[0]}" not in tensors:
+        return None
+    return {name: tensors[f"skip.{index}.{name}"] for name in SKIP_UPDATE_TENSOR_NAMES}
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -116,6 +131,7 @@ def load_calibration(path: str | Path) -> Calibration:
                 heldout_target=tensors[f"heldout.{index}.target"],
                 stats=stats,
                 budget=_budget_statistics(tensors, index),
+                skip_update=_skip_update(tensors, index),
             )
             for index, stats in metadata.pop("layer_stats").items()
         }

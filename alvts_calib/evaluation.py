@@ -19,7 +19,7 @@ from torch import nn
 
 from .adapters import AttentionGeometry
 from .artifact import Selector
-from .attach import attach_policies, detach, last_visual_pass
+from .attach import attach_policies, detach, last_visual_pass, require_skip_updates
 from .calibration import Calibration
 from .capture import input_device, move
 from .data import LabelledItem
@@ -38,6 +38,7 @@ from .methods import (
     random_plan,
     selector_plan,
 )
+from .options import parse_choice
 from .policies import KeepAllPolicy
 from .progress import track
 from .routing import SkippedUpdate
@@ -135,7 +136,9 @@ class Harness:
         batch_size: int = 32,
         skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
         progress: bool = True,
+        selector: Selector | None = None,
     ):
+        """`selector` supplies the fitted skip updates when `skipped_update` is "linear" (for every method)."""
         if batch_size < 1:
             raise AlvtsError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
@@ -144,6 +147,7 @@ class Harness:
         self.batch_size = batch_size
         self.skipped_update = skipped_update
         self.progress = progress
+        self.selector = selector
         self.geometry = AttentionGeometry.of(model)
         self.intermediate_size = model.config.get_text_config(decoder=True).intermediate_size
         tokenizer = processor.tokenizer
@@ -156,7 +160,7 @@ class Harness:
         policies = {} if plan is None else dict(plan.policies)
         for index in range(self.geometry.num_layers):
             policies.setdefault(index, KeepAllPolicy())
-        attach_policies(self.model, policies, skipped_update=self.skipped_update)
+        attach_policies(self.model, policies, selector=self.selector, skipped_update=self.skipped_update)
         try:
             correct, tokens, flops, selection = 0, [], [], []
             for batch in track(list(_batches(self.items, self.batch_size)), label, enabled=self.progress):
@@ -291,8 +295,10 @@ def evaluate(
     check_methods(methods, selector, calibration)
     if selector is not None:
         check_fingerprint(selector.fingerprint, model)
+    if parse_choice(SkippedUpdate, skipped_update, "skipped_update") is SkippedUpdate.LINEAR:
+        require_skip_updates(selector, sorted(selector.layers) if selector is not None else [1])
     started = time.perf_counter()
-    harness = Harness(model, processor, items, batch_size, skipped_update, progress)
+    harness = Harness(model, processor, items, batch_size, skipped_update, progress, selector)
     full = harness.run(None, "full", None)
     num_visual = reference_visual_count(full)
     report = EvalReport(

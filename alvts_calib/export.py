@@ -10,6 +10,7 @@ from .budgets import Budget, allocate, parse_budget
 from .calibration import Calibration
 from .errors import AlvtsError
 from .options import check_keep_ratio, torch_dtype
+from .skip_update import SkipUpdate
 
 
 def build_selector(
@@ -39,6 +40,11 @@ def build_selector(
     stored_dtype = torch_dtype(dtype)
     indices = sorted(calibration.layers)
     layers = {i: calibration.selector(i, rank).to(stored_dtype) for i in indices}
+    skip_updates = {
+        i: SkipUpdate.from_tensors(calibration.layers[i].skip_update).to(stored_dtype)
+        for i in indices
+        if calibration.layers[i].skip_update is not None
+    }
     ratios = dict.fromkeys(indices, keep_ratio)
     allocation: dict[str, object] = {}
     if budget is not Budget.UNIFORM:
@@ -68,6 +74,7 @@ def build_selector(
         importance=calibration.importance,
         fingerprint=calibration.metadata["fingerprint"],
         metadata=metadata,
+        skip_updates=skip_updates,
     )
 
 

@@ -38,6 +38,13 @@ def check_rank(rank: int, geometry: AttentionGeometry) -> None:
         )
 
 
+def check_skip_update_rank(rank: int, hidden_size: int) -> None:
+    if not 0 <= rank <= hidden_size:
+        raise AlvtsError(
+            f"skip-update rank must be between 0 (no fitted update) and the hidden size {hidden_size}, got {rank}"
+        )
+
+
 def check_start_layer(start_layer: int, geometry: AttentionGeometry) -> None:
     if not 1 <= start_layer < geometry.num_layers:
         raise AlvtsError(

@@ -28,9 +28,10 @@ from .errors import AlvtsError
 from .fingerprint import model_fingerprint
 from .importance import Importance, attention_parts, importance_from_parts
 from .layer_attention import layer_queries_keys
-from .options import check_keep_ratio, check_rank, check_start_layer
+from .options import check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
 from .progress import track
 from .selector import LayerSelector
+from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
 from .solver import Init, LayerBatch, refine, rope_svd_init, second_moment
 from .visual import VisualTracker
 
@@ -47,6 +48,7 @@ class CalibrationOptions:
     heldout_fraction: float
     report_keep_ratio: float
     seed: int
+    skip_update_rank: int
 
 
 def _layer_batches(
@@ -114,14 +116,29 @@ def _solve_layer(
     return LayerResult(selector=state, heldout_parts=parts, heldout_target=target, stats=stats, budget=budget)
 
 
-def _propagate(layer: nn.Module, captured: list[CapturedBatch]) -> None:
-    """Replace every batch's hidden states by the unmodified layer's output."""
+def _propagate(layer: nn.Module, captured: list[CapturedBatch], moments: UpdateMoments | None = None) -> None:
+    """Replace every batch's hidden states by the unmodified layer's output; with `moments`, also accumulate
+    the visual tokens' normed inputs and updates there, each minus its row's mean over visual tokens."""
     device = execution_device(layer)
     with torch.no_grad():
         for batch in captured:
-            output = layer(batch.hidden.to(device), **move(batch.layer_kwargs, device))
+            hidden = batch.hidden.to(device)
+            output = layer(hidden, **move(batch.layer_kwargs, device))
             output = output[0] if isinstance(output, tuple) else output
+            if moments is not None:
+                tokens = (batch.visual & batch.valid).to(device)
+                normed = layer.input_layernorm(hidden)
+                moments.add(*(row_centred(values, tokens) for values in (normed, output - hidden)))
             batch.hidden = output.to(batch.hidden.device)
+
+
+def _fit_skip_update(layer: nn.Module, captured: list[CapturedBatch], result: LayerResult, rank: int) -> None:
+    """Propagate through `layer` while fitting its skipped-token update into `result` (see `skip_update`)."""
+    moments = UpdateMoments.empty(layer.self_attn.q_proj.in_features)
+    _propagate(layer, captured, moments)
+    fitted = fit_update(moments, rank)
+    result.skip_update = fitted.tensors
+    result.stats["skip_update_explained"] = fitted.explained
 
 
 def _heldout_indices(count: int, fraction: float) -> list[int]:
@@ -155,6 +172,7 @@ def calibrate(
     heldout_fraction: float = 0.125,
     report_keep_ratio: float = 0.11,
     seed: int = 0,
+    skip_update_rank: int = SKIP_UPDATE_RANK,
     checkpoint: str | Path | None = None,
     storage: torch.device | str = "cpu",
     progress: bool = True,
@@ -162,7 +180,8 @@ def calibrate(
     """Calibrate ALVTS selectors for every decoder layer from `start_layer` on.
 
     `samples` yields dicts of model inputs as a processor returns them; for a language model alone a sample
-    may carry a bool `visual_mask` (B, L). `rank` defaults to two heads (2 x head_dim). With `checkpoint`,
+    may carry a bool `visual_mask` (B, L). `rank` defaults to two heads (2 x head_dim). `skip_update_rank` is the
+    rank of each layer's fitted update for skipped visual tokens (0: none; see `skip_update`). With `checkpoint`,
     finished layers are saved there and a rerun with the same model, data and options resumes from them.
     """
     adapter = get_adapter(model)
@@ -171,10 +190,11 @@ def calibrate(
     check_rank(rank, geometry)
     check_start_layer(start_layer, geometry)
     check_keep_ratio(report_keep_ratio)
+    check_skip_update_rank(skip_update_rank, model.config.get_text_config(decoder=True).hidden_size)
     options = CalibrationOptions(
         rank=rank, start_layer=start_layer, importance=Importance(importance).value, init=Init(init).value,
         refine_steps=refine_steps, heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio,
-        seed=seed,
+        seed=seed, skip_update_rank=skip_update_rank,
     )
     samples = list(samples)
     if not samples:
@@ -219,14 +239,20 @@ def calibrate(
         "toolkit_version": __version__,
     }
     layers = decoder_layers(model)
+    last = geometry.num_layers - 1
     for index in track(range(geometry.num_layers), "calibrating layers", enabled=progress):
         layer = layers[index]
         if index >= start_layer and index not in results:
             with materialized(layer):  # offloaded weights (accelerate) stay loaded while the layer is solved
-                results[index] = _solve_layer(layer, index, captured, heldout, geometry, options)
+                result = _solve_layer(layer, index, captured, heldout, geometry, options)
+            if skip_update_rank:
+                _fit_skip_update(layer, captured, result, skip_update_rank)
+            elif index < last:
+                _propagate(layer, captured)
+            results[index] = result
             if checkpoint is not None:
                 Calibration(results, counts, metadata).save(checkpoint)
-        if index < geometry.num_layers - 1:
+        elif index < last:
             _propagate(layer, captured)
     metadata["summary"]["seconds"] = time.perf_counter() - started
     return Calibration(results, counts, metadata)

@@ -7,6 +7,7 @@ and hooks on the layer keep working; `detach` swaps it back.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -136,6 +137,7 @@ class RoutedLayerMixin:
 
     alvts_policy: LayerPolicy
     alvts_skipped_update: SkippedUpdate
+    alvts_skip_module: nn.Module | None  # the fitted update for SkippedUpdate.LINEAR
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
@@ -203,9 +205,11 @@ class RoutedLayerMixin:
             return output
         with record_function(SCATTER_RANGE):
             merged = compaction.scatter(hidden_states, output)
-            if self.alvts_skipped_update is SkippedUpdate.MEAN:
-                merged = mean_update(merged, hidden_states, keep, context)
-            return merged
+            if self.alvts_skipped_update is SkippedUpdate.NONE:
+                return merged
+            skip_module = self.alvts_skip_module if self.alvts_skipped_update is SkippedUpdate.LINEAR else None
+            normed = None if skip_module is None else self.input_layernorm(hidden_states)
+            return compensate_skipped(merged, hidden_states, keep, context, skip_module, normed)
 
 
 class SkippedUpdate(str, Enum):
@@ -213,17 +217,29 @@ class SkippedUpdate(str, Enum):
 
     NONE = "none"  # nothing: they keep their hidden state (the paper)
     MEAN = "mean"  # the mean residual update of the visual tokens the layer processed in the same row
+    LINEAR = "linear"  # mean plus the layer's fitted map of their own deviation from those tokens (see skip_update)
 
 
-def mean_update(
-    merged: torch.Tensor, before: torch.Tensor, keep: torch.Tensor, context: ForwardContext
+def compensate_skipped(
+    merged: torch.Tensor,
+    before: torch.Tensor,
+    keep: torch.Tensor,
+    context: ForwardContext,
+    skip_module: nn.Module | None = None,
+    normed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Add to each skipped visual token the mean update (output - input) of its row's processed visual tokens."""
+    """Add to each skipped visual token the mean update (output - input) of its row's processed visual tokens;
+    with `skip_module` (and the layer's `normed` input) also the module's map of the token's normed input minus
+    the processed tokens' mean normed input."""
     visual = context.visual & context.valid
     processed = (visual & keep)[..., None].to(merged.dtype)
     skipped = (visual & ~keep)[..., None].to(merged.dtype)
-    mean = ((merged - before) * processed).sum(1, keepdim=True) / processed.sum(1, keepdim=True).clamp(min=1)
-    return merged + skipped * mean
+    count = processed.sum(1, keepdim=True).clamp(min=1)
+    update = ((merged - before) * processed).sum(1, keepdim=True) / count
+    if skip_module is not None:
+        mean_normed = (normed * processed).sum(1, keepdim=True) / count
+        update = update + skip_module(normed) - skip_module(mean_normed)
+    return merged + skipped * update
 
 
 _ROUTED_CLASSES: dict[type, type] = {}
@@ -236,11 +252,24 @@ def routed_class(layer_class: type) -> type:
     return _ROUTED_CLASSES[layer_class]
 
 
-def route_layer(layer: nn.Module, policy: LayerPolicy, skipped_update: SkippedUpdate = SkippedUpdate.NONE) -> None:
-    """Patch one decoder layer in place; the policy's tensors move to the layer's device and dtype."""
+def route_layer(
+    layer: nn.Module,
+    policy: LayerPolicy,
+    skipped_update: SkippedUpdate = SkippedUpdate.NONE,
+    skip_module: nn.Module | None = None,
+) -> None:
+    """Patch one decoder layer in place; the policy's (and `skip_module`'s) tensors move to the layer's device
+    and dtype. `skip_module` is required for SkippedUpdate.LINEAR unless the policy keeps every token."""
     weight = layer.self_attn.q_proj.weight
-    layer.alvts_policy = policy.to(device=execution_device(layer), dtype=weight.dtype)
-    layer.alvts_skipped_update = SkippedUpdate(skipped_update)
+    device = execution_device(layer)
+    layer.alvts_policy = policy.to(device=device, dtype=weight.dtype)
+    skipped_update = SkippedUpdate(skipped_update)
+    if skipped_update is SkippedUpdate.LINEAR and skip_module is None:
+        if not policy.keeps_all:
+            raise ValueError("SkippedUpdate.LINEAR needs the layer's fitted skip module")
+        skipped_update = SkippedUpdate.NONE  # the layer keeps every visual token: none skips it
+    layer.alvts_skipped_update = skipped_update
+    layer.alvts_skip_module = None if skip_module is None else copy.deepcopy(skip_module).to(device, weight.dtype)
     layer.__class__ = routed_class(type(layer))
     follow_class_forward(layer)
 
@@ -253,3 +282,4 @@ def unroute_layer(layer: nn.Module) -> None:
     follow_class_forward(layer)
     del layer.alvts_policy
     del layer.alvts_skipped_update
+    del layer.alvts_skip_module

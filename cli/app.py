@@ -28,6 +28,7 @@ from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHOD
 from alvts_calib.importance import Importance
 from alvts_calib.methods import check_compression
 from alvts_calib.routing import SkippedUpdate
+from alvts_calib.skip_update import SKIP_UPDATE_RANK
 from alvts_calib.solver import Init
 
 from .report import (
@@ -115,6 +116,8 @@ def calibrate_command(
     importance: Annotated[Importance, typer.Option(help="Importance definition.")] = Importance.PAPER,
     init: Annotated[Init, typer.Option(help="Selector initialisation.")] = Init.WEIGHT_SVD,
     refine_steps: Annotated[int, typer.Option(help="Importance-consistency refinement steps per layer.")] = 200,
+    skip_update_rank: Annotated[int, typer.Option(
+        help="Rank of each layer's fitted update for skipped visual tokens (0: fit none).")] = SKIP_UPDATE_RANK,
     seed: Annotated[int, typer.Option(help="Random seed (results are deterministic for a seed).")] = 0,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
@@ -130,7 +133,8 @@ def calibrate_command(
         checkpoint.unlink()
     result = calibrate(
         loaded, samples, rank=rank, start_layer=start_layer, importance=importance, init=init,
-        refine_steps=refine_steps, seed=seed, checkpoint=checkpoint, progress=not json_output,
+        refine_steps=refine_steps, skip_update_rank=skip_update_rank, seed=seed, checkpoint=checkpoint,
+        progress=not json_output,
     )
     result.metadata["model"] = name
     result.save(out)
@@ -280,7 +284,8 @@ def eval_command(
         str(c) for c in DEFAULT_COMPRESSIONS),
     batch_size: Annotated[int, typer.Option(help="Rows per generate() call.")] = 32,
     skipped_update: Annotated[SkippedUpdate, typer.Option(
-        help="What visual tokens that skip a layer get: none (the paper) or mean (processed tokens' mean update).")
+        help="What visual tokens that skip a layer get: none (the paper), mean (processed tokens' mean update) or "
+        "linear (mean plus the calibrated map of each token's deviation; needs a calibration with skip updates).")
     ] = SkippedUpdate.NONE,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",

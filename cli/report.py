@@ -41,7 +41,10 @@ def fidelity_table(fidelity: dict[str, dict[str, float]], keep_ratios: dict[str,
     table.add_column("layer", justify="right")
     if keep_ratios:
         table.add_column("keep ratio", justify="right")
-    columns = {"recall": "top-k recall", "spearman": "spearman", "mass": "importance mass kept"}
+    columns = {
+        "recall": "top-k recall", "spearman": "spearman", "mass": "importance mass kept",
+        "update_explained": "skip-update R²",
+    }
     columns = {key: title for key, title in columns.items() if all(key in f for f in fidelity.values())}
     for title in columns.values():
         table.add_column(title, justify="right")

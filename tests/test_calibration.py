@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import alvts_calib.pipeline as calibrate_module
-from alvts_calib import AlvtsError, Importance, calibrate, export, load_calibration
-from alvts_calib.adapters import AttentionGeometry
+from alvts_calib import AlvtsError, Importance, attach, calibrate, detach, export, load_calibration, load_selector
+from alvts_calib.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.demo import demo_model, demo_samples, sharpen_attention
+from alvts_calib.tiny_models import tiny_inputs
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])
@@ -150,3 +151,58 @@ def test_bad_calibration_input_gives_clear_errors():
     text_only["input_ids"] = text_only["input_ids"].masked_fill(text_only["input_ids"] == 100, 5)
     with pytest.raises(AlvtsError, match="visual tokens"):
         calibrate(model, [text_only], progress=False)
+
+
+def _layer_output(model, inputs, index):
+    seen = {}
+    handle = decoder_layers(model)[index].register_forward_hook(
+        lambda module, args, kwargs, output: seen.update(input=args[0] if args else kwargs["hidden_states"],
+                                                         output=output),
+        with_kwargs=True,
+    )
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return seen["input"], seen["output"]
+
+
+def test_the_fitted_skip_update_brings_skipped_tokens_closer_to_the_full_layer(tmp_path):
+    model = demo_model()
+    calibration = calibrate(model, demo_samples(model, 32), rank=16, refine_steps=0, skip_update_rank=8,
+                            progress=False)
+    stats = calibration.layers[1].stats
+    assert 0.0 < stats["skip_update_explained"] <= 1.0
+    selector = export(calibration, tmp_path / "selector.safetensors", keep_ratio=0.25)
+    assert load_selector(tmp_path / "selector.safetensors").skip_updates[1].state_dict().keys() == {
+        "down.weight", "up.weight", "up.bias"}
+    held_out = tiny_inputs(model, batch=2, seed=99)
+    _, full = _layer_output(model, held_out, 1)
+    errors, skipped = {}, None
+    for update in ("none", "mean", "linear"):
+        attach(model, selector, skipped_update=update)
+        try:
+            before, routed = _layer_output(model, held_out, 1)
+        finally:
+            detach(model)
+        skipped = (routed == before).all(-1) if skipped is None else skipped  # from "none": unchanged tokens
+        errors[update] = float((routed - full)[skipped].pow(2).sum())
+    assert errors["linear"] < 0.5 * errors["none"], errors
+    assert errors["linear"] < errors["mean"], errors
+
+
+def test_skip_updates_round_trip_resume_and_can_be_turned_off(tmp_path):
+    model = demo_model()
+    samples = demo_samples(model, 3)
+    calibration = calibrate(model, samples, rank=16, refine_steps=0, skip_update_rank=4,
+                            checkpoint=tmp_path / "calib.safetensors", progress=False)
+    loaded = load_calibration(tmp_path / "calib.safetensors")
+    for index, result in calibration.layers.items():
+        for name, tensor in result.skip_update.items():
+            assert torch.equal(loaded.layers[index].skip_update[name], tensor)
+    assert calibration.layers[1].skip_update["down.weight"].shape == (4, model.config.text_config.hidden_size)
+    without = calibrate(model, samples, rank=16, refine_steps=0, skip_update_rank=0, progress=False)
+    assert all(result.skip_update is None for result in without.layers.values())
+    assert export(without, tmp_path / "plain.safetensors", keep_ratio=0.25).skip_updates == {}
+    with pytest.raises(AlvtsError, match="skip-update rank"):
+        calibrate(model, samples, skip_update_rank=-1, progress=False)

@@ -8,6 +8,7 @@ import torch
 from alvts_calib.adapters import decoder_layers
 from alvts_calib.attach import attach, detach
 from alvts_calib.errors import AlvtsError
+from alvts_calib.skip_update import SkipUpdate
 
 RATIO = 0.25
 
@@ -58,5 +59,50 @@ def test_mean_update_is_exact_at_keep_ratio_one(tiny_case, make_selector):
 
 def test_unknown_skipped_update_is_rejected(tiny_case, make_selector):
     case = tiny_case("llava", "eager")
-    with pytest.raises(AlvtsError, match="skipped_update must be one of none, mean"):
+    with pytest.raises(AlvtsError, match="skipped_update must be one of none, mean, linear"):
         attach(case.model, make_selector(case.model, RATIO), skipped_update="magic")
+
+
+def _with_random_skip_updates(selector, hidden_size: int, rank: int = 4):
+    torch.manual_seed(0)
+    selector.skip_updates = {index: SkipUpdate(hidden_size, rank) for index in selector.layers}
+    return selector
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_linear_update_adds_the_mean_and_the_fitted_map_of_each_tokens_deviation_to_skipped_tokens_only(
+    tiny_case, make_selector, family
+):
+    case = tiny_case(family, "sdpa")
+    hidden = case.model.config.get_text_config(decoder=True).hidden_size
+    selector = _with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    before, plain, _ = _layer_io(case, selector, "none")
+    _, compensated, _ = _layer_io(case, selector, "linear")
+    visual = case.visual & case.valid
+    skipped = visual & (plain == before).all(-1)
+    assert bool(skipped.any())
+    torch.testing.assert_close(compensated[~skipped], plain[~skipped])
+    processed = visual & ~skipped
+    normed = decoder_layers(case.model)[1].input_layernorm(before)
+    fitted = selector.skip_updates[1]
+    for row in range(before.shape[0]):
+        mean_update = (plain[row][processed[row]] - before[row][processed[row]]).mean(0)
+        mean_normed = normed[row][processed[row]].mean(0)
+        expected = before[row] + mean_update + fitted(normed[row]) - fitted(mean_normed)
+        torch.testing.assert_close(compensated[row][skipped[row]], expected[skipped[row]])
+
+
+def test_linear_update_is_exact_at_keep_ratio_one(tiny_case, make_selector):
+    case = tiny_case("llava", "eager")
+    reference = case.model(**case.inputs).logits
+    hidden = case.model.config.get_text_config(decoder=True).hidden_size
+    selector = _with_random_skip_updates(make_selector(case.model, 1.0), hidden)
+    _, _, logits = _layer_io(case, selector, "linear")
+    assert torch.equal(logits, reference)
+
+
+def test_linear_update_needs_a_selector_with_fitted_updates(tiny_case, make_selector):
+    case = tiny_case("llava", "eager")
+    with pytest.raises(AlvtsError, match="needs fitted skip updates for layers"):
+        attach(case.model, make_selector(case.model, RATIO), skipped_update="linear")
+    assert not hasattr(case.model, "_alvts_runtime")
