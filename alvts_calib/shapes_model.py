@@ -27,8 +27,9 @@ NUM_VISUAL_TOKENS = GRID * GRID
 DECODER_LAYERS = 24
 
 
-def shapes_config(attn_implementation: str = "sdpa") -> LlavaConfig:
-    """The demo model's configuration (random initialisation is seeded by the caller)."""
+def shapes_config(attn_implementation: str = "sdpa", num_layers: int = DECODER_LAYERS) -> LlavaConfig:
+    """The demo model's configuration (random initialisation is seeded by the caller); training starts with
+    fewer decoder layers (see `train_demo`)."""
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -36,7 +37,7 @@ def shapes_config(attn_implementation: str = "sdpa") -> LlavaConfig:
         ),
         text_config=LlamaConfig(
             vocab_size=len(SPECIAL_TOKENS) + len(VOCABULARY), hidden_size=64, intermediate_size=128,
-            num_hidden_layers=DECODER_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
         ),
         image_token_index=IMAGE_TOKEN_ID, image_seq_length=NUM_VISUAL_TOKENS, vision_feature_layer=-1,

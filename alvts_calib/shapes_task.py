@@ -113,25 +113,35 @@ def _count(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
     return f"how many {color} objects are there ?", str(sum(item.color == color for item in scene))
 
 
+def _references(scene: list[Shape]) -> list[tuple[Shape, str]]:
+    """Every way to name one object by a single attribute no other object shares: "the circle", "the red object"."""
+    by_shape = [(item, f"the {item.shape}") for item in _unique(scene, lambda candidate: candidate.shape)]
+    by_color = [(item, f"the {item.color} object") for item in _unique(scene, lambda candidate: candidate.color)]
+    return by_shape + by_color
+
+
 def _relation(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
-    candidates = _unique(scene, lambda item: item.name)
-    if len(candidates) < 2:
+    references = _references(scene)
+    if len({item for item, _ in references}) < 2:
         return None
-    first, second = rng.sample(candidates, 2)
+    (first, first_name), (second, second_name) = rng.sample(references, 2)
+    if first == second:
+        return None
     if rng.random() < 0.5 and first.column != second.column:
-        return f"is the {first.name} left of the {second.name} ?", "yes" if first.column < second.column else "no"
+        return f"is {first_name} left of {second_name} ?", "yes" if first.column < second.column else "no"
     if first.row != second.row:
-        return f"is the {first.name} above the {second.name} ?", "yes" if first.row < second.row else "no"
+        return f"is {first_name} above {second_name} ?", "yes" if first.row < second.row else "no"
     return None
 
 
 def _position(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
-    item = _pick_unique(scene, rng, lambda candidate: candidate.name)
-    if item is None:
+    references = _references(scene)
+    if not references:
         return None
+    item, name = rng.choice(references)
     if rng.random() < 0.5:
-        return f"which row is the {item.name} in ?", str(item.row + 1)
-    return f"which column is the {item.name} in ?", str(item.column + 1)
+        return f"which row is {name} in ?", str(item.row + 1)
+    return f"which column is {name} in ?", str(item.column + 1)
 
 
 QUESTION_KINDS: dict[str, Callable[[list[Shape], random.Random], tuple[str, str] | None]] = {
@@ -173,6 +183,18 @@ def example(seed: int, max_objects: int = MAX_OBJECTS) -> Example:
         asked = QUESTION_KINDS[kind](scene, rng)
         if asked is not None:
             return Example(tuple(scene), kind, *asked, seed)
+
+
+def follow_up_questions(item: Example, count: int) -> list[tuple[str, str]]:
+    """`count` more (question, answer) pairs about `item`'s scene, seeded by the example (for training)."""
+    rng = random.Random(f"follow-up {item.seed}")
+    scene = list(item.scene)
+    asked: list[tuple[str, str]] = []
+    while len(asked) < count:
+        pair = QUESTION_KINDS[rng.choice(list(QUESTION_KINDS))](scene, rng)
+        if pair is not None:
+            asked.append(pair)
+    return asked
 
 
 def split_seeds(split: str, count: int, start: int = 0) -> range:

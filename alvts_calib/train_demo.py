@@ -11,35 +11,83 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from transformers import LlavaForConditionalGeneration
 
-from .shapes_model import shapes_model, shapes_processor
-from .shapes_task import MAX_OBJECTS, example, split_seeds
+from .shapes_model import DECODER_LAYERS, shapes_config, shapes_processor
+from .shapes_task import GRID, MAX_OBJECTS, example, follow_up_questions, split_seeds
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-llava"
+QUESTIONS_PER_IMAGE = 4  # answered questions per training image (a chat), for more signal per image
+CELL_WEIGHT = 0.5  # weight of the auxiliary loss: each visual token names its cell's color and shape
 
 
-def _conversation(question: str, answer: str | None = None) -> list[dict]:
-    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        turns.append({"role": "assistant", "content": answer})
+def _conversation(exchanges: list[tuple[str, str | None]]) -> list[dict]:
+    """Chat turns about one image: the first question carries the image; an answer of None ends the chat there."""
+    turns: list[dict] = []
+    for index, (question, answer) in enumerate(exchanges):
+        content = [{"type": "image"}] if index == 0 else []
+        turns.append({"role": "user", "content": [*content, {"type": "text", "text": question}]})
+        if answer is not None:
+            turns.append({"role": "assistant", "content": answer})
     return turns
 
 
-def training_batch(processor, seeds: range, max_objects: int = MAX_OBJECTS) -> dict[str, torch.Tensor]:
-    """Processor inputs for `seeds` with the answer and `</s>` appended (left padded, so they end every row)."""
+def training_batch(
+    processor, seeds: range, max_objects: int = MAX_OBJECTS, questions: int = 1
+) -> dict[str, torch.Tensor]:
+    """Processor inputs for `seeds`: a chat of `questions` answered questions about each image (left padded)."""
     examples = [example(seed, max_objects) for seed in seeds]
-    texts = [processor.apply_chat_template(_conversation(e.question, e.answer), tokenize=False) for e in examples]
-    return dict(processor(images=[e.image() for e in examples], text=texts, padding=True, return_tensors="pt"))
+    texts = [
+        processor.apply_chat_template(
+            _conversation([(e.question, e.answer), *follow_up_questions(e, questions - 1)]), tokenize=False
+        )
+        for e in examples
+    ]
+    batch = dict(processor(images=[e.image() for e in examples], text=texts, padding=True, return_tensors="pt"))
+    batch["cell_words"] = cell_words(examples, processor.tokenizer)
+    return batch
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the answer word and `</s>` given everything before them."""
-    logits = model(**batch, logits_to_keep=3).logits[:, :2]
-    targets = batch["input_ids"][:, -2:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+def cell_words(examples: list, tokenizer) -> torch.Tensor:
+    """(B, GRID * GRID, 4) word ids of each board cell: color, shape, row and column ("no" for an empty cell)."""
+    empty = tokenizer.convert_tokens_to_ids("no")
+    words = torch.full((len(examples), GRID * GRID, 4), empty, dtype=torch.long)
+    for row, item in enumerate(examples):
+        for shape in item.scene:
+            names = [shape.color, shape.shape, str(shape.row + 1), str(shape.column + 1)]
+            words[row, shape.row * GRID + shape.column] = torch.tensor(tokenizer.convert_tokens_to_ids(names))
+    return words
+
+
+def answer_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """True at every answer word (the token after `ASSISTANT :`) and at the `</s>` that follows it."""
+    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
+    answers = torch.zeros_like(input_ids, dtype=torch.bool)
+    answers[:, 2:] = (input_ids[:, :-2] == assistant) & (input_ids[:, 1:-1] == colon)
+    answers[:, 1:] |= answers[:, :-1].clone()
+    return answers
+
+
+def answer_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], answers: torch.Tensor, cell_weight: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy of the tokens marked in `answers`, each given everything before it, plus `cell_weight` x
+    the cross-entropy of each visual token's cell words (color and shape) read from its own last hidden state."""
+    inputs = {name: value for name, value in batch.items() if name != "cell_words"}
+    logits = model(**inputs).logits.float()
+    ids = inputs["input_ids"]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][answers[:, 1:]], ids[:, 1:][answers[:, 1:]])
+    if cell_weight:
+        cells = logits[ids == model.config.image_token_index]
+        words = batch["cell_words"].reshape(cells.shape[0], -1)
+        per_word = [torch.nn.functional.cross_entropy(cells, words[:, i]) for i in range(words.shape[1])]
+        loss = loss + cell_weight * sum(per_word) / len(per_word)
+    return loss
 
 
 @torch.no_grad()
@@ -51,7 +99,9 @@ def accuracy(model: torch.nn.Module, processor, seeds: range, batch_size: int = 
     for start in range(seeds.start, seeds.stop, batch_size):
         examples = [example(seed) for seed in range(start, min(start + batch_size, seeds.stop))]
         texts = [
-            processor.apply_chat_template(_conversation(e.question), add_generation_prompt=True, tokenize=False)
+            processor.apply_chat_template(
+                _conversation([(e.question, None)]), add_generation_prompt=True, tokenize=False
+            )
             for e in examples
         ]
         inputs = processor(images=[e.image() for e in examples], text=texts, padding=True, return_tensors="pt")
@@ -65,52 +115,160 @@ def accuracy(model: torch.nn.Module, processor, seeds: range, batch_size: int = 
 
 
 def curriculum(step: int, steps: int) -> int:
-    """Most objects per scene at `step`: two first (find the object), all distractors from 40% on."""
+    """Most objects per scene at `step` of a from-scratch stage: two first (find the object), all from 40% on."""
     progress = step / steps
     return 2 if progress < 0.1 else 4 if progress < 0.25 else 5 if progress < 0.4 else MAX_OBJECTS
 
 
-@torch.enable_grad()
-def train(
-    out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_every: int, eval_rows: int = 256
-) -> dict:
-    """Train and save the demo model to `out`; returns the training log."""
-    torch.manual_seed(seed)
-    model = shapes_model().train()
-    processor = shapes_processor()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: the decoder depth it trains at, its steps and peak learning rate."""
+
+    layers: int
+    steps: int
+    lr: float
+    curriculum: bool  # ease in the number of objects (for a stage that starts from scratch)
+    cell_words: int = 4  # how many of (color, shape, row, column) the auxiliary loss asks each visual token for
+
+
+BASE_LAYERS = 4
+DEFAULT_STAGES = (
+    Stage(layers=BASE_LAYERS, steps=2000, lr=2e-3, curriculum=True, cell_words=2),  # what: find objects
+    Stage(layers=BASE_LAYERS, steps=3000, lr=1.5e-3, curriculum=False, cell_words=4),  # where: positions
+    Stage(layers=DECODER_LAYERS, steps=1500, lr=5e-4, curriculum=False, cell_words=4),  # grown to full depth
+)
+
+
+def grown(model: LlavaForConditionalGeneration, layers: int) -> LlavaForConditionalGeneration:
+    """A copy of `model` with `layers` decoder layers and the same function: trained layer i moves to depth
+    i x factor and is followed by factor - 1 copies of itself whose output projections (attention and MLP)
+    start at zero, so they add nothing until training gives them a part."""
+    depth = model.config.text_config.num_hidden_layers
+    if layers % depth:
+        raise ValueError(f"can only grow {depth} decoder layers by a whole factor, not to {layers}")
+    factor = layers // depth
+    bigger = LlavaForConditionalGeneration(shapes_config(model.config.text_config._attn_implementation, layers))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        prefix, found, rest = name.partition("layers.")
+        if not found or "language_model" not in prefix:
+            state[name] = tensor
+            continue
+        index, _, parameter = rest.partition(".")
+        for copy in range(factor):
+            silent = copy > 0 and parameter in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+            state[f"{prefix}layers.{int(index) * factor + copy}.{parameter}"] = (
+                torch.zeros_like(tensor) if silent else tensor.clone()
+            )
+    bigger.load_state_dict(state)
+    return bigger
+
+
+def train_stage(
+    model: LlavaForConditionalGeneration,
+    processor,
+    stage: Stage,
+    *,
+    batch_size: int,
+    seeds: range,
+    questions: int,
+    cell_weight: float,
+    eval_every: int,
+    evaluate: Callable[[int, float], None],
+) -> None:
+    """Run one stage: AdamW with warmup and a cosine decay to 55% of the peak rate, on examples `seeds`."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, stage.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, step / steps))),
+        lambda step: min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, step / stage.steps))),
     )
-    held_out = split_seeds("test", eval_rows)
-    log: dict = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "evaluations": []}
-    started = time.perf_counter()
-    seeds = split_seeds("train", steps * batch_size)
-    for step in range(steps):
-        max_objects = curriculum(step, steps)
-        batch = training_batch(processor, seeds[step * batch_size : (step + 1) * batch_size], max_objects)
-        loss = answer_loss(model, batch)
+    for step in range(stage.steps):
+        max_objects = curriculum(step, stage.steps) if stage.curriculum else MAX_OBJECTS
+        batch = training_batch(processor, seeds[step * batch_size : (step + 1) * batch_size], max_objects, questions)
+        batch["cell_words"] = batch["cell_words"][..., : stage.cell_words]
+        loss = answer_loss(model, batch, answer_mask(batch["input_ids"], processor.tokenizer), cell_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            overall, per_kind = accuracy(model, processor, held_out)
-            elapsed = time.perf_counter() - started
-            entry = {"step": step + 1, "loss": loss.item(), "accuracy": overall, "per_kind": per_kind}
-            log["evaluations"].append(entry)
-            print(f"step {step + 1} loss {loss.item():.3f} held-out accuracy {overall:.3f} {per_kind} {elapsed:.0f}s")
-            _save(model, processor, out, log)
-    log["train_seconds"] = time.perf_counter() - started
-    _save(model, processor, out, log)
+        if (step + 1) % eval_every == 0 or step + 1 == stage.steps:
+            evaluate(step + 1, loss.item())
+
+
+@torch.enable_grad()
+def train(
+    out: Path,
+    stages: tuple[Stage, ...] = DEFAULT_STAGES,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    eval_every: int = 500,
+    eval_rows: int = 256,
+    questions: int = QUESTIONS_PER_IMAGE,
+    cell_weight: float = CELL_WEIGHT,
+) -> dict:
+    """Train the demo model stage by stage (growing the decoder between stages) and save it to `out`.
+
+    The model is saved at the end of every stage; a rerun with the same settings resumes after the last finished
+    stage (each stage is seeded on its own, so a resumed run gives the same model). Returns the training log.
+    """
+    processor = shapes_processor()
+    settings = {
+        "stages": [asdict(stage) for stage in stages], "batch_size": batch_size, "seed": seed,
+        "questions_per_image": questions, "cell_weight": cell_weight,
+    }
+    log, model = _resume(out, settings)
+    held_out = split_seeds("test", eval_rows)
+    started = time.perf_counter() - log.get("train_seconds", 0.0)
+
+    def evaluate(model: LlavaForConditionalGeneration, stage: int, step: int, loss: float) -> None:
+        overall, per_kind = accuracy(model, processor, held_out)
+        elapsed = time.perf_counter() - started
+        log["evaluations"].append(
+            {"stage": stage, "step": step, "loss": loss, "accuracy": overall, "per_kind": per_kind, "seconds": elapsed}
+        )
+        kinds = " ".join(f"{kind} {value:.2f}" for kind, value in per_kind.items())
+        print(f"stage {stage} step {step} loss {loss:.3f} held-out accuracy {overall:.3f} ({kinds}) {elapsed:.0f}s")
+
+    for number, stage in enumerate(stages):
+        if number < log["completed_stages"]:
+            continue
+        torch.manual_seed(seed * 1000 + number)
+        if model is None:
+            model = LlavaForConditionalGeneration(shapes_config(num_layers=stage.layers))
+        elif model.config.text_config.num_hidden_layers != stage.layers:
+            model = grown(model, stage.layers)
+        first_seed = sum(earlier.steps for earlier in stages[:number]) * batch_size
+        train_stage(model, processor, stage, batch_size=batch_size,
+                    seeds=split_seeds("train", stage.steps * batch_size, start=first_seed), questions=questions,
+                    cell_weight=cell_weight, eval_every=eval_every,
+                    evaluate=lambda step, loss, number=number, model=model: evaluate(model, number, step, loss))
+        log["completed_stages"] = number + 1
+        log["train_seconds"] = time.perf_counter() - started
+        _save(model, processor, out, log)
     return log
 
 
+def _resume(out: Path, settings: dict) -> tuple[dict, LlavaForConditionalGeneration | None]:
+    """The log and model of an earlier run into `out` with the same settings, or a fresh log and no model."""
+    fresh = {**settings, "completed_stages": 0, "evaluations": []}
+    path = out / "training_log.json"
+    if not path.exists():
+        return fresh, None
+    log = json.loads(path.read_text(encoding="utf-8"))
+    done = log.get("completed_stages", 0)
+    same = all(log.get(key) == value for key, value in settings.items() if key != "stages")
+    if not done or not same or log.get("stages", [])[:done] != settings["stages"][:done]:
+        return fresh, None
+    print(f"resuming after stage {done - 1} from {out}")
+    return {**log, "stages": settings["stages"]}, LlavaForConditionalGeneration.from_pretrained(out)
+
+
 def _save(model: torch.nn.Module, processor, out: Path, log: dict) -> None:
-    """Save the model, its processor and the training log (also at every evaluation, so progress survives)."""
+    """Save the model, its processor and the training log."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -120,13 +278,16 @@ def _save(model: torch.nn.Module, processor, out: Path, log: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument(
+        "--steps", type=int, nargs=len(DEFAULT_STAGES), default=[stage.steps for stage in DEFAULT_STAGES],
+        help="steps of each stage (decoder layers: " + ", ".join(str(stage.layers) for stage in DEFAULT_STAGES) + ")",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=4e-4)  # deep and narrow: 2e-3 stalls at 24 layers
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=500)
     args = parser.parse_args()
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every)
+    stages = tuple(replace(stage, steps=steps) for stage, steps in zip(DEFAULT_STAGES, args.steps, strict=True))
+    train(args.out, stages, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Settle ALVTS's open design choices by measurement on the built-in demo model.
 
-Each row calibrates with one setting changed from the defaults, then reports the selector's held-out fidelity
-(mean top-k recall and importance mass kept across routed layers, at the evaluated keep ratio) and the demo
-accuracy retention at one compression. Prints a table and writes JSON:
+Three tables, printed and written as JSON:
+1. settings: each row calibrates with one setting changed from the defaults and reports the selector's held-out
+   fidelity (mean top-k recall and importance mass kept over routed layers at the evaluated budget), the
+   calibration time, and accuracy retention at one compression with each skipped-token update;
+2. budgets: uniform vs adaptive per-layer budgets at every compression (default calibration);
+3. stale states: for each skipped-token update, retention and the KL divergence of the answer distribution
+   from the full model's, with the selector's and the exact (oracle) selection.
 
     python benchmarks/design_sweeps.py --out docs/design-sweeps.json
 """
@@ -19,15 +23,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from alvts_calib.attach import attach_policies, detach
 from alvts_calib.builtin import BUILTIN_NAME, builtin_model, builtin_processor
+from alvts_calib.capture import input_device, move
 from alvts_calib.data import build_labelled_items, build_samples
 from alvts_calib.evaluation import Harness, build_plans, reference_visual_count
 from alvts_calib.export import build_selector
+from alvts_calib.methods import Plan, selector_plan
 from alvts_calib.pipeline import calibrate
+from alvts_calib.policies import KeepAllPolicy
 from alvts_calib.shapes_task import split_records
 
+UPDATES = ("none", "mean", "linear")
 DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "paper", "start_layer": 1,
-            "samples": 64}
+            "samples": 64, "skip_update_rank": 16}
 SWEEPS = [
     ("defaults", {}),
     ("rank 16 (1 head)", {"rank": 16}),
@@ -41,72 +50,173 @@ SWEEPS = [
     ("start layer 4", {"start_layer": 4}),
     ("16 calibration samples", {"samples": 16}),
     ("256 calibration samples", {"samples": 256}),
+    ("skip-update rank 4", {"skip_update_rank": 4}),
+    ("skip-update rank 64 (full)", {"skip_update_rank": 64}),
 ]
+BUDGETS = ("uniform", "adaptive", "adaptive-mass")
 
 
-def run(compression: float, eval_rows: int, quick: bool) -> dict:
-    """Calibrate and evaluate every sweep row; returns the JSON report."""
-    model = builtin_model()
-    processor = builtin_processor()
-    items, _ = build_labelled_items(split_records("test", eval_rows), processor)
-    harness = Harness(model, processor, items, batch_size=64)
-    full = harness.run(None, "full", None)
-    num_visual = reference_visual_count(full)
-    records = split_records("calibration", 256)
+class Sweeper:
+    """The demo model, its held-out set and full-model reference, shared by every table."""
+
+    def __init__(self, eval_rows: int):
+        self.model = builtin_model()
+        self.processor = builtin_processor()
+        items, _ = build_labelled_items(split_records("test", eval_rows), self.processor)
+        self.items = items
+        self.harness = Harness(self.model, self.processor, items, batch_size=64, progress=False)
+        self.full = self.harness.run(None, "full", None)
+        self.num_visual = reference_visual_count(self.full)
+        self.num_layers = self.harness.geometry.num_layers
+        self.records = split_records("calibration", 256)
+        self.reference_logits = self.answer_log_probs(None)
+
+    def calibrate(self, settings: dict):
+        samples, _ = build_samples(self.records, self.processor, num_samples=settings["samples"])
+        started = time.perf_counter()
+        calibration = calibrate(
+            self.model, samples, rank=settings["rank"], init=settings["init"], refine_steps=settings["refine_steps"],
+            importance=settings["importance"], start_layer=settings["start_layer"],
+            skip_update_rank=settings["skip_update_rank"], progress=False,
+        )
+        return calibration, time.perf_counter() - started
+
+    def retention(self, plan: Plan, update: str, selector) -> float:
+        self.harness.skipped_update, self.harness.selector = update, selector
+        return self.harness.run(plan, plan.method, None).accuracy / self.full.accuracy
+
+    def plan(self, method: str, compression: float, selector, calibration):
+        return build_plans(method, compression, num_layers=self.num_layers, num_visual=self.num_visual,
+                           selector=selector, calibration=calibration)
+
+    def answer_log_probs(self, plan: Plan | None, update: str = "none", selector=None) -> torch.Tensor:
+        """(N, V) log-probabilities of the first answer token for every held-out item under `plan`."""
+        policies = {} if plan is None else dict(plan.policies)
+        for index in range(self.num_layers):
+            policies.setdefault(index, KeepAllPolicy())
+        attach_policies(self.model, policies, selector=selector, skipped_update=update)
+        rows = []
+        try:
+            for start in range(0, len(self.items), 64):
+                batch = self.items[start : start + 64]
+                inputs = self.processor(images=[i.image for i in batch], text=[i.text for i in batch], padding=True,
+                                        return_tensors="pt")
+                with torch.no_grad():
+                    logits = self.model(**move(dict(inputs), input_device(self.model)), logits_to_keep=1).logits
+                rows.append(logits[:, -1].float().log_softmax(-1).cpu())
+        finally:
+            detach(self.model)
+        return torch.cat(rows)
+
+    def kl(self, plan: Plan, update: str, selector) -> float:
+        """Mean KL(full || routed) of the answer distribution."""
+        routed = self.answer_log_probs(plan, update, selector)
+        reference = self.reference_logits
+        return float((reference.exp() * (reference - routed)).sum(-1).mean())
+
+
+def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[dict]:
     rows = []
     for name, change in SWEEPS[:3] if quick else SWEEPS:
         settings = {**DEFAULTS, **change}
-        samples, _ = build_samples(records, processor, num_samples=settings["samples"])
-        started = time.perf_counter()
-        calibration = calibrate(
-            model, samples, rank=settings["rank"], init=settings["init"], refine_steps=settings["refine_steps"],
-            importance=settings["importance"], start_layer=settings["start_layer"], progress=False,
-        )
-        seconds = time.perf_counter() - started
+        calibration, seconds = sweeper.calibrate(settings)
         selector = build_selector(calibration, keep_ratio=1.0)
-        row = {"setting": name, **settings, "calibration_seconds": seconds}
-        for skipped_update in ("none", "mean"):
-            harness.skipped_update = skipped_update
-            plan, fidelity = build_plans("alvts", compression, num_layers=harness.geometry.num_layers,
-                                         num_visual=num_visual, selector=selector, calibration=calibration)
-            result = harness.run(plan, name, compression)
-            row[f"retention_{skipped_update}"] = result.accuracy / full.accuracy
-            row.update({"recall": fidelity["recall"], "mass": fidelity.get("mass", float("nan"))})
+        plan, fidelity = sweeper.plan("alvts", compression, selector, calibration)
+        row = {"setting": name, **settings, "calibration_seconds": seconds, "recall": fidelity["recall"],
+               "mass": fidelity.get("mass", float("nan")),
+               "update_explained": fidelity.get("update_explained", float("nan"))}
+        for update in UPDATES:
+            row[f"retention_{update}"] = sweeper.retention(plan, update, selector)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    harness.skipped_update = "none"
-    oracle, _ = build_plans("oracle", compression, num_layers=harness.geometry.num_layers, num_visual=num_visual,
-                            selector=selector)
-    oracle_result = harness.run(oracle, "oracle", compression)
-    return {"model": BUILTIN_NAME, "compression": compression, "eval_rows": eval_rows,
-            "full_accuracy": full.accuracy, "oracle_retention": oracle_result.accuracy / full.accuracy,
-            "threads": torch.get_num_threads(), "rows": rows}
+    return rows
 
 
-def table(report: dict) -> Table:
-    result = Table(title=f"design sweeps on {report['model']} at {report['compression']:.0%} compression "
-                         f"(full accuracy {report['full_accuracy']:.1%}, oracle retention "
-                         f"{report['oracle_retention']:.1%})")
-    for column in ("setting", "recall", "mass kept", "retention (skip)", "retention (mean update)", "calibration s"):
-        result.add_column(column, justify="left" if column == "setting" else "right")
-    for row in report["rows"]:
-        result.add_row(row["setting"], f"{row['recall']:.3f}", f"{row['mass']:.3f}", f"{row['retention_none']:.1%}",
-                       f"{row['retention_mean']:.1%}", f"{row['calibration_seconds']:.0f}")
-    return result
+def budgets_table(sweeper: Sweeper, compressions: tuple[float, ...], update: str) -> list[dict]:
+    calibration, _ = sweeper.calibrate(DEFAULTS)
+    full_selector = build_selector(calibration, keep_ratio=1.0)
+    rows = []
+    for compression in compressions:
+        uniform, _ = sweeper.plan("alvts", compression, full_selector, calibration)
+        ratio = uniform.planned_tokens[-1] / sweeper.num_visual
+        row = {"compression": compression, "keep_ratio": ratio}
+        for budget in BUDGETS:
+            selector = build_selector(calibration, keep_ratio=ratio, budget=budget)
+            plan = selector_plan(budget, selector, sweeper.num_visual)
+            row[f"retention_{budget}"] = sweeper.retention(plan, update, selector)
+            row[f"tokens_{budget}"] = statistics.fmean(plan.planned_tokens)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def stale_table(sweeper: Sweeper, compression: float) -> list[dict]:
+    calibration, _ = sweeper.calibrate(DEFAULTS)
+    selector = build_selector(calibration, keep_ratio=1.0)
+    rows = []
+    for method in ("alvts", "oracle"):
+        plan, _ = sweeper.plan(method, compression, selector, calibration)
+        for update in UPDATES:
+            row = {"selection": method, "update": update, "retention": sweeper.retention(plan, update, selector),
+                   "kl": sweeper.kl(plan, update, selector)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def run(compression: float, eval_rows: int, quick: bool) -> dict:
+    """All three tables; returns the JSON report."""
+    sweeper = Sweeper(eval_rows)
+    report = {"model": BUILTIN_NAME, "compression": compression, "eval_rows": eval_rows,
+              "full_accuracy": sweeper.full.accuracy, "threads": torch.get_num_threads()}
+    report["stale_states"] = stale_table(sweeper, compression)
+    report["budgets"] = budgets_table(sweeper, (0.67, 0.78, 0.89), "none")
+    report["settings"] = settings_table(sweeper, compression, quick)
+    return report
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def tables(report: dict) -> list[Table]:
+    title = f"on {report['model']}, {report['eval_rows']} held-out rows (full accuracy {report['full_accuracy']:.1%})"
+    settings = Table(title=f"design settings at {report['compression']:.0%} compression {title}")
+    columns = ("setting", "recall", "mass kept", "skip-update R²", *(f"retention ({u})" for u in UPDATES),
+               "calibration s")
+    for column in columns:
+        settings.add_column(column, justify="left" if column == "setting" else "right")
+    for row in report["settings"]:
+        settings.add_row(row["setting"], f"{row['recall']:.3f}", f"{row['mass']:.3f}",
+                         f"{row['update_explained']:.3f}", *(_percent(row[f"retention_{u}"]) for u in UPDATES),
+                         f"{row['calibration_seconds']:.1f}")
+    budgets = Table(title=f"per-layer budgets {title}")
+    for column in ("compression", "keep ratio", *(f"retention ({b})" for b in BUDGETS)):
+        budgets.add_column(column, justify="right")
+    for row in report["budgets"]:
+        budgets.add_row(_percent(row["compression"]), f"{row['keep_ratio']:.3f}",
+                        *(_percent(row[f"retention_{b}"]) for b in BUDGETS))
+    stale = Table(title=f"skipped-token updates at {report['compression']:.0%} compression {title}")
+    for column in ("selection", "update", "retention", "KL(full || routed)"):
+        stale.add_column(column, justify="right")
+    for row in report["stale_states"]:
+        stale.add_row(row["selection"], row["update"], _percent(row["retention"]), f"{row['kl']:.4f}")
+    return [stale, budgets, settings]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compression", type=float, default=0.89)
     parser.add_argument("--eval-rows", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="Only the first three rows (development).")
+    parser.add_argument("--quick", action="store_true", help="Only the first three setting rows (development).")
     parser.add_argument("--out", type=Path, default=Path("docs/design-sweeps.json"))
     args = parser.parse_args()
     report = run(args.compression, args.eval_rows, args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    Console().print(table(report))
-    print(f"mean recall over rows: {statistics.fmean(r['recall'] for r in report['rows']):.3f} -> {args.out}")
+    for table in tables(report):
+        Console().print(table)
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":
