@@ -30,8 +30,9 @@ COLORS = {
     "white": (240, 240, 240),
 }
 SHAPES = ("square", "circle", "triangle", "cross")
-NUMBERS = tuple(str(n) for n in range(GRID + 1))
-ANSWERS = (*COLORS, *SHAPES, *NUMBERS, "yes", "no")
+NUMBERS = tuple(str(n) for n in range(GRID + 1))  # counts and rows (1 = top)
+COLUMN_NAMES = tuple("abcdefgh"[:GRID])  # columns are letters, as on a chess board (a = left)
+ANSWERS = (*COLORS, *SHAPES, *NUMBERS, *COLUMN_NAMES, "yes", "no")
 MIN_OBJECTS, MAX_OBJECTS = 3, 7
 SPLIT_SEEDS = {"train": 0, "calibration": 1, "test": 2}
 
@@ -141,7 +142,7 @@ def _position(scene: list[Shape], rng: random.Random) -> tuple[str, str] | None:
     item, name = rng.choice(references)
     if rng.random() < 0.5:
         return f"which row is {name} in ?", str(item.row + 1)
-    return f"which column is {name} in ?", str(item.column + 1)
+    return f"which column is {name} in ?", COLUMN_NAMES[item.column]
 
 
 QUESTION_KINDS: dict[str, Callable[[list[Shape], random.Random], tuple[str, str] | None]] = {
@@ -185,15 +186,26 @@ def example(seed: int, max_objects: int = MAX_OBJECTS) -> Example:
             return Example(tuple(scene), kind, *asked, seed)
 
 
-def follow_up_questions(item: Example, count: int) -> list[tuple[str, str]]:
-    """`count` more (question, answer) pairs about `item`'s scene, seeded by the example (for training)."""
+def follow_up_questions(
+    item: Example, count: int, kind_weights: dict[str, float] | None = None
+) -> list[tuple[str, str]]:
+    """`count` more (question, answer) pairs about `item`'s scene, seeded by the example (for training).
+
+    Kinds are drawn uniformly, or by `kind_weights` (so training can ask the hard kinds more often).
+    """
     rng = random.Random(f"follow-up {item.seed}")
     scene = list(item.scene)
+    kinds = list(QUESTION_KINDS)
     asked: list[tuple[str, str]] = []
-    while len(asked) < count:
-        pair = QUESTION_KINDS[rng.choice(list(QUESTION_KINDS))](scene, rng)
+    for _ in range(100 * count):
+        if len(asked) == count:
+            return asked
+        kind = rng.choice(kinds) if kind_weights is None else rng.choices(kinds, [kind_weights[k] for k in kinds])[0]
+        pair = QUESTION_KINDS[kind](scene, rng)
         if pair is not None:
             asked.append(pair)
+    if len(asked) < count:
+        raise ValueError(f"could not ask {count} follow-up questions of the weighted kinds about this scene")
     return asked
 
 

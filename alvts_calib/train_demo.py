@@ -19,7 +19,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from .shapes_model import DECODER_LAYERS, shapes_config, shapes_processor
-from .shapes_task import GRID, MAX_OBJECTS, example, follow_up_questions, split_seeds
+from .shapes_task import COLUMN_NAMES, GRID, MAX_OBJECTS, example, follow_up_questions, split_seeds
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-llava"
 QUESTIONS_PER_IMAGE = 4  # answered questions per training image (a chat), for more signal per image
@@ -38,13 +38,21 @@ def _conversation(exchanges: list[tuple[str, str | None]]) -> list[dict]:
 
 
 def training_batch(
-    processor, seeds: range, max_objects: int = MAX_OBJECTS, questions: int = 1
+    processor,
+    seeds: range,
+    max_objects: int = MAX_OBJECTS,
+    questions: int = 1,
+    kind_weights: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Processor inputs for `seeds`: a chat of `questions` answered questions about each image (left padded)."""
+    """Processor inputs for `seeds`: a chat of `questions` answered questions about each image (left padded).
+
+    The first question is the split's own; follow-ups draw their kinds by `kind_weights` (None: uniformly).
+    """
     examples = [example(seed, max_objects) for seed in seeds]
     texts = [
         processor.apply_chat_template(
-            _conversation([(e.question, e.answer), *follow_up_questions(e, questions - 1)]), tokenize=False
+            _conversation([(e.question, e.answer), *follow_up_questions(e, questions - 1, kind_weights)]),
+            tokenize=False,
         )
         for e in examples
     ]
@@ -59,7 +67,7 @@ def cell_words(examples: list, tokenizer) -> torch.Tensor:
     words = torch.full((len(examples), GRID * GRID, 4), empty, dtype=torch.long)
     for row, item in enumerate(examples):
         for shape in item.scene:
-            names = [shape.color, shape.shape, str(shape.row + 1), str(shape.column + 1)]
+            names = [shape.color, shape.shape, str(shape.row + 1), COLUMN_NAMES[shape.column]]
             words[row, shape.row * GRID + shape.column] = torch.tensor(tokenizer.convert_tokens_to_ids(names))
     return words
 
@@ -129,13 +137,16 @@ class Stage:
     lr: float
     curriculum: bool  # ease in the number of objects (for a stage that starts from scratch)
     cell_words: int = 4  # how many of (color, shape, row, column) the auxiliary loss asks each visual token for
+    follow_up_weights: dict[str, float] | None = None  # kinds of follow-up questions (None: uniform)
 
 
 BASE_LAYERS = 4
+WHAT_KINDS = {"color": 3.0, "shape": 3.0, "count": 1.0, "position": 0.5, "relation": 0.5}  # follow-ups, stage 0
+HARD_KINDS = {"color": 1.0, "shape": 1.0, "count": 1.0, "position": 2.0, "relation": 3.0}  # follow-ups, later
 DEFAULT_STAGES = (
-    Stage(layers=BASE_LAYERS, steps=2000, lr=2e-3, curriculum=True, cell_words=2),  # what: find objects
-    Stage(layers=BASE_LAYERS, steps=3000, lr=1.5e-3, curriculum=False, cell_words=4),  # where: positions
-    Stage(layers=DECODER_LAYERS, steps=1500, lr=5e-4, curriculum=False, cell_words=4),  # grown to full depth
+    Stage(layers=BASE_LAYERS, steps=2000, lr=2e-3, curriculum=True, cell_words=2, follow_up_weights=WHAT_KINDS),
+    Stage(layers=BASE_LAYERS, steps=5000, lr=1.5e-3, curriculum=False, follow_up_weights=HARD_KINDS),
+    Stage(layers=DECODER_LAYERS, steps=1500, lr=5e-4, curriculum=False, follow_up_weights=HARD_KINDS),
 )
 
 
@@ -186,7 +197,10 @@ def train_stage(
     )
     for step in range(stage.steps):
         max_objects = curriculum(step, stage.steps) if stage.curriculum else MAX_OBJECTS
-        batch = training_batch(processor, seeds[step * batch_size : (step + 1) * batch_size], max_objects, questions)
+        batch = training_batch(
+            processor, seeds[step * batch_size : (step + 1) * batch_size], max_objects, questions,
+            stage.follow_up_weights,
+        )
         batch["cell_words"] = batch["cell_words"][..., : stage.cell_words]
         loss = answer_loss(model, batch, answer_mask(batch["input_ids"], processor.tokenizer), cell_weight)
         loss.backward()

@@ -13,7 +13,7 @@ from alvts_calib.attach import attach, detach
 from alvts_calib.builtin import BUILTIN_MODEL_DIR, builtin_model, builtin_processor
 from alvts_calib.data import build_labelled_items
 from alvts_calib.shapes_model import DECODER_LAYERS, NUM_VISUAL_TOKENS, shapes_config, shapes_processor
-from alvts_calib.shapes_task import GRID, example, split_records
+from alvts_calib.shapes_task import COLUMN_NAMES, GRID, example, split_records
 from alvts_calib.train_demo import Stage, answer_mask, grown, train, training_batch
 
 
@@ -88,5 +88,5 @@ def test_training_targets_are_every_answer_and_each_cells_words():
         cells = batch["cell_words"][row]
         for shape in item.scene:
             named = processor.tokenizer.convert_ids_to_tokens(cells[shape.row * GRID + shape.column].tolist())
-            assert named == [shape.color, shape.shape, str(shape.row + 1), str(shape.column + 1)]
+            assert named == [shape.color, shape.shape, str(shape.row + 1), COLUMN_NAMES[shape.column]]
         assert int((cells != processor.tokenizer.convert_tokens_to_ids("no")).any(-1).sum()) == len(item.scene)

@@ -12,9 +12,13 @@ from alvts_calib.shapes_model import NUM_VISUAL_TOKENS, shapes_processor
 from alvts_calib.shapes_task import (
     CELL,
     COLORS,
+    COLUMN_NAMES,
     QUESTION_KINDS,
     SHAPE_MASKS,
+    Example,
+    Shape,
     example,
+    follow_up_questions,
     render,
     split_records,
     split_seeds,
@@ -43,6 +47,38 @@ def test_every_kind_is_asked_and_answers_follow_from_the_scene():
         elif item.kind == "shape":
             (match,) = [shape for shape in item.scene if shape.color == words[4]]
             assert item.answer == match.shape
+        elif item.kind == "position":
+            (match,) = _referred(item.scene, words[3:-2])
+            assert item.answer == (str(match.row + 1) if words[1] == "row" else COLUMN_NAMES[match.column])
+        else:
+            split = words.index("left" if "left" in words else "above")
+            after = split + (2 if words[split] == "left" else 1)  # "left of the ..." / "above the ..."
+            (first,), (second,) = _referred(item.scene, words[1:split]), _referred(item.scene, words[after:-1])
+            if words[split] == "left":
+                assert item.answer == ("yes" if first.column < second.column else "no")
+            else:
+                assert item.answer == ("yes" if first.row < second.row else "no")
+
+
+def _referred(scene, phrase: list[str]) -> list:
+    """The objects "the circle" or "the red object" names (exactly one, if the question is sound)."""
+    if phrase[-1] == "object":
+        return [shape for shape in scene if shape.color == phrase[1]]
+    return [shape for shape in scene if shape.shape == phrase[1]]
+
+
+def test_follow_up_questions_are_seeded_and_can_favour_hard_kinds():
+    item = example(3)
+    assert follow_up_questions(item, 5) == follow_up_questions(item, 5)
+    kinds = {pair[0].split()[0] + " " + pair[0].split()[1] for pair in follow_up_questions(item, 400)}
+    assert len(kinds) >= 4
+    weights = {"color": 0.0, "shape": 0.0, "count": 0.05, "position": 0.0, "relation": 1.0}
+    questions = [question for seed in range(20) for question, _ in follow_up_questions(example(seed), 3, weights)]
+    assert sum(question.startswith("is ") for question in questions) > 0.7 * len(questions)
+    impossible = {"color": 0.0, "shape": 0.0, "count": 0.0, "position": 0.0, "relation": 1.0}
+    single = Example((Shape("red", "circle", 0, 0),), "count", "q", "1", 0)
+    with pytest.raises(ValueError, match="could not ask"):
+        follow_up_questions(single, 2, impossible)
 
 
 def test_rendered_pixels_show_each_object_in_its_cell():
