@@ -1,7 +1,11 @@
 """Train the demo LVLM from scratch on the shapes task (seeded, CPU-friendly): `python -m alvts_calib.train_demo`.
 
-Each step draws fresh examples from the train split and fits the answer word and the end-of-turn token.
-The result is saved like any checkpoint (config, safetensors weights, processor files).
+Training runs in stages (`DEFAULT_STAGES`): a 4-layer decoder first learns to find objects (what-questions),
+then their positions and relations; it is then grown to 24 layers without changing its function (`grown`) and
+trained on. Each step draws fresh scenes from the train split; every image carries a chat of several answered
+questions, and an auxiliary loss asks each visual token's last hidden state to name its cell (color, shape,
+row, column). The result is saved like any checkpoint (config, safetensors weights, processor files) at the
+end of every stage, and a rerun resumes after the last finished stage.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .shapes_task import COLUMN_NAMES, GRID, MAX_OBJECTS, example, follow_up_que
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-llava"
 QUESTIONS_PER_IMAGE = 4  # answered questions per training image (a chat), for more signal per image
+DEFAULT_SEED = 1  # seed 0 learned the what-questions far later in stage 0 (see docs/RESULTS.md)
 CELL_WEIGHT = 0.5  # weight of the auxiliary loss: each visual token names its cell's color and shape
 
 
@@ -218,7 +223,7 @@ def train(
     stages: tuple[Stage, ...] = DEFAULT_STAGES,
     *,
     batch_size: int = 32,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     eval_every: int = 500,
     eval_rows: int = 256,
     questions: int = QUESTIONS_PER_IMAGE,
@@ -297,7 +302,7 @@ def main() -> None:
         help="steps of each stage (decoder layers: " + ", ".join(str(stage.layers) for stage in DEFAULT_STAGES) + ")",
     )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--eval-every", type=int, default=500)
     args = parser.parse_args()
     stages = tuple(replace(stage, steps=steps) for stage, steps in zip(DEFAULT_STAGES, args.steps, strict=True))
