@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from .errors import ArtifactError
 from .importance import Importance
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
-from .skip_update import SKIP_UPDATE_TENSOR_NAMES, SkipUpdate
+from .skip_update import SkipUpdate, stored_skip_update
 
 SELECTOR_FORMAT = "alvts-selector"
 FORMAT_VERSION = 1
@@ -125,11 +125,8 @@ def load_selector(path: str | Path) -> Selector:
             for index in keep_ratios
         }
         importance = Importance(metadata["importance"])
-        skip_updates = {
-            index: SkipUpdate.from_tensors({name: tensors[f"skip.{index}.{name}"] for name in SKIP_UPDATE_TENSOR_NAMES})
-            for index in keep_ratios
-            if f"skip.{index}.{SKIP_UPDATE_TENSOR_NAMES[0]}" in tensors
-        }
+        stored = {index: stored_skip_update(tensors, index) for index in keep_ratios}
+        skip_updates = {index: SkipUpdate.from_tensors(state) for index, state in stored.items() if state is not None}
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
         raise ArtifactError(
             f"{path}: selector artifact is incomplete or inconsistent ({error!r}); re-export it"

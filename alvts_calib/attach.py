@@ -83,9 +83,9 @@ def attach(
     """Patch `model` in place so routed layers process only their selected visual tokens; returns `model`.
 
     `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. `skipped_update` "mean" gives
-    visual tokens that skip a layer the mean update of the ones it processed, "linear" the artifact's fitted
-    update of their own state (see `SkippedUpdate`). The artifact
-    must have been calibrated on this model (checked by fingerprint).
+    visual tokens that skip a layer the mean update of the ones it processed, "linear" that mean plus the
+    artifact's fitted map of how each token differs from them (see `SkippedUpdate`). The artifact must have
+    been calibrated on this model (checked by fingerprint).
     """
     if not isinstance(selector, Selector):
         selector = load_selector(selector)

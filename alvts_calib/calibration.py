@@ -13,7 +13,7 @@ from .budgets import LayerStatistics
 from .errors import AlvtsError, ArtifactError
 from .importance import Importance
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
-from .skip_update import SKIP_UPDATE_TENSOR_NAMES
+from .skip_update import stored_skip_update
 from .solver import fidelity
 
 CALIBRATION_FORMAT = "alvts-calibration"
@@ -109,13 +109,6 @@ def _budget_statistics(tensors: dict[str, torch.Tensor], index: str) -> LayerSta
     return LayerStatistics(coverage=coverage, visual_share=float(tensors[f"budget.{index}.visual_share"]))
 
 
-def _skip_update(tensors: dict[str, torch.Tensor], index: str) -> dict[str, torch.Tensor] | None:
-    """Layer `index`'s fitted skipped-token update, or None if the calibration fitted none."""
-    if f"skip.{index}.{SKIP_UPDATE_TENSOR_NAMES[0]}" not in tensors:
-        return None
-    return {name: tensors[f"skip.{index}.{name}"] for name in SKIP_UPDATE_TENSOR_NAMES}
-
-
 def load_calibration(path: str | Path) -> Calibration:
     """Read a calibration written by `Calibration.save`."""
     tensors, metadata = read_safetensors(path, CALIBRATION_FORMAT)
@@ -131,7 +124,7 @@ def load_calibration(path: str | Path) -> Calibration:
                 heldout_target=tensors[f"heldout.{index}.target"],
                 stats=stats,
                 budget=_budget_statistics(tensors, index),
-                skip_update=_skip_update(tensors, index),
+                skip_update=stored_skip_update(tensors, index),
             )
             for index, stats in metadata.pop("layer_stats").items()
         }

@@ -146,7 +146,7 @@ class RoutedLayerMixin:
         align_tensors(context, hidden_states.device)
         counts = context.host_counts()
         policy = self.alvts_policy
-        visual_keep = None
+        visual_keep = normed = None
         if counts.has_visual:
             with record_function(SELECT_RANGE):
                 if not policy.keeps_all:
@@ -158,7 +158,7 @@ class RoutedLayerMixin:
         if visual_keep is None and not compacted_before:
             return super().forward(hidden_states, **kwargs)
         rows = compact_rows(counts, None if visual_keep is None else policy)
-        return self._routed_forward(hidden_states, context, visual_keep, kwargs, rows)
+        return self._routed_forward(hidden_states, context, visual_keep, kwargs, rows, normed)
 
     def _routed_forward(
         self,
@@ -167,11 +167,12 @@ class RoutedLayerMixin:
         visual_keep: torch.Tensor | None,
         kwargs: dict,
         rows: list[int] | None,
+        normed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the layer on valid text tokens, the kept visual tokens and the last position; scatter back.
 
         `rows` (positions processed per row, if known on the host) avoids host syncs for the compact length
-        and for the masks.
+        and for the masks. `normed` is the layer's normed input if selection already computed it.
         """
         layer_idx = self.self_attn.layer_idx
         with record_function(COMPACT_RANGE):
@@ -208,7 +209,8 @@ class RoutedLayerMixin:
             if self.alvts_skipped_update is SkippedUpdate.NONE:
                 return merged
             skip_module = self.alvts_skip_module if self.alvts_skipped_update is SkippedUpdate.LINEAR else None
-            normed = None if skip_module is None else self.input_layernorm(hidden_states)
+            if skip_module is not None and normed is None:
+                normed = self.input_layernorm(hidden_states)
             return compensate_skipped(merged, hidden_states, keep, context, skip_module, normed)
 
 

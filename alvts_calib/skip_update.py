@@ -86,6 +86,13 @@ def fit_update(moments: UpdateMoments, rank: int) -> FittedUpdate:
     )
 
 
+def stored_skip_update(tensors: dict[str, torch.Tensor], index: int | str) -> dict[str, torch.Tensor] | None:
+    """Layer `index`'s fitted update among a file's tensors (named `skip.{index}.{name}`), or None if absent."""
+    if f"skip.{index}.{SKIP_UPDATE_TENSOR_NAMES[0]}" not in tensors:
+        return None
+    return {name: tensors[f"skip.{index}.{name}"] for name in SKIP_UPDATE_TENSOR_NAMES}
+
+
 class SkipUpdate(nn.Module):
     """`up(down(normed))`: the fitted map W (plus a bias that cancels in differences; see the module doc)."""
 
