@@ -17,7 +17,15 @@ from .fingerprint import check_fingerprint
 from .masks import check_backend
 from .options import check_keep_ratio, parse_choice
 from .policies import LayerPolicy, SelectorPolicy
-from .routing import CONTEXT_KWARG, ForwardContext, PassCounts, SkippedUpdate, route_layer, unroute_layer
+from .routing import (
+    CONTEXT_KWARG,
+    ForwardContext,
+    PassCounts,
+    SkippedKeys,
+    SkippedUpdate,
+    route_layer,
+    unroute_layer,
+)
 from .visual import TRACKER_ATTRIBUTE, VisualTracker
 
 RUNTIME_ATTRIBUTE = "_alvts_runtime"
@@ -79,13 +87,16 @@ def attach(
     *,
     keep_ratio: float | None = None,
     skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+    skipped_keys: SkippedKeys | str | None = None,
 ) -> nn.Module:
     """Patch `model` in place so routed layers process only their selected visual tokens; returns `model`.
 
     `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. `skipped_update` "mean" gives
     visual tokens that skip a layer the mean update of the ones it processed, "linear" that mean plus the
-    artifact's fitted map of how each token differs from them (see `SkippedUpdate`). The artifact must have
-    been calibrated on this model (checked by fingerprint).
+    artifact's fitted map of how each token differs from them (see `SkippedUpdate`). `skipped_keys` "pool" lets
+    the text attend to one stand-in per row for the skipped visual tokens, with their mean state and their
+    attention mass (one token per layer, which the exported budgets count; eager or SDPA attention); None takes
+    the artifact's own setting. The artifact must have been calibrated on this model (checked by fingerprint).
     """
     if not isinstance(selector, Selector):
         selector = load_selector(selector)
@@ -96,7 +107,11 @@ def attach(
         index: SelectorPolicy(selector.layers[index], ratio if keep_ratio is None else keep_ratio, selector.importance)
         for index, ratio in selector.keep_ratios.items()
     }
-    return attach_policies(model, policies, selector=selector, skipped_update=skipped_update)
+    if skipped_keys is None:
+        skipped_keys = selector.metadata.get("skipped_keys", SkippedKeys.DROP)
+    return attach_policies(
+        model, policies, selector=selector, skipped_update=skipped_update, skipped_keys=skipped_keys
+    )
 
 
 def attach_policies(
@@ -105,6 +120,7 @@ def attach_policies(
     *,
     selector: Selector | None = None,
     skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+    skipped_keys: SkippedKeys | str = SkippedKeys.DROP,
 ) -> nn.Module:
     """Patch `model` in place so each layer in `policies` processes the visual tokens its policy selects.
 
@@ -113,12 +129,13 @@ def attach_policies(
     if getattr(model, RUNTIME_ATTRIBUTE, None) is not None:
         raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
     adapter = get_adapter(model)
-    check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
+    skipped_keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
+    check_backend(model.config.get_text_config(decoder=True)._attn_implementation, skipped_keys is SkippedKeys.POOL)
     skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
     skip_modules = _skip_modules(skipped_update, selector, policies)
     layers = decoder_layers(model)
     for index, policy in policies.items():
-        route_layer(layers[index], policy, skipped_update, skip_modules.get(index))
+        route_layer(layers[index], policy, skipped_update, skip_modules.get(index), skipped_keys)
 
     tracker = VisualTracker(model, adapter)
     tracker.install()

@@ -13,6 +13,12 @@ keep ratio gives. The per-layer ratio is k_l / n, which the runtime turns back i
   whose importance is spread flat get more tokens and layers with a few dominant tokens get fewer;
 - water-filling ("adaptive-mass"): the most importance mass in total, each layer's mass weighted by its visual
   attention share. It is all-or-nothing on flat curves, so at small budgets it may give such layers nothing.
+- update-weighted water-filling ("adaptive-update"): tokens go where the layer's work is. A layer that barely
+  changes the hidden states loses little when its visual tokens skip it, whatever its attention looks like. Each
+  layer's gain from k tokens is T C(k) + V U(k): T is the mean relative update of the text rows (|dh|^2 / |h|^2)
+  times the visual attention share (what the text reads from the image there), V the mean relative update of
+  the visual tokens (what skipping them loses; 0 at the last layer, after which nothing reads them), and U(k)
+  the share of the visual tokens' update energy held by the k largest updates.
 """
 
 from __future__ import annotations
@@ -39,11 +45,15 @@ class Budget(str, Enum):
     UNIFORM = "uniform"  # the same ratio in every layer (the paper)
     ADAPTIVE = "adaptive"  # equal coverage: every layer keeps the same share of its importance mass
     ADAPTIVE_MASS = "adaptive-mass"  # water-filling: most importance mass in total, weighted by visual share
+    ADAPTIVE_UPDATE = "adaptive-update"  # water-filling weighted by how much each layer changes the hidden states
 
     @property
     def method(self) -> str:
         """The allocation method's name, as recorded in artifacts."""
-        return {"uniform": "uniform", "adaptive": "equal-coverage", "adaptive-mass": "water-filling"}[self.value]
+        return {
+            "uniform": "uniform", "adaptive": "equal-coverage", "adaptive-mass": "water-filling",
+            "adaptive-update": "update-weighted water-filling",
+        }[self.value]
 
 
 def parse_budget(name: str | Budget) -> Budget:
@@ -92,11 +102,53 @@ def visual_attention_share(parts: torch.Tensor, visual: torch.Tensor) -> torch.T
 
 
 @dataclass(frozen=True)
+class LayerUpdates:
+    """How much one layer changes the hidden states, over calibration rows (see "adaptive-update")."""
+
+    text: float  # mean relative update |dh|^2 / |h|^2 of the valid text rows
+    visual: float  # the same for visual tokens (0 where nothing after the layer reads them)
+    coverage: torch.Tensor  # (COVERAGE_POINTS,) share of the visual update energy held by the largest updates
+
+
+def relative_update_energy(hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """(B, L) |output - hidden|^2 / |hidden|^2 per position, in float64."""
+    hidden = hidden.double()
+    return (output.double() - hidden).pow(2).sum(-1) / hidden.pow(2).sum(-1).clamp(min=1e-30)
+
+
+class UpdateTally:
+    """Accumulates a layer's LayerUpdates over calibration batches."""
+
+    def __init__(self):
+        self.text: list[torch.Tensor] = []
+        self.visual: list[torch.Tensor] = []
+        self.curves: list[torch.Tensor] = []
+
+    def add(self, hidden: torch.Tensor, output: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> None:
+        """One batch: the layer's (B, L, D) input and output, and its visual and valid (B, L) masks."""
+        energy = relative_update_energy(hidden, output)
+        visual = visual & valid
+        self.text.append(energy[valid & ~visual].cpu())
+        self.visual.append(energy[visual].cpu())
+        self.curves.append(coverage_curves(energy, visual))
+
+    def result(self, read_later: bool) -> LayerUpdates:
+        """The layer's statistics; `read_later` False (the last layer) zeroes the visual tokens' weight."""
+        text, visual = torch.cat(self.text), torch.cat(self.visual)
+        return LayerUpdates(
+            text=float(text.mean()) if text.numel() else 0.0,
+            visual=float(visual.mean()) if read_later and visual.numel() else 0.0,
+            coverage=torch.cat(self.curves).mean(0),
+        )
+
+
+@dataclass(frozen=True)
 class LayerStatistics:
     """What allocation needs to know about one routed layer."""
 
     coverage: torch.Tensor  # (COVERAGE_POINTS,) mean coverage curve
     visual_share: float  # mean share of the query rows' attention on visual tokens
+    updates: LayerUpdates | None = None  # how much the layer changes the hidden states (None: older files)
 
 
 @dataclass(frozen=True)
@@ -190,7 +242,26 @@ def allocate(
     curves = token_curves(np.stack([statistics[i].coverage.double().numpy() for i in indices]), visual_tokens)
     if budget is Budget.ADAPTIVE:
         tokens = equal_coverage(curves, total)
+    elif budget is Budget.ADAPTIVE_UPDATE:
+        tokens = water_filling(_update_gains(statistics, indices, curves, visual_tokens), np.ones(len(indices)), total)
     else:
         weights = np.array([max(statistics[i].visual_share, 0.0) for i in indices])
         tokens = water_filling(curves, weights if weights.sum() > 0 else np.ones(len(indices)), total)
     return Allocation(budget, keep_ratio, visual_tokens, dict(zip(indices, tokens, strict=True)))
+
+
+def _update_gains(
+    statistics: Mapping[int, LayerStatistics], indices: list[int], coverage: np.ndarray, visual_tokens: int
+) -> np.ndarray:
+    """(L, n + 1) gain T C(k) + V U(k) of each layer after keeping 0..n tokens (see the module docstring)."""
+    missing = [index for index in indices if statistics[index].updates is None]
+    if missing:
+        raise AlvtsError(
+            f"budget 'adaptive-update' needs the layers' update statistics, which this calibration lacks (layers "
+            f"{missing}); re-run `alvts calibrate` with this version, or use another budget"
+        )
+    updates = [statistics[index].updates for index in indices]
+    update_curves = token_curves(np.stack([u.coverage.double().numpy() for u in updates]), visual_tokens)
+    text = np.array([u.text * max(statistics[i].visual_share, 0.0) for u, i in zip(updates, indices, strict=True)])
+    visual = np.array([u.visual for u in updates])
+    return text[:, None] * coverage + visual[:, None] * update_curves

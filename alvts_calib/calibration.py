@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .artifact import read_safetensors, write_safetensors
-from .budgets import LayerStatistics
+from .budgets import LayerStatistics, LayerUpdates
 from .errors import AlvtsError, ArtifactError
 from .importance import Importance
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
@@ -93,12 +93,24 @@ class Calibration:
             tensors[f"heldout.{index}.target"] = result.heldout_target
             stats[str(index)] = result.stats
             if result.budget is not None:
-                tensors[f"budget.{index}.coverage"] = result.budget.coverage
-                tensors[f"budget.{index}.visual_share"] = torch.tensor(result.budget.visual_share, dtype=torch.float64)
+                tensors.update(_budget_tensors(index, result.budget))
             for name, tensor in (result.skip_update or {}).items():
                 tensors[f"skip.{index}.{name}"] = tensor
         metadata = {**self.metadata, "format": CALIBRATION_FORMAT, "format_version": 1, "layer_stats": stats}
         return write_safetensors(path, tensors, metadata)
+
+
+def _budget_tensors(index: int, budget: LayerStatistics) -> dict[str, torch.Tensor]:
+    """Layer `index`'s budget statistics as named tensors (read back by `_budget_statistics`)."""
+    tensors = {
+        f"budget.{index}.coverage": budget.coverage,
+        f"budget.{index}.visual_share": torch.tensor(budget.visual_share, dtype=torch.float64),
+    }
+    if budget.updates is not None:
+        sizes = [budget.updates.text, budget.updates.visual]
+        tensors[f"budget.{index}.updates"] = torch.tensor(sizes, dtype=torch.float64)
+        tensors[f"budget.{index}.update_coverage"] = budget.updates.coverage
+    return tensors
 
 
 def _budget_statistics(tensors: dict[str, torch.Tensor], index: str) -> LayerStatistics | None:
@@ -106,7 +118,13 @@ def _budget_statistics(tensors: dict[str, torch.Tensor], index: str) -> LayerSta
     coverage = tensors.get(f"budget.{index}.coverage")
     if coverage is None:
         return None
-    return LayerStatistics(coverage=coverage, visual_share=float(tensors[f"budget.{index}.visual_share"]))
+    sizes = tensors.get(f"budget.{index}.updates")
+    updates = None if sizes is None else LayerUpdates(
+        text=float(sizes[0]), visual=float(sizes[1]), coverage=tensors[f"budget.{index}.update_coverage"]
+    )
+    return LayerStatistics(
+        coverage=coverage, visual_share=float(tensors[f"budget.{index}.visual_share"]), updates=updates
+    )
 
 
 def load_calibration(path: str | Path) -> Calibration:

@@ -20,11 +20,12 @@ from torch import nn
 from .adapters import AttentionGeometry
 from .artifact import Selector
 from .attach import attach_policies, detach, last_visual_pass, require_skip_updates
+from .budgets import Budget, parse_budget
 from .calibration import Calibration
 from .capture import input_device, move
 from .data import LabelledItem
 from .errors import AlvtsError
-from .export import build_selector
+from .export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
 from .fingerprint import check_fingerprint
 from .flops import layer_flops
 from .methods import (
@@ -41,7 +42,7 @@ from .methods import (
 from .options import parse_choice
 from .policies import KeepAllPolicy
 from .progress import track
-from .routing import SkippedUpdate
+from .routing import SkippedKeys, SkippedUpdate
 
 METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
 DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")
@@ -160,7 +161,9 @@ class Harness:
         policies = {} if plan is None else dict(plan.policies)
         for index in range(self.geometry.num_layers):
             policies.setdefault(index, KeepAllPolicy())
-        attach_policies(self.model, policies, selector=self.selector, skipped_update=self.skipped_update)
+        skipped_keys = SkippedKeys.DROP if plan is None else plan.skipped_keys
+        attach_policies(self.model, policies, selector=self.selector, skipped_update=self.skipped_update,
+                        skipped_keys=skipped_keys)
         try:
             correct, tokens, flops, selection = 0, [], [], []
             for batch in track(list(_batches(self.items, self.batch_size)), label, enabled=self.progress):
@@ -223,28 +226,37 @@ def build_plans(
     selector: Selector | None = None,
     calibration: Calibration | None = None,
     seed: int = 0,
+    skipped_keys: SkippedKeys | str = DEFAULT_SKIPPED_KEYS,
+    budget: Budget | str = DEFAULT_BUDGET,
 ) -> tuple[Plan | None, dict[str, float] | None]:
-    """The plan of `method` at `compression` (None when the budget is infeasible) and its selector fidelity."""
+    """The plan of `method` at `compression` (None when the budget is infeasible) and its selector fidelity.
+
+    `skipped_keys` applies to the layer-wise methods (alvts, alvts-adaptive, oracle, random); FastV, PyramidDrop
+    and DART run as published. `budget` is how alvts-adaptive spreads its tokens over layers.
+    """
     check_methods((method,), selector, calibration)
     fraction = check_compression(compression)
+    keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
     start_layer = selector.start_layer if selector is not None else 1
     importance = selector.importance if selector is not None else None
     builders: dict[str, Callable[[], Plan | None]] = {
-        "oracle": lambda: oracle_plan(importance, fraction, num_layers, num_visual, start_layer),
-        "random": lambda: random_plan(fraction, num_layers, num_visual, start_layer, seed),
+        "oracle": lambda: oracle_plan(importance, fraction, num_layers, num_visual, start_layer, keys),
+        "random": lambda: random_plan(fraction, num_layers, num_visual, start_layer, seed, keys),
         "fastv": lambda: fastv_plan(fraction, num_layers, num_visual),
         "pyramiddrop": lambda: pyramid_plan(fraction, num_layers, num_visual),
         "dart": lambda: dart_plan(fraction, num_layers, num_visual),
     }
     if method in builders:
         return builders[method](), None
-    uniform = alvts_plan(selector, fraction, num_layers, num_visual)
+    uniform = alvts_plan(selector, fraction, num_layers, num_visual, keys)
     if uniform is None:
         return None, None
-    ratio = uniform.planned_tokens[-1] / num_visual
     if method == "alvts":
+        ratio = uniform.policies[start_layer].keep_ratio
         return uniform, _fidelity(calibration, {i: ratio for i in uniform.policies}, selector)
-    adaptive = build_selector(calibration, keep_ratio=ratio, budget="adaptive")
+    adaptive = build_selector(
+        calibration, keep_ratio=uniform.planned_tokens[-1] / num_visual, budget=parse_budget(budget), skipped_keys=keys
+    )
     return selector_plan(method, adaptive, num_visual), _fidelity(calibration, adaptive.keep_ratios, adaptive)
 
 
@@ -286,12 +298,15 @@ def evaluate(
     compressions: tuple[float, ...] = DEFAULT_COMPRESSIONS,
     batch_size: int = 32,
     skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+    skipped_keys: SkippedKeys | str = DEFAULT_SKIPPED_KEYS,
+    budget: Budget | str = DEFAULT_BUDGET,
     progress: bool = True,
     model_name: str = "",
     data_name: str = "",
     data_summary: str = "",
 ) -> EvalReport:
-    """Evaluate the full model, then every method at every compression, on `items`."""
+    """Evaluate the full model, then every method at every compression, on `items` (see `build_plans` for
+    `skipped_keys` and `budget`)."""
     check_methods(methods, selector, calibration)
     if selector is not None:
         check_fingerprint(selector.fingerprint, model)
@@ -308,7 +323,7 @@ def evaluate(
         for method in methods:
             plan, fidelity = build_plans(
                 method, compression, num_layers=harness.geometry.num_layers, num_visual=num_visual,
-                selector=selector, calibration=calibration,
+                selector=selector, calibration=calibration, skipped_keys=skipped_keys, budget=budget,
             )
             if plan is None:
                 report.infeasible.append((method, compression))

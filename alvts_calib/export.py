@@ -9,8 +9,13 @@ from .artifact import Selector
 from .budgets import Budget, allocate, parse_budget
 from .calibration import Calibration
 from .errors import AlvtsError
-from .options import check_keep_ratio, torch_dtype
+from .importance import keep_count_host
+from .options import check_keep_ratio, parse_choice, torch_dtype
+from .routing import SkippedKeys
 from .skip_update import SkipUpdate
+
+DEFAULT_BUDGET = Budget.ADAPTIVE_UPDATE  # measured on the demo: docs/DESIGN.md
+DEFAULT_SKIPPED_KEYS = SkippedKeys.POOL
 
 
 def build_selector(
@@ -19,16 +24,20 @@ def build_selector(
     keep_ratio: float,
     rank: int | None = None,
     dtype: str = "float32",
-    budget: str | Budget = Budget.UNIFORM,
+    budget: str | Budget = DEFAULT_BUDGET,
+    skipped_keys: str | SkippedKeys = DEFAULT_SKIPPED_KEYS,
 ) -> Selector:
     """The selector a calibration gives at `keep_ratio` and `rank`, in memory (ready for `attach`).
 
-    `budget` "uniform" keeps `keep_ratio` in every routed layer; "adaptive" (equal coverage) and
-    "adaptive-mass" (water-filling) spread the same average number of visual tokens per routed layer over
-    layers by the calibration's full-attention statistics (see `budgets`); a layer may get 0 or all of them.
+    `budget` "uniform" keeps `keep_ratio` in every routed layer; the adaptive budgets ("adaptive-update",
+    "adaptive", "adaptive-mass") spread the same average number of visual tokens per routed layer over layers by
+    calibration statistics (see `budgets`); a layer may get 0 or all of them. With `skipped_keys` "pool" (what
+    `attach` then uses), a layer's pooled stand-in for its skipped tokens is one of its tokens: it selects one
+    token fewer than its budget at the calibration's reference visual count.
     """
     check_keep_ratio(keep_ratio)
     budget = parse_budget(budget)
+    skipped_keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
     if not calibration.complete:
         raise AlvtsError("calibration is incomplete (interrupted run?); re-run `alvts calibrate` to finish it")
     rank = calibration.rank if rank is None else rank
@@ -51,13 +60,16 @@ def build_selector(
         statistics, visual_tokens = calibration.budget_statistics()
         result = allocate(statistics, keep_ratio, visual_tokens, budget)
         ratios, allocation = result.ratios, {"allocation": result.summary()}
+    if skipped_keys is SkippedKeys.POOL:
+        ratios = _leave_room_for_pool(ratios, int(calibration.metadata["summary"].get("visual_tokens") or 0))
     fidelity = {str(i): calibration.fidelity(i, ratios[i], rank) for i in indices}
     metadata = {
         "family": calibration.metadata["family"],
         "rank": rank,
         "dtype": dtype,
         "keep_ratio": keep_ratio,
-        "budget": "uniform" if budget is Budget.UNIFORM else "adaptive",
+        "budget": budget.value,
+        "skipped_keys": skipped_keys.value,
         **allocation,
         "start_layer": indices[0],
         "calibration": {
@@ -85,9 +97,19 @@ def export(
     keep_ratio: float,
     rank: int | None = None,
     dtype: str = "float32",
-    budget: str | Budget = Budget.UNIFORM,
+    budget: str | Budget = DEFAULT_BUDGET,
+    skipped_keys: str | SkippedKeys = DEFAULT_SKIPPED_KEYS,
 ) -> Selector:
     """Write the selector artifact for `calibration` to `path` (atomically) and return it (see `build_selector`)."""
-    selector = build_selector(calibration, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget)
+    selector = build_selector(
+        calibration, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget, skipped_keys=skipped_keys
+    )
     selector.save(path)
     return selector
+
+
+def _leave_room_for_pool(ratios: dict[int, float], visual_tokens: int) -> dict[int, float]:
+    """Per-layer ratios selecting one token fewer at `visual_tokens`, for the pooled stand-in (0 stays 0)."""
+    if visual_tokens <= 0:
+        return ratios
+    return {index: max(keep_count_host(visual_tokens, ratio) - 1, 0) / visual_tokens for index, ratio in ratios.items()}

@@ -17,11 +17,17 @@ FLASH = ("flash_attention_2", "flash_attention_3")
 SUPPORTED_BACKENDS = (EAGER, SDPA, *FLASH)
 
 
-def check_backend(implementation: str | None) -> None:
+def check_backend(implementation: str | None, pooled: bool = False) -> None:
+    """Fail unless routed layers support `implementation` (with a pooled stand-in's logit bias if `pooled`)."""
     if implementation not in SUPPORTED_BACKENDS:
         raise AlvtsError(
             f"attention implementation {implementation!r} is not supported by routed layers; "
             f"load the model with attn_implementation one of {', '.join(SUPPORTED_BACKENDS)}"
+        )
+    if pooled and implementation not in (EAGER, SDPA):
+        raise AlvtsError(
+            f"pooled skipped tokens need an attention bias, which {implementation!r} does not take; load the model "
+            "with attn_implementation 'sdpa' or 'eager', or attach with skipped_keys 'drop'"
         )
 
 
@@ -31,25 +37,32 @@ def routed_attention_mask(
     implementation: str,
     dtype: torch.dtype,
     all_valid: bool | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Mask for `query_length` new queries over keys whose validity is `key_valid` (B, L_k), or None.
 
     The last `query_length` keys are the queries' own. Returns a 2-D key mask for FlashAttention, a 4-D bool
     mask for SDPA and a 4-D additive mask for eager attention. `all_valid`, when the caller knows it, saves
-    reading `key_valid` on the host.
+    reading `key_valid` on the host. `key_bias` (B, L_k), added to the attention logits of each key (a pooled
+    stand-in's log count), makes the mask additive for SDPA too; FlashAttention takes no bias.
     """
+    if key_bias is not None:
+        check_backend(implementation, pooled=True)
     all_valid = bool(key_valid.all()) if all_valid is None else all_valid
     past = key_valid.shape[1] - query_length
     if implementation in FLASH:
         return None if all_valid else key_valid.to(torch.long)
-    if all_valid and (query_length == 1 or (past == 0 and implementation == SDPA)):
+    if key_bias is None and all_valid and (query_length == 1 or (past == 0 and implementation == SDPA)):
         return None
     rows = torch.arange(query_length, device=key_valid.device)[:, None] + past
     cols = torch.arange(key_valid.shape[1], device=key_valid.device)[None, :]
     allowed = (cols <= rows)[None, None] & key_valid[:, None, None, :]
-    if implementation == SDPA:
+    if implementation == SDPA and key_bias is None:
         return allowed
-    if implementation == EAGER:
-        zero = torch.zeros((), dtype=dtype, device=key_valid.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    if implementation in (EAGER, SDPA):
+        if key_bias is None:
+            bias = torch.zeros((), dtype=dtype, device=key_valid.device)
+        else:
+            bias = key_bias.to(dtype)[:, None, None, :]
+        return torch.where(allowed, bias, torch.finfo(dtype).min)
     raise AlvtsError(f"no routed mask for attention implementation {implementation!r}")

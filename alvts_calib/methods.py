@@ -4,7 +4,8 @@ The budget is the average number of visual tokens processed per decoder layer, a
 tokens n (compression = 1 - fraction; see docs). Every method gets the largest whole token counts whose
 average over all decoder layers does not exceed the budget at the reference count n.
 
-- ALVTS, oracle, random: layers before `start_layer` process everything; every later layer k tokens.
+- ALVTS, oracle, random: layers before `start_layer` process everything; every later layer k tokens. With
+  pooled skipped keys (`SkippedKeys.POOL`) the stand-in is one of the k: they select k - 1.
 - FastV (K=2): layers 0..K-1 process everything; layer K-1's last-position attention picks T tokens for the rest.
 - PyramidDrop: layers 0..1 process everything, then N0 tokens picked at layer 2 and halved (lambda 0.5) at
   1/4, 1/2 and 3/4 of depth, each time by the last position's attention. Stage one keeps all tokens in the
@@ -32,6 +33,7 @@ from .policies import (
     dart_choice,
     last_attention_choice,
 )
+from .routing import SkippedKeys
 
 STATIC_PRUNE_LAYER = 2  # K of FastV and DART, and PyramidDrop's first cut
 PYRAMID_LAMBDA = 0.5
@@ -45,6 +47,7 @@ class Plan:
     method: str
     policies: dict[int, LayerPolicy]
     planned_tokens: list[int]  # visual tokens processed per decoder layer at the reference count
+    skipped_keys: SkippedKeys = SkippedKeys.DROP  # what processed tokens see of skipped ones (the runtime setting)
 
 
 def _per_layer_count(fraction: float, num_layers: int, num_visual: int, full_layers: int) -> int | None:
@@ -56,52 +59,65 @@ def _per_layer_count(fraction: float, num_layers: int, num_visual: int, full_lay
 
 def _uniform_plan(
     method: str, fraction: float, num_layers: int, num_visual: int, start_layer: int,
-    make: Callable[[int, float], LayerPolicy],
+    make: Callable[[int, float], LayerPolicy], skipped_keys: SkippedKeys = SkippedKeys.DROP,
 ) -> Plan | None:
     count = _per_layer_count(fraction, num_layers, num_visual, start_layer)
-    if count is None or count == 0:
+    selected = None if count is None else count - (skipped_keys is SkippedKeys.POOL)
+    if not selected or selected < 0:
         return None
-    ratio = count / num_visual
+    ratio = selected / num_visual
     policies = {index: make(index, ratio) for index in range(start_layer, num_layers)}
-    return Plan(method, policies, [num_visual] * start_layer + [count] * (num_layers - start_layer))
+    planned = [num_visual] * start_layer + [count] * (num_layers - start_layer)
+    return Plan(method, policies, planned, skipped_keys)
 
 
-def alvts_plan(selector: Selector, fraction: float, num_layers: int, num_visual: int) -> Plan | None:
+def alvts_plan(
+    selector: Selector, fraction: float, num_layers: int, num_visual: int,
+    skipped_keys: SkippedKeys = SkippedKeys.DROP,
+) -> Plan | None:
     """ALVTS with `selector`'s layers at one uniform keep ratio matching the budget."""
     importance = selector.importance
     return _uniform_plan(
         "alvts", fraction, num_layers, num_visual, selector.start_layer,
-        lambda index, ratio: SelectorPolicy(selector.layers[index], ratio, importance),
+        lambda index, ratio: SelectorPolicy(selector.layers[index], ratio, importance), skipped_keys,
     )
 
 
 def selector_plan(method: str, selector: Selector, num_visual: int) -> Plan:
-    """ALVTS with the selector's own per-layer ratios (e.g. adaptive budgets)."""
+    """ALVTS with the selector's own per-layer ratios (e.g. adaptive budgets) and skipped-key setting."""
     policies = {
         index: SelectorPolicy(selector.layers[index], ratio, selector.importance)
         for index, ratio in selector.keep_ratios.items()
     }
+    skipped_keys = SkippedKeys(selector.metadata.get("skipped_keys", SkippedKeys.DROP))
+    pooled = skipped_keys is SkippedKeys.POOL
     num_layers = int(selector.fingerprint["num_layers"])
     planned = [num_visual] * num_layers
     for index, ratio in selector.keep_ratios.items():
-        planned[index] = keep_count_host(num_visual, ratio)
-    return Plan(method, policies, planned)
+        selected = keep_count_host(num_visual, ratio)
+        planned[index] = selected + (pooled and 0 < selected < num_visual)
+    return Plan(method, policies, planned, skipped_keys)
 
 
 def oracle_plan(
-    importance: Importance, fraction: float, num_layers: int, num_visual: int, start_layer: int
+    importance: Importance, fraction: float, num_layers: int, num_visual: int, start_layer: int,
+    skipped_keys: SkippedKeys = SkippedKeys.DROP,
 ) -> Plan | None:
     """The exact full-attention importance with ALVTS's top-k rule (the selector's upper bound)."""
     return _uniform_plan(
-        "oracle", fraction, num_layers, num_visual, start_layer, lambda index, ratio: ExactPolicy(ratio, importance)
+        "oracle", fraction, num_layers, num_visual, start_layer, lambda index, ratio: ExactPolicy(ratio, importance),
+        skipped_keys,
     )
 
 
-def random_plan(fraction: float, num_layers: int, num_visual: int, start_layer: int, seed: int = 0) -> Plan | None:
+def random_plan(
+    fraction: float, num_layers: int, num_visual: int, start_layer: int, seed: int = 0,
+    skipped_keys: SkippedKeys = SkippedKeys.DROP,
+) -> Plan | None:
     """Random per-layer selection at ALVTS's per-layer counts."""
     return _uniform_plan(
         "random", fraction, num_layers, num_visual, start_layer,
-        lambda index, ratio: RandomPolicy(ratio, seed + index),
+        lambda index, ratio: RandomPolicy(ratio, seed + index), skipped_keys,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import AttentionGeometry, decoder_layers, get_adapter
-from .budgets import LayerStatistics, coverage_curves, visual_attention_share
+from .budgets import LayerStatistics, UpdateTally, coverage_curves, visual_attention_share
 from .calibration import Calibration, LayerResult, load_calibration
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
 from .devices import execution_device, materialized
@@ -116,15 +116,23 @@ def _solve_layer(
     return LayerResult(selector=state, heldout_parts=parts, heldout_target=target, stats=stats, budget=budget)
 
 
-def _propagate(layer: nn.Module, captured: list[CapturedBatch], moments: UpdateMoments | None = None) -> None:
+def _propagate(
+    layer: nn.Module,
+    captured: list[CapturedBatch],
+    moments: UpdateMoments | None = None,
+    tally: UpdateTally | None = None,
+) -> None:
     """Replace every batch's hidden states by the unmodified layer's output; with `moments`, also accumulate
-    the visual tokens' normed inputs and updates there, each minus its row's mean over visual tokens."""
+    the visual tokens' normed inputs and updates there, each minus its row's mean over visual tokens; with
+    `tally`, the relative size of the layer's updates (for budgets)."""
     device = execution_device(layer)
     with torch.no_grad():
         for batch in captured:
             hidden = batch.hidden.to(device)
             output = layer(hidden, **move(batch.layer_kwargs, device))
             output = output[0] if isinstance(output, tuple) else output
+            if tally is not None:
+                tally.add(hidden, output, batch.visual.to(device), batch.valid.to(device))
             if moments is not None:
                 tokens = (batch.visual & batch.valid).to(device)
                 normed = layer.input_layernorm(hidden)
@@ -132,13 +140,19 @@ def _propagate(layer: nn.Module, captured: list[CapturedBatch], moments: UpdateM
             batch.hidden = output.to(batch.hidden.device)
 
 
-def _fit_skip_update(layer: nn.Module, captured: list[CapturedBatch], result: LayerResult, rank: int) -> None:
-    """Propagate through `layer` while fitting its skipped-token update into `result` (see `skip_update`)."""
-    moments = UpdateMoments.empty(layer.self_attn.q_proj.in_features)
-    _propagate(layer, captured, moments)
-    fitted = fit_update(moments, rank)
-    result.skip_update = fitted.tensors
-    result.stats["skip_update_explained"] = fitted.explained
+def _propagate_routed(
+    layer: nn.Module, captured: list[CapturedBatch], result: LayerResult, skip_update_rank: int, last: bool
+) -> None:
+    """Propagate through a routed `layer`, recording in `result` the size of its updates (for budgets) and, with
+    `skip_update_rank`, its fitted skipped-token update (see `skip_update`)."""
+    moments = UpdateMoments.empty(layer.self_attn.q_proj.in_features) if skip_update_rank else None
+    tally = UpdateTally()
+    _propagate(layer, captured, moments, tally)
+    result.budget = replace(result.budget, updates=tally.result(read_later=not last))
+    if moments is not None:
+        fitted = fit_update(moments, skip_update_rank)
+        result.skip_update = fitted.tensors
+        result.stats["skip_update_explained"] = fitted.explained
 
 
 def _heldout_indices(count: int, fraction: float) -> list[int]:
@@ -245,10 +259,7 @@ def calibrate(
         if index >= start_layer and index not in results:
             with materialized(layer):  # offloaded weights (accelerate) stay loaded while the layer is solved
                 result = _solve_layer(layer, index, captured, heldout, geometry, options)
-            if skip_update_rank:
-                _fit_skip_update(layer, captured, result, skip_update_rank)
-            elif index < last:
-                _propagate(layer, captured)
+            _propagate_routed(layer, captured, result, skip_update_rank, index == last)
             results[index] = result
             if checkpoint is not None:
                 Calibration(results, counts, metadata).save(checkpoint)

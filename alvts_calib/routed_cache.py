@@ -20,6 +20,18 @@ class RoutedCacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.key_valid: torch.Tensor | None = None
         self.keys_all_valid: bool | None = None  # host-side: every cached key is valid (None: not known)
+        self.key_bias: torch.Tensor | None = None  # (B, L_k) logit bias per cached key (pooled stand-ins); None: 0
+
+    def append_bias(self, bias: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | None:
+        """Logit bias of all keys after appending keys with `bias` (None: zero) and validity `valid` (B, L)."""
+        if bias is None and self.key_bias is None:
+            return None
+        if bias is None:
+            bias = torch.zeros(valid.shape, dtype=self.key_bias.dtype, device=self.key_bias.device)
+        if self.key_bias is None:
+            past = 0 if self.key_valid is None else self.key_valid.shape[1]
+            return torch.cat([bias.new_zeros(bias.shape[0], past), bias], 1)
+        return torch.cat([self.key_bias, bias.to(self.key_bias.device)], 1)
 
     def append_validity(self, valid: torch.Tensor) -> torch.Tensor:
         """Validity of all keys after appending `valid` (B, L) for the keys about to be cached."""
@@ -37,26 +49,31 @@ class RoutedCacheLayer(DynamicLayer):
         super().reset()
         self.key_valid = None
         self.keys_all_valid = None
+        self.key_bias = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.index_select(0, beam_idx.to(self.key_valid.device))
+        self._per_key(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        if self.key_valid is not None and tokens_to_remove < 0:
-            self.key_valid = self.key_valid[:, :tokens_to_remove]
+        if tokens_to_remove < 0:
+            self._per_key(lambda tensor: tensor[:, :tokens_to_remove])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.repeat_interleave(repeats, dim=0)
+        self._per_key(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self._per_key(lambda tensor: tensor[indices])
+
+    def _per_key(self, change) -> None:
+        """Apply a batch or length change of the cached keys to their validity and bias."""
         if self.key_valid is not None:
-            self.key_valid = self.key_valid[indices]
+            self.key_valid = change(self.key_valid)
+        if self.key_bias is not None:
+            self.key_bias = change(self.key_bias)
 
 
 def routed_cache_layer(cache: Cache, layer_idx: int) -> RoutedCacheLayer:

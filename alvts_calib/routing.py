@@ -62,14 +62,19 @@ class ForwardContext:
     valid: torch.Tensor  # (B, L) bool: non-padding positions among this pass's inputs
     retained: torch.Tensor | None = None  # (B, L) bool: visual tokens static pruning has kept so far
     selected: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> its visual keep mask (None: all)
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) bool: it processed a pooled stand-in
     counts: PassCounts | None = None  # host-side counts; computed on first use if not given
 
     def processed_counts(self) -> dict[int, torch.Tensor]:
-        """Per routed layer, the (B,) valid visual tokens it processed (counted here, off the hot path)."""
+        """Per routed layer, the (B,) visual tokens it processed, a pooled stand-in counting as one (counted here,
+        off the hot path)."""
         visual = self.visual & self.valid
-        return {
+        counts = {
             layer: (visual if keep is None else keep & self.valid).sum(-1) for layer, keep in self.selected.items()
         }
+        for layer, pooled in self.pooled.items():
+            counts[layer] = counts[layer] + pooled.long()
+        return counts
 
     def host_counts(self) -> PassCounts:
         """The pass's host-side counts (one device sync the first time, none after)."""
@@ -86,11 +91,15 @@ class Compaction:
     filler: torch.Tensor  # (B, L_c) bool
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor, compact_length: int | None = None) -> Compaction:
-        """From (B, L) kept positions; `compact_length` (the largest row count) saves a host sync when known."""
+    def from_keep(
+        cls, keep: torch.Tensor, compact_length: int | None = None, sort_keys: torch.Tensor | None = None
+    ) -> Compaction:
+        """From (B, L) kept positions; `compact_length` (the largest row count) saves a host sync when known.
+        Kept positions keep their order, or the order of `sort_keys` (B, L) (integers below 2 L) if given."""
         length = keep.shape[1]
-        positions = torch.arange(length, device=keep.device).expand_as(keep)
-        order = torch.where(keep, positions, positions + length).argsort(dim=1, stable=True)
+        if sort_keys is None:
+            sort_keys = torch.arange(length, device=keep.device).expand_as(keep)
+        order = torch.where(keep, sort_keys, sort_keys + 2 * length).argsort(dim=1, stable=True)
         kept = keep.sum(1)
         compact_length = int(kept.max()) if compact_length is None else compact_length
         filler = torch.arange(compact_length, device=keep.device)[None, :] >= kept[:, None]
@@ -117,6 +126,58 @@ def processed_positions(context: ForwardContext, visual_keep: torch.Tensor | Non
     return keep
 
 
+@dataclass
+class Pool:
+    """One stand-in per row for the visual tokens that skip a layer (SkippedKeys.POOL).
+
+    Its hidden state is their mean, its rotary embedding their mean rotary embedding, and its attention logits get
+    log(count), so the processed tokens attend to it with about the mass the skipped keys would have drawn. It is
+    appended at slot L of the sequence and sorted right after the row's last visual token, so causal attention lets
+    only the tokens after the image (the text) see it. Its own output is discarded. A row whose layer processes
+    none of its visual tokens gets no stand-in: such a layer skips the image entirely.
+    """
+
+    state: torch.Tensor  # (B, 1, D)
+    cos: torch.Tensor  # (B, 1, d)
+    sin: torch.Tensor
+    log_count: torch.Tensor  # (B,) float32
+    present: torch.Tensor  # (B,) bool: the row processed some of its visual tokens and skipped others
+    sort_keys: torch.Tensor  # (B, L + 1) for Compaction.from_keep: position p sorts as 2p, the stand-in after the image
+
+    @classmethod
+    def of(
+        cls, hidden_states: torch.Tensor, context: ForwardContext, keep: torch.Tensor, cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> Pool:
+        """The stand-in of the visual tokens outside `keep` (B, L) in each row."""
+        visual = context.visual & context.valid
+        skipped = visual & ~keep
+        count = skipped.sum(-1)
+        present = (count > 0) & (visual & keep).any(-1)
+        share = (skipped / count.clamp(min=1)[:, None])[..., None]
+        batch, length = keep.shape
+        positions = torch.arange(length, device=keep.device).expand(batch, -1)
+        last_visual = torch.where(visual, positions, -1).amax(-1, keepdim=True)
+        return cls(
+            state=(hidden_states * share.to(hidden_states.dtype)).sum(1, keepdim=True),
+            cos=(cos.expand(batch, -1, -1) * share.to(cos.dtype)).sum(1, keepdim=True),
+            sin=(sin.expand(batch, -1, -1) * share.to(sin.dtype)).sum(1, keepdim=True),
+            log_count=count.clamp(min=1).float().log(),
+            present=present,
+            sort_keys=torch.cat([2 * positions, 2 * last_visual + 1], 1),
+        )
+
+    def extend(self, hidden_states: torch.Tensor, keep: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(states, keep, cos, sin) with the stand-in appended at slot L."""
+        batch = hidden_states.shape[0]
+        return (
+            torch.cat([hidden_states, self.state], 1),
+            torch.cat([keep, self.present[:, None]], 1),
+            torch.cat([cos.expand(batch, -1, -1), self.cos], 1),
+            torch.cat([sin.expand(batch, -1, -1), self.sin], 1),
+        )
+
+
 def compact_rows(counts: PassCounts, policy: LayerPolicy | None) -> list[int] | None:
     """Positions each row processes, known on the host: its valid text tokens plus the visual tokens `policy`
     keeps (None: all of them). None when not known without a sync (a policy with data-dependent counts, or a
@@ -138,6 +199,7 @@ class RoutedLayerMixin:
     alvts_policy: LayerPolicy
     alvts_skipped_update: SkippedUpdate
     alvts_skip_module: nn.Module | None  # the fitted update for SkippedUpdate.LINEAR
+    alvts_skipped_keys: SkippedKeys
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
@@ -169,31 +231,44 @@ class RoutedLayerMixin:
         rows: list[int] | None,
         normed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the layer on valid text tokens, the kept visual tokens and the last position; scatter back.
+        """Run the layer on valid text tokens, the kept visual tokens and the last position (and, with
+        SkippedKeys.POOL, one stand-in for the skipped visual tokens); scatter back.
 
         `rows` (positions processed per row, if known on the host) avoids host syncs for the compact length
         and for the masks. `normed` is the layer's normed input if selection already computed it.
         """
         layer_idx = self.self_attn.layer_idx
+        length = hidden_states.shape[1]
         with record_function(COMPACT_RANGE):
             keep = processed_positions(context, visual_keep)
-            dense = bool(keep.all()) if rows is None else min(rows) == hidden_states.shape[1]
-            compaction = None if dense else Compaction.from_keep(keep, None if rows is None else max(rows))
-            compact = hidden_states if dense else compaction.gather(hidden_states)
+            dense = bool(keep.all()) if rows is None else min(rows) == length
+            cos, sin = kwargs["position_embeddings"]
+            states, extended_keep, pool, key_bias = hidden_states, keep, None, None
+            if not dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
+                pool = Pool.of(hidden_states, context, keep, cos, sin)
+                context.pooled[layer_idx] = pool.present
+                states, extended_keep, cos, sin = pool.extend(hidden_states, keep, cos, sin)
+                rows = None if rows is None else _with_pool(rows, context.host_counts())
+            compaction = None if dense else Compaction.from_keep(
+                extended_keep, None if rows is None else max(rows), None if pool is None else pool.sort_keys
+            )
+            compact = hidden_states if dense else compaction.gather(states)
             new_valid = keep if dense else ~compaction.filler
             all_valid = True if dense else None if rows is None else min(rows) == max(rows)
+            if pool is not None:
+                key_bias = torch.where(compaction.index == length, pool.log_count[:, None], 0.0)
 
             cache = kwargs.get("cache")
             layer_cache = routed_cache_layer(cache, layer_idx) if cache is not None else None
             key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
             keys_all_valid = all_valid if layer_cache is None else layer_cache.all_valid_after(all_valid)
+            key_bias = key_bias if layer_cache is None else layer_cache.append_bias(key_bias, new_valid)
             kwargs["attention_mask"] = routed_attention_mask(
                 key_valid, compact.shape[1], self.self_attn.config._attn_implementation, hidden_states.dtype,
-                keys_all_valid,
+                keys_all_valid, key_bias,
             )
             kwargs["position_ids"] = None
             if not dense:
-                cos, sin = kwargs["position_embeddings"]
                 batch = hidden_states.shape[0]
                 kwargs["position_embeddings"] = (
                     compaction.gather(cos.expand(batch, -1, -1)),
@@ -202,16 +277,33 @@ class RoutedLayerMixin:
         output = super().forward(compact, **kwargs)
         if layer_cache is not None:
             layer_cache.key_valid, layer_cache.keys_all_valid = key_valid, keys_all_valid
+            layer_cache.key_bias = key_bias
         if dense:
             return output
         with record_function(SCATTER_RANGE):
-            merged = compaction.scatter(hidden_states, output)
+            merged = compaction.scatter(states, output)[:, :length]
             if self.alvts_skipped_update is SkippedUpdate.NONE:
                 return merged
             skip_module = self.alvts_skip_module if self.alvts_skipped_update is SkippedUpdate.LINEAR else None
             if skip_module is not None and normed is None:
                 normed = self.input_layernorm(hidden_states)
             return compensate_skipped(merged, hidden_states, keep, context, skip_module, normed)
+
+
+def _with_pool(rows: list[int], counts: PassCounts) -> list[int]:
+    """Positions processed per row once rows that processed some visual tokens and skipped others also process
+    their stand-in (`Pool`)."""
+    return [
+        processed + (0 < processed - text < visual)
+        for processed, visual, text in zip(rows, counts.visual, counts.text, strict=True)
+    ]
+
+
+class SkippedKeys(str, Enum):
+    """What the tokens a routed layer processes see of the visual tokens that skip it."""
+
+    DROP = "drop"  # nothing: they are not among the layer's keys (the paper)
+    POOL = "pool"  # one stand-in per row with their mean state and their attention mass (see `Pool`)
 
 
 class SkippedUpdate(str, Enum):
@@ -259,6 +351,7 @@ def route_layer(
     policy: LayerPolicy,
     skipped_update: SkippedUpdate = SkippedUpdate.NONE,
     skip_module: nn.Module | None = None,
+    skipped_keys: SkippedKeys = SkippedKeys.DROP,
 ) -> None:
     """Patch one decoder layer in place; the policy's (and `skip_module`'s) tensors move to the layer's device
     and dtype. `skip_module` is required for SkippedUpdate.LINEAR unless the policy keeps every token."""
@@ -272,6 +365,7 @@ def route_layer(
         skipped_update = SkippedUpdate.NONE  # the layer keeps every visual token: none skips it
     layer.alvts_skipped_update = skipped_update
     layer.alvts_skip_module = None if skip_module is None else copy.deepcopy(skip_module).to(device, weight.dtype)
+    layer.alvts_skipped_keys = SkippedKeys(skipped_keys)
     layer.__class__ = routed_class(type(layer))
     follow_class_forward(layer)
 
@@ -285,3 +379,4 @@ def unroute_layer(layer: nn.Module) -> None:
     del layer.alvts_policy
     del layer.alvts_skipped_update
     del layer.alvts_skip_module
+    del layer.alvts_skipped_keys

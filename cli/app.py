@@ -25,9 +25,10 @@ from alvts_calib.capture import input_device, move
 from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
+from alvts_calib.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS
 from alvts_calib.importance import Importance
 from alvts_calib.methods import check_compression
-from alvts_calib.routing import SkippedUpdate
+from alvts_calib.routing import SkippedKeys, SkippedUpdate
 from alvts_calib.skip_update import SKIP_UPDATE_RANK
 from alvts_calib.solver import Init
 
@@ -162,13 +163,17 @@ def export_command(
     rank: Annotated[int | None, typer.Option(help="Export at a lower rank than calibrated (leading heads).")] = None,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16.")] = "float32",
     budget: Annotated[str, typer.Option(
-        help="uniform: KEEP_RATIO in every layer; adaptive (equal coverage) or adaptive-mass (water-filling): "
-        "the same average visual tokens per routed layer, spread by calibration statistics.")] = "uniform",
+        help="uniform: KEEP_RATIO in every layer; adaptive-update (where the layers change the hidden states), "
+        "adaptive (equal coverage) or adaptive-mass (water-filling): the same average visual tokens per routed "
+        "layer, spread by calibration statistics.")] = DEFAULT_BUDGET.value,
+    skipped_keys: Annotated[SkippedKeys, typer.Option(
+        help="pool: the text attends to one stand-in for a layer's skipped visual tokens (counted in its budget); "
+        "drop: it does not see them (the paper).")] = DEFAULT_SKIPPED_KEYS,
     json_output: JsonOption = False,
 ) -> None:
     """Write a selector artifact (safetensors + metadata) from a calibration."""
     selector = export(load_calibration(calibration), out, keep_ratio=keep_ratio, rank=rank, dtype=dtype,
-                      budget=budget)
+                      budget=budget, skipped_keys=skipped_keys)
     keep_ratios = {str(index): ratio for index, ratio in selector.keep_ratios.items()}
     if json_output:
         print_json({"out": str(out), **selector.metadata, "keep_ratios": keep_ratios})
@@ -287,6 +292,13 @@ def eval_command(
         help="What visual tokens that skip a layer get: none (the paper), mean (processed tokens' mean update) or "
         "linear (mean plus the calibrated map of each token's deviation; needs a calibration with skip updates).")
     ] = SkippedUpdate.NONE,
+    skipped_keys: Annotated[SkippedKeys, typer.Option(
+        help="For alvts, alvts-adaptive, oracle and random: pool (one stand-in for the skipped visual tokens, "
+        "counted in the budget) or drop (the paper). FastV, PyramidDrop and DART run as published.")
+    ] = DEFAULT_SKIPPED_KEYS,
+    budget: Annotated[str, typer.Option(
+        help="How alvts-adaptive spreads its tokens: adaptive-update, adaptive or adaptive-mass.")
+    ] = DEFAULT_BUDGET.value,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
     device: Annotated[str | None, typer.Option(help="device_map for loading, e.g. cuda or auto.")] = None,
@@ -303,7 +315,10 @@ def eval_command(
     compressions = _compressions(compression)
     kind = read_metadata(selector, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"]
     calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
-    artifact = build_selector(calibration, keep_ratio=1.0) if calibration is not None else load_selector(selector)
+    artifact = (
+        build_selector(calibration, keep_ratio=1.0, budget="uniform", skipped_keys="drop")
+        if calibration is not None else load_selector(selector)
+    )
     check_methods(method_names, artifact, calibration)
     loaded, name = _load(model, dtype, attn_implementation, device)
     processor = _processor(model)
@@ -313,7 +328,8 @@ def eval_command(
     report = evaluate(
         loaded, processor, items, selector=artifact, calibration=calibration,
         methods=method_names, compressions=compressions,
-        batch_size=batch_size, skipped_update=skipped_update, progress=not json_output, model_name=name,
+        batch_size=batch_size, skipped_update=skipped_update, skipped_keys=skipped_keys, budget=budget,
+        progress=not json_output, model_name=name,
         data_name=str(data or "builtin:shapes test split"), data_summary=data_report.summary(),
     )
     payload = report.to_dict()

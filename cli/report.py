@@ -64,13 +64,14 @@ def _number(value: float | None) -> str:
 def budget_description(metadata: dict[str, Any]) -> str:
     """One line on how a selector artifact spreads visual tokens over its routed layers."""
     allocation = metadata.get("allocation")
-    if metadata["budget"] != "adaptive" or allocation is None:
-        return f"uniform keep ratio {metadata['keep_ratio']}"
+    pooled = ", skipped tokens pooled into one stand-in" if metadata.get("skipped_keys") == "pool" else ""
+    if metadata["budget"] == "uniform" or allocation is None:
+        return f"uniform keep ratio {metadata['keep_ratio']}{pooled}"
     return (
         f"adaptive ({allocation['method']}): mean {allocation['mean_tokens_per_layer']:.2f} of "
         f"{allocation['visual_tokens']} visual tokens per routed layer (uniform keep ratio "
         f"{allocation['target_keep_ratio']} gives {allocation['uniform_tokens_per_layer']}), "
-        f"mean keep ratio {allocation['mean_keep_ratio']:.4f}"
+        f"mean keep ratio {allocation['mean_keep_ratio']:.4f}{pooled}"
     )
 
 

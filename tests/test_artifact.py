@@ -22,7 +22,7 @@ def artifact(tmp_path_factory):
     model = demo_model()
     calibration = calibrate(model, demo_samples(model, 2), rank=16, refine_steps=5, progress=False)
     path = tmp_path_factory.mktemp("artifact") / "selector.safetensors"
-    export(calibration, path, keep_ratio=0.25)
+    export(calibration, path, keep_ratio=0.25, budget="uniform", skipped_keys="drop")
     return path
 
 

@@ -18,6 +18,8 @@ from alvts_calib import AlvtsError, attach, calibrate, detach, load_calibration,
 from alvts_calib.budgets import (
     Budget,
     LayerStatistics,
+    LayerUpdates,
+    UpdateTally,
     allocate,
     coverage_curves,
     coverage_grid,
@@ -30,12 +32,14 @@ from alvts_calib.export import build_selector, export
 from alvts_calib.importance import keep_count
 from alvts_calib.tiny_models import IMAGE_TOKEN
 
-ADAPTIVE = [Budget.ADAPTIVE, Budget.ADAPTIVE_MASS]
+ADAPTIVE = [Budget.ADAPTIVE, Budget.ADAPTIVE_MASS, Budget.ADAPTIVE_UPDATE]
 
 
-def power_layer(alpha: float, share: float = 0.5) -> LayerStatistics:
-    """Coverage f**alpha: alpha 1 is flat importance, small alpha concentrates it on a few tokens."""
-    return LayerStatistics(coverage=coverage_grid() ** alpha, visual_share=share)
+def power_layer(alpha: float, share: float = 0.5, text: float = 1.0, visual: float = 0.1) -> LayerStatistics:
+    """Coverage f**alpha: alpha 1 is flat importance, small alpha concentrates it on a few tokens. The layer
+    changes text rows by `text` and visual tokens by `visual` (relative update energy), spread like its importance."""
+    updates = LayerUpdates(text=text, visual=visual, coverage=coverage_grid() ** alpha)
+    return LayerStatistics(coverage=coverage_grid() ** alpha, visual_share=share, updates=updates)
 
 
 def layers(*alphas: float) -> dict[int, LayerStatistics]:
@@ -56,11 +60,25 @@ def test_coverage_curves_follow_the_runtime_keep_count():
         assert value == pytest.approx([0, 4, 7, 9, 10][kept] / 10)
 
 
+def test_update_tally_measures_relative_update_energy_of_text_and_visual_tokens():
+    hidden = torch.ones(1, 4, 2)  # |h|^2 = 2 everywhere
+    output = hidden + torch.tensor([[[1.0, 1.0], [2.0, 0.0], [0.0, 0.0], [0.0, 1.0]]])  # |dh|^2 = 2, 4, 0, 1
+    visual = torch.tensor([[False, True, True, False]])
+    valid = torch.tensor([[True, True, True, True]])
+    tally = UpdateTally()
+    tally.add(hidden, output, visual, valid)
+    updates = tally.result(read_later=True)
+    assert updates.text == pytest.approx((1.0 + 0.5) / 2) and updates.visual == pytest.approx((2.0 + 0.0) / 2)
+    assert updates.coverage[-1] == pytest.approx(1.0) and updates.coverage[128] == pytest.approx(1.0)  # one holds all
+    assert tally.result(read_later=False).visual == 0.0  # after the last layer nothing reads the visual tokens
+
+
 # ----------------------------------------------------------------------------------------------------- allocation
 
 
 def test_unknown_budget_names_give_a_one_line_error():
-    with pytest.raises(AlvtsError, match="budget must be one of uniform, adaptive, adaptive-mass, got 'fancy'"):
+    expected = "budget must be one of uniform, adaptive, adaptive-mass, adaptive-update, got 'fancy'"
+    with pytest.raises(AlvtsError, match=expected):
         parse_budget("fancy")
 
 
@@ -120,6 +138,20 @@ def test_extremes_zero_and_all_tokens():
     assert mass.tokens == {1: 0, 2: 32} and mass.ratios[1] == 0.0
 
 
+def test_adaptive_update_puts_tokens_where_layers_change_the_hidden_states():
+    # layers 1 and 3 barely change anything; layer 2 reads the image (text update), layer 4 rewrites visual tokens
+    statistics = {
+        1: power_layer(0.5, text=1e-4, visual=1e-5), 2: power_layer(0.5, text=2.0, visual=1e-3),
+        3: power_layer(0.5, text=1e-4, visual=1e-5), 4: power_layer(1.0, text=0.1, visual=0.5),
+    }
+    allocation = allocate(statistics, 0.25, 64, Budget.ADAPTIVE_UPDATE)
+    tokens = allocation.tokens
+    assert sum(tokens.values()) == 4 * 16 and tokens[1] == tokens[3] == 0 and tokens[2] > tokens[4] > 0
+    older = {index: dataclasses.replace(layer, updates=None) for index, layer in statistics.items()}
+    with pytest.raises(AlvtsError, match="'adaptive-update' needs the layers' update statistics.*re-run"):
+        allocate(older, 0.25, 64, Budget.ADAPTIVE_UPDATE)
+
+
 def test_water_filling_is_optimal_on_concave_curves():
     curves = token_curves(np.stack([coverage_grid().numpy() ** a for a in (0.2, 0.5, 1.0)]), 6)
     weights = np.array([0.2, 0.5, 0.4])
@@ -159,20 +191,25 @@ def test_calibration_records_budget_statistics_and_round_trips(calibration):
     assert measured.coverage[0] == 0.0 and measured.coverage[-1] == pytest.approx(1.0)
     assert bool((measured.coverage.diff() >= 0).all()) and 0.0 < measured.visual_share <= 1.0
     torch.testing.assert_close(statistics[3].coverage, power_layer(1.0).coverage)
+    assert measured.updates.text > 0.0 and measured.updates.visual > 0.0
+    assert measured.updates.coverage[-1] == pytest.approx(1.0)
+    last = calibrate(demo_model(), demo_samples(demo_model(), 1), rank=16, refine_steps=0, progress=False)
+    assert last.layers[3].budget.updates.visual == 0.0 and last.layers[3].budget.updates.text > 0.0
 
 
 def test_older_calibrations_export_uniform_but_not_adaptive(calibration):
     older = load_calibration(calibration)
     for result in older.layers.values():
         result.budget = None
-    assert build_selector(older, keep_ratio=0.25).keep_ratios == {1: 0.25, 2: 0.25, 3: 0.25}
+    uniform = build_selector(older, keep_ratio=0.25, budget="uniform", skipped_keys="drop")
+    assert uniform.keep_ratios == {1: 0.25, 2: 0.25, 3: 0.25}
     with pytest.raises(AlvtsError, match="no budget statistics"):
         build_selector(older, keep_ratio=0.25, budget="adaptive")
 
 
 def test_adaptive_export_round_trips_through_the_artifact_and_attach(calibration, tmp_path):
     path = tmp_path / "adaptive.safetensors"
-    selector = export(load_calibration(calibration), path, keep_ratio=0.25, budget="adaptive")
+    selector = export(load_calibration(calibration), path, keep_ratio=0.25, budget="adaptive", skipped_keys="drop")
     loaded = load_selector(path)
     assert loaded.keep_ratios == selector.keep_ratios
     tokens = {i: round(r * 16) for i, r in loaded.keep_ratios.items()}
@@ -197,7 +234,7 @@ def test_adaptive_export_round_trips_through_the_artifact_and_attach(calibration
 def test_a_layer_with_ratio_zero_routes_no_visual_token(calibration):
     model = demo_model()
     inputs = demo_samples(model, 1)[0]
-    selector = build_selector(load_calibration(calibration), keep_ratio=0.25)
+    selector = build_selector(load_calibration(calibration), keep_ratio=0.25, budget="uniform", skipped_keys="drop")
     selector.keep_ratios[2] = 0.0
     attach(model, selector)
     cache = model(**inputs, use_cache=True).past_key_values
@@ -215,7 +252,7 @@ def test_cli_export_and_inspect_show_the_budgets(calibration, tmp_path):
                                  "--out", str(path), "--json"])
     assert result.exit_code == 0, result.output
     exported = json.loads(result.stdout)
-    assert exported["budget"] == "adaptive" and exported["allocation"]["method"] == "water-filling"
+    assert exported["budget"] == "adaptive-mass" and exported["allocation"]["method"] == "water-filling"
     inspected = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).stdout)
     assert inspected["keep_ratios"] == exported["keep_ratios"] and inspected["allocation"] == exported["allocation"]
     table = runner.invoke(app, ["inspect", str(path)]).stdout
@@ -226,5 +263,5 @@ def test_cli_export_and_inspect_show_the_budgets(calibration, tmp_path):
         capture_output=True, text=True,
     )
     assert process.returncode == 1 and process.stderr.strip().splitlines() == [
-        "error: budget must be one of uniform, adaptive, adaptive-mass, got 'x'"
+        "error: budget must be one of uniform, adaptive, adaptive-mass, adaptive-update, got 'x'"
     ]

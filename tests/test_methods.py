@@ -8,6 +8,7 @@ import torch
 from alvts_calib.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.attach import attach_policies, detach, last_visual_pass
 from alvts_calib.errors import AlvtsError
+from alvts_calib.evaluation import build_plans
 from alvts_calib.importance import Importance
 from alvts_calib.methods import (
     _per_layer_count,
@@ -20,6 +21,7 @@ from alvts_calib.methods import (
     random_plan,
 )
 from alvts_calib.policies import ExactPolicy, KeepAllPolicy, SelectorPolicy
+from alvts_calib.routing import SkippedKeys
 from alvts_calib.selector import LayerSelector
 from alvts_calib.solver import rope_svd_init
 
@@ -95,6 +97,37 @@ def test_measured_tokens_follow_the_plan(tiny_case, family, method):
     for layer, planned in enumerate(plan.planned_tokens):
         expected = torch.ceil(visual_counts * planned / num_visual - 1e-9).long()
         assert torch.equal(context.processed_counts()[layer].cpu(), expected), (method, layer)
+
+
+@pytest.mark.parametrize("method", ["alvts", "oracle", "random"])
+def test_pooled_plans_count_the_stand_in_within_the_budget(tiny_case, make_selector, method):
+    case = tiny_case("llava", "eager")
+    geometry = AttentionGeometry.of(case.model)
+    num_visual = int((case.visual & case.valid).sum(-1)[0])
+    selector = make_selector(case.model, 1.0)
+    plans = {
+        keys: build_plans(method, 0.4, num_layers=geometry.num_layers, num_visual=num_visual, selector=selector,
+                          skipped_keys=keys)[0]
+        for keys in ("drop", "pool")
+    }
+    dropped, pooled = plans["drop"], plans["pool"]
+    assert pooled.skipped_keys is SkippedKeys.POOL and pooled.planned_tokens == dropped.planned_tokens
+    assert pooled.policies[1].keep_ratio == dropped.policies[1].keep_ratio - 1 / num_visual
+    attach_policies(case.model, {i: pooled.policies.get(i, KeepAllPolicy()) for i in range(geometry.num_layers)},
+                    skipped_keys="pool")
+    try:
+        case.model(**case.inputs)
+        measured = last_visual_pass(case.model).processed_counts()
+    finally:
+        detach(case.model)
+    for layer, planned in enumerate(pooled.planned_tokens):  # the runtime processes exactly the planned tokens
+        assert int(measured[layer][0]) == planned, layer
+
+
+def test_static_baselines_run_as_published_whatever_the_skipped_keys(tiny_case):
+    for method in ("fastv", "pyramiddrop", "dart"):
+        plan, _ = build_plans(method, 0.75, num_layers=24, num_visual=64, skipped_keys="pool")
+        assert plan.skipped_keys is SkippedKeys.DROP, method
 
 
 def test_fastv_keeps_what_the_last_position_attends_to_in_layer_k_minus_1(tiny_case):

@@ -10,7 +10,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from alvts_calib.adapters import decoder_layers, get_adapter
-from alvts_calib.attach import RUNTIME_ATTRIBUTE, attach, detach
+from alvts_calib.attach import RUNTIME_ATTRIBUTE, attach, detach, last_visual_pass
 from alvts_calib.errors import AlvtsError, ModelMismatchError
 from alvts_calib.routed_cache import RoutedCacheLayer
 from alvts_calib.routing import CONTEXT_KWARG, RoutedLayerMixin, processed_positions
@@ -74,6 +74,19 @@ def single_row(case, row: int):
     return dataclasses.replace(case, inputs=inputs, explicit_visual=explicit)
 
 
+def _pool_order(kept: int, at: int) -> torch.Tensor:
+    """Order of [kept tokens..., pool] that puts the pool at position `at`."""
+    return torch.cat([torch.arange(at), torch.tensor([kept]), torch.arange(at, kept)])
+
+
+def pooled_causal_mask(length: int, at: int, count: float) -> torch.Tensor:
+    """Additive causal mask whose column `at` (the pooled stand-in) carries log(count)."""
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    bias = torch.zeros(length)
+    bias[at] = math.log(count)
+    return torch.where(allowed, bias, torch.finfo(torch.float32).min)
+
+
 def causal_mask(length: int, backend: str) -> torch.Tensor:
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
     if backend == "sdpa":
@@ -81,12 +94,14 @@ def causal_mask(length: int, backend: str) -> torch.Tensor:
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def reference_routed_logits(case, selector, ratio: float) -> torch.Tensor:
+def reference_routed_logits(case, selector, ratio: float, pooled: bool = False) -> torch.Tensor:
     """Slow reference on the *unpatched* model: hooks replace each routed layer's output, row by row.
 
     For each row: keep every valid text token, the last position and the top-k valid visual tokens by the selector's
     scores (k = ceil(ratio * n_visual)); run the original layer on just those tokens (their own RoPE angles, a plain
-    causal mask, no cache) and leave every other position exactly as it came in.
+    causal mask, no cache) and leave every other position exactly as it came in. With `pooled`, one more token
+    right after the last visual token stands for the skipped ones: their mean hidden state and mean RoPE angles,
+    attended to with log(number skipped) added to its logits.
     """
     model = case.model
     assert getattr(model, RUNTIME_ATTRIBUTE, None) is None
@@ -111,15 +126,27 @@ def reference_routed_logits(case, selector, ratio: float) -> torch.Tensor:
                 keep[candidates[scores[row, candidates].topk(k).indices]] = True
                 keep[-1] = True
                 index_kept = keep.nonzero().flatten()
+                states, row_cos, row_sin = hidden[row, index_kept], cos[row, index_kept], sin[row, index_kept]
+                mask = causal_mask(index_kept.numel(), case.backend)
+                if pooled:
+                    skipped = visual[row] & valid[row] & ~keep
+                    at = int((index_kept <= candidates.max()).sum())  # right after the last visual token
+                    states, row_cos, row_sin = (
+                        torch.cat([kept, everything[skipped].mean(0, keepdim=True).to(kept.dtype)]).index_select(
+                            0, _pool_order(kept.shape[0], at)
+                        )
+                        for kept, everything in ((states, hidden[row]), (row_cos, cos[row]), (row_sin, sin[row]))
+                    )
+                    mask = pooled_causal_mask(states.shape[0], at, float(skipped.sum()))
                 out = module.forward(
-                    hidden[row : row + 1, index_kept],
-                    attention_mask=causal_mask(index_kept.numel(), case.backend),
+                    states[None],
+                    attention_mask=mask,
                     position_ids=None,
-                    position_embeddings=(cos[row : row + 1, index_kept], sin[row : row + 1, index_kept]),
+                    position_embeddings=(row_cos[None], row_sin[None]),
                     cache=None,
                     use_cache=False,
                 )
-                result[row, index_kept] = out[0]
+                result[row, index_kept] = torch.cat([out[0][:at], out[0][at + 1 :]]) if pooled else out[0]
             return result
 
         return hook
@@ -426,7 +453,52 @@ def test_sampling_and_beam_search(tiny_case, make_selector, family):
         assert torch.equal(beam[row, -5:], alone[0, -5:]), f"row {row}"
 
 
-# ------------------------------------------------------------------------------------------------------ 7. errors
+# ---------------------------------------------------------------------------------------- 7. pooled skipped keys
+
+
+@FAMILY
+@ALL
+def test_pooled_stand_in_matches_slow_reference(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    selector = make_selector(model, RATIO)
+    dropped = reference_routed_logits(case, selector, RATIO)
+    reference = reference_routed_logits(case, selector, RATIO, pooled=True)
+    attach(model, selector, skipped_keys="pool")
+    with case.routing():
+        routed = model(**forward_inputs(case, case.inputs)).logits
+        counts = last_visual_pass(model).processed_counts()
+    valid = case.valid
+    assert (reference[valid] - dropped[valid]).abs().max() > 1e-3, "the stand-in must change the result"
+    torch.testing.assert_close(routed[valid], reference[valid], atol=1e-4, rtol=0)
+    assert torch.equal(counts[1], kept_counts(case, RATIO) - (valid & ~case.visual).sum(1) + 1)  # the stand-in counts
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_pooled_keys_are_exact_at_keep_ratio_one_and_consistent_in_generate(tiny_case, make_selector, backend):
+    case = tiny_case("llava", backend)
+    model = case.model
+    reference = greedy(case, max_new_tokens=4)
+    attach(model, make_selector(model, 1.0), skipped_keys="pool")
+    assert torch.equal(greedy(case, max_new_tokens=4), reference)
+    detach(model)
+    attach(model, make_selector(model, RATIO), skipped_keys="pool")
+    batch = greedy(case, max_new_tokens=4, num_beams=2)
+    for row in range(2):  # padding, batching and beam reordering keep each row's stand-in and its bias
+        alone = greedy(single_row(case, row), max_new_tokens=4, num_beams=2)
+        assert torch.equal(batch[row, -4:], alone[0, -4:]), f"row {row}"
+
+
+def test_pooled_keys_need_an_attention_bias(tiny_case, make_selector):
+    case = tiny_case("llava", "sdpa")
+    case.model.config.get_text_config(decoder=True)._attn_implementation = "flash_attention_2"
+    with pytest.raises(AlvtsError, match="pooled skipped tokens need an attention bias.*'sdpa' or 'eager'"):
+        attach(case.model, make_selector(case.model, RATIO), skipped_keys="pool")
+    with pytest.raises(AlvtsError, match="skipped_keys must be one of drop, pool"):
+        attach(case.model, make_selector(case.model, RATIO), skipped_keys="merge")
+
+
+# ------------------------------------------------------------------------------------------------------ 8. errors
 
 
 def test_attach_twice_and_detach_unpatched_raise(tiny_case, make_selector):
