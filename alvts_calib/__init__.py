@@ -10,12 +10,12 @@ from .errors import AlvtsError, ArtifactError, ModelMismatchError  # noqa: E402
 from .export import build_selector, export  # noqa: E402
 from .importance import Importance  # noqa: E402
 from .pipeline import calibrate  # noqa: E402
-from .routing import SkippedUpdate  # noqa: E402
+from .routing import SkippedKeys, SkippedUpdate  # noqa: E402
 from .solver import Init  # noqa: E402
 from .visual import visual_positions  # noqa: E402
 
 __all__ = [
     "AlvtsError", "ArtifactError", "Budget", "Calibration", "Importance", "Init", "ModelMismatchError", "Selector",
-    "SkippedUpdate", "attach", "attach_policies", "attached_selector", "build_selector", "calibrate", "detach",
-    "export", "load_calibration", "load_selector", "visual_positions",
+    "SkippedKeys", "SkippedUpdate", "attach", "attach_policies", "attached_selector", "build_selector", "calibrate",
+    "detach", "export", "load_calibration", "load_selector", "visual_positions",
 ]

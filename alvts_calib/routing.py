@@ -158,10 +158,13 @@ class Pool:
         batch, length = keep.shape
         positions = torch.arange(length, device=keep.device).expand(batch, -1)
         last_visual = torch.where(visual, positions, -1).amax(-1, keepdim=True)
+        def mean(values: torch.Tensor) -> torch.Tensor:  # accumulated in float32 whatever the model's dtype
+            return (values.expand(batch, -1, -1).float() * share).sum(1, keepdim=True).to(values.dtype)
+
         return cls(
-            state=(hidden_states * share.to(hidden_states.dtype)).sum(1, keepdim=True),
-            cos=(cos.expand(batch, -1, -1) * share.to(cos.dtype)).sum(1, keepdim=True),
-            sin=(sin.expand(batch, -1, -1) * share.to(sin.dtype)).sum(1, keepdim=True),
+            state=mean(hidden_states),
+            cos=mean(cos),
+            sin=mean(sin),
             log_count=count.clamp(min=1).float().log(),
             present=present,
             sort_keys=torch.cat([2 * positions, 2 * last_visual + 1], 1),

@@ -1,12 +1,13 @@
 """Settle ALVTS's open design choices by measurement on the built-in demo model.
 
 Three tables, printed and written as JSON:
-1. settings: each row calibrates with one setting changed from the defaults and reports the selector's held-out
-   fidelity (mean top-k recall and importance mass kept over routed layers at the evaluated budget), the
-   calibration time, and accuracy retention at one compression with each skipped-token update;
-2. budgets: uniform vs adaptive per-layer budgets at every compression (default calibration);
-3. stale states: for each skipped-token update, retention and the KL divergence of the answer distribution
-   from the full model's, with the selector's and the exact (oracle) selection.
+1. stale states: for each runtime (budget x what processed tokens see of skipped ones) and each skipped-token
+   update, retention and the KL divergence of the answer distribution from the full model's, with the selector
+   and, for uniform budgets, the exact (oracle) selection;
+2. budgets: uniform vs the adaptive allocations at every compression, with skipped keys dropped or pooled;
+3. settings: each row calibrates with one setting changed from the defaults and reports the selector's held-out
+   fidelity (mean top-k recall and importance mass kept over routed layers at the uniform budget), the skip
+   update's R², the calibration time, and retention with the paper's runtime and with the toolkit's defaults.
 
     python benchmarks/design_sweeps.py --out docs/design-sweeps.json
 """
@@ -29,12 +30,17 @@ from alvts_calib.capture import input_device, move
 from alvts_calib.data import build_labelled_items, build_samples
 from alvts_calib.evaluation import Harness, build_plans, reference_visual_count
 from alvts_calib.export import build_selector
-from alvts_calib.methods import Plan, selector_plan
+from alvts_calib.methods import Plan
 from alvts_calib.pipeline import calibrate
 from alvts_calib.policies import KeepAllPolicy
 from alvts_calib.shapes_task import split_records
 
 UPDATES = ("none", "mean", "linear")
+KEYS = ("drop", "pool")
+BUDGETS = ("uniform", "adaptive", "adaptive-mass", "adaptive-update")
+PAPER = ("uniform", "drop")  # the paper's runtime: one keep ratio, skipped tokens invisible
+DEFAULT_RUNTIME = ("adaptive-update", "pool")  # the toolkit's export defaults
+RUNTIMES = (PAPER, ("uniform", "pool"), ("adaptive-update", "drop"), DEFAULT_RUNTIME)
 DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "paper", "start_layer": 1,
             "samples": 64, "skip_update_rank": 16}
 SWEEPS = [
@@ -53,7 +59,10 @@ SWEEPS = [
     ("skip-update rank 4", {"skip_update_rank": 4}),
     ("skip-update rank 64 (full)", {"skip_update_rank": 64}),
 ]
-BUDGETS = ("uniform", "adaptive", "adaptive-mass")
+
+
+def _runtime_name(runtime: tuple[str, str]) -> str:
+    return f"{runtime[0]} / {runtime[1]}"
 
 
 class Sweeper:
@@ -85,16 +94,21 @@ class Sweeper:
         self.harness.skipped_update, self.harness.selector = update, selector
         return self.harness.run(plan, plan.method, None).accuracy / self.full.accuracy
 
-    def plan(self, method: str, compression: float, selector, calibration):
+    def plan(self, method: str, compression: float, selector, calibration, runtime: tuple[str, str] = PAPER):
+        """`method` ("alvts" or "oracle") at `compression` under `runtime` (budget, skipped keys)."""
+        budget, keys = runtime
+        if method == "alvts" and budget != "uniform":
+            method = "alvts-adaptive"
         return build_plans(method, compression, num_layers=self.num_layers, num_visual=self.num_visual,
-                           selector=selector, calibration=calibration)
+                           selector=selector, calibration=calibration, skipped_keys=keys, budget=budget)
 
     def answer_log_probs(self, plan: Plan | None, update: str = "none", selector=None) -> torch.Tensor:
         """(N, V) log-probabilities of the first answer token for every held-out item under `plan`."""
         policies = {} if plan is None else dict(plan.policies)
         for index in range(self.num_layers):
             policies.setdefault(index, KeepAllPolicy())
-        attach_policies(self.model, policies, selector=selector, skipped_update=update)
+        keys = "drop" if plan is None else plan.skipped_keys
+        attach_policies(self.model, policies, selector=selector, skipped_update=update, skipped_keys=keys)
         rows = []
         try:
             for start in range(0, len(self.items), 64):
@@ -115,50 +129,55 @@ class Sweeper:
         return float((reference.exp() * (reference - routed)).sum(-1).mean())
 
 
+def _carrier(calibration):
+    """The calibration's layers, skip updates and start layer as a selector (plans set their own ratios)."""
+    return build_selector(calibration, keep_ratio=1.0, budget="uniform", skipped_keys="drop")
+
+
 def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[dict]:
     rows = []
     for name, change in SWEEPS[:3] if quick else SWEEPS:
         settings = {**DEFAULTS, **change}
         calibration, seconds = sweeper.calibrate(settings)
-        selector = build_selector(calibration, keep_ratio=1.0)
+        selector = _carrier(calibration)
         plan, fidelity = sweeper.plan("alvts", compression, selector, calibration)
         row = {"setting": name, **settings, "calibration_seconds": seconds, "recall": fidelity["recall"],
                "mass": fidelity.get("mass", float("nan")),
-               "update_explained": fidelity.get("update_explained", float("nan"))}
-        for update in UPDATES:
-            row[f"retention_{update}"] = sweeper.retention(plan, update, selector)
+               "update_explained": fidelity.get("update_explained", float("nan")),
+               "retention_paper": sweeper.retention(plan, "none", selector)}
+        default_plan, _ = sweeper.plan("alvts", compression, selector, calibration, DEFAULT_RUNTIME)
+        row["retention_defaults"] = sweeper.retention(default_plan, "none", selector)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def budgets_table(sweeper: Sweeper, compressions: tuple[float, ...], update: str) -> list[dict]:
+def budgets_table(sweeper: Sweeper, compressions: tuple[float, ...]) -> list[dict]:
     calibration, _ = sweeper.calibrate(DEFAULTS)
-    full_selector = build_selector(calibration, keep_ratio=1.0)
+    selector = _carrier(calibration)
     rows = []
     for compression in compressions:
-        uniform, _ = sweeper.plan("alvts", compression, full_selector, calibration)
-        ratio = uniform.planned_tokens[-1] / sweeper.num_visual
-        row = {"compression": compression, "keep_ratio": ratio}
-        for budget in BUDGETS:
-            selector = build_selector(calibration, keep_ratio=ratio, budget=budget)
-            plan = selector_plan(budget, selector, sweeper.num_visual)
-            row[f"retention_{budget}"] = sweeper.retention(plan, update, selector)
-            row[f"tokens_{budget}"] = statistics.fmean(plan.planned_tokens)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for keys in KEYS:
+            row = {"compression": compression, "skipped_keys": keys}
+            for budget in BUDGETS:
+                plan, _ = sweeper.plan("alvts", compression, selector, calibration, (budget, keys))
+                row[f"retention_{budget}"] = sweeper.retention(plan, "none", selector)
+                row[f"tokens_{budget}"] = statistics.fmean(plan.planned_tokens)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
 def stale_table(sweeper: Sweeper, compression: float) -> list[dict]:
     calibration, _ = sweeper.calibrate(DEFAULTS)
-    selector = build_selector(calibration, keep_ratio=1.0)
+    selector = _carrier(calibration)
+    cases = [("alvts", runtime) for runtime in RUNTIMES] + [("oracle", ("uniform", keys)) for keys in KEYS]
     rows = []
-    for method in ("alvts", "oracle"):
-        plan, _ = sweeper.plan(method, compression, selector, calibration)
+    for method, runtime in cases:
+        plan, _ = sweeper.plan(method, compression, selector, calibration, runtime)
         for update in UPDATES:
-            row = {"selection": method, "update": update, "retention": sweeper.retention(plan, update, selector),
-                   "kl": sweeper.kl(plan, update, selector)}
+            row = {"selection": method, "runtime": _runtime_name(runtime), "update": update,
+                   "retention": sweeper.retention(plan, update, selector), "kl": sweeper.kl(plan, update, selector)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -170,7 +189,7 @@ def run(compression: float, eval_rows: int, quick: bool) -> dict:
     report = {"model": BUILTIN_NAME, "compression": compression, "eval_rows": eval_rows,
               "full_accuracy": sweeper.full.accuracy, "threads": torch.get_num_threads()}
     report["stale_states"] = stale_table(sweeper, compression)
-    report["budgets"] = budgets_table(sweeper, (0.67, 0.78, 0.89), "none")
+    report["budgets"] = budgets_table(sweeper, (0.67, 0.78, 0.89))
     report["settings"] = settings_table(sweeper, compression, quick)
     return report
 
@@ -182,25 +201,25 @@ def _percent(value: float) -> str:
 def tables(report: dict) -> list[Table]:
     title = f"on {report['model']}, {report['eval_rows']} held-out rows (full accuracy {report['full_accuracy']:.1%})"
     settings = Table(title=f"design settings at {report['compression']:.0%} compression {title}")
-    columns = ("setting", "recall", "mass kept", "skip-update R²", *(f"retention ({u})" for u in UPDATES),
-               "calibration s")
+    columns = ("setting", "recall", "mass kept", "skip-update R²", "retention (paper runtime)",
+               "retention (defaults)", "calibration s")
     for column in columns:
         settings.add_column(column, justify="left" if column == "setting" else "right")
     for row in report["settings"]:
         settings.add_row(row["setting"], f"{row['recall']:.3f}", f"{row['mass']:.3f}",
-                         f"{row['update_explained']:.3f}", *(_percent(row[f"retention_{u}"]) for u in UPDATES),
-                         f"{row['calibration_seconds']:.1f}")
+                         f"{row['update_explained']:.3f}", _percent(row["retention_paper"]),
+                         _percent(row["retention_defaults"]), f"{row['calibration_seconds']:.1f}")
     budgets = Table(title=f"per-layer budgets {title}")
-    for column in ("compression", "keep ratio", *(f"retention ({b})" for b in BUDGETS)):
+    for column in ("compression", "skipped keys", *(f"retention ({b})" for b in BUDGETS)):
         budgets.add_column(column, justify="right")
     for row in report["budgets"]:
-        budgets.add_row(_percent(row["compression"]), f"{row['keep_ratio']:.3f}",
+        budgets.add_row(_percent(row["compression"]), row["skipped_keys"],
                         *(_percent(row[f"retention_{b}"]) for b in BUDGETS))
-    stale = Table(title=f"skipped-token updates at {report['compression']:.0%} compression {title}")
-    for column in ("selection", "update", "retention", "KL(full || routed)"):
+    stale = Table(title=f"skipped tokens at {report['compression']:.0%} compression {title}")
+    for column in ("selection", "budget / skipped keys", "update", "retention", "KL(full || routed)"):
         stale.add_column(column, justify="right")
     for row in report["stale_states"]:
-        stale.add_row(row["selection"], row["update"], _percent(row["retention"]), f"{row['kl']:.4f}")
+        stale.add_row(row["selection"], row["runtime"], row["update"], _percent(row["retention"]), f"{row['kl']:.4f}")
     return [stale, budgets, settings]
 
 
