@@ -73,13 +73,17 @@ class Calibration:
         return selector if rank is None or rank == self.rank else selector.truncated(rank)
 
     def fidelity(self, index: int, keep_ratio: float, rank: int | None = None) -> dict[str, float]:
-        """Held-out top-k recall and Spearman correlation of layer `index` at `keep_ratio` (and, where fitted, the
-        share of the skipped-token update's variance the fitted map explains on calibration data)."""
+        """Held-out top-k recall and Spearman correlation of layer `index` at `keep_ratio` (and, where recorded, the
+        share of the skipped-token update's variance the fitted map explains on calibration data and the layer's
+        relative update of text rows and visual tokens, which "adaptive-update" budgets follow)."""
         result = self.layers[index]
         heads = None if rank is None else rank // self.head_dim
         measured = fidelity(result.heldout_parts, result.heldout_target, self.heldout_counts, keep_ratio, heads)
         if "skip_update_explained" in result.stats:
             measured["update_explained"] = result.stats["skip_update_explained"]
+        if result.budget is not None and result.budget.updates is not None:
+            measured["text_update"] = result.budget.updates.text
+            measured["visual_update"] = result.budget.updates.visual
         return measured
 
     def save(self, path: str | Path) -> Path:

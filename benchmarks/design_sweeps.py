@@ -145,7 +145,8 @@ def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[di
                "mass": fidelity.get("mass", float("nan")),
                "update_explained": fidelity.get("update_explained", float("nan")),
                "retention_paper": sweeper.retention(plan, "none", selector)}
-        default_plan, _ = sweeper.plan("alvts", compression, selector, calibration, DEFAULT_RUNTIME)
+        default_plan, default_fidelity = sweeper.plan("alvts", compression, selector, calibration, DEFAULT_RUNTIME)
+        row["recall_defaults"] = default_fidelity["recall"]
         row["retention_defaults"] = sweeper.retention(default_plan, "none", selector)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -201,14 +202,15 @@ def _percent(value: float) -> str:
 def tables(report: dict) -> list[Table]:
     title = f"on {report['model']}, {report['eval_rows']} held-out rows (full accuracy {report['full_accuracy']:.1%})"
     settings = Table(title=f"design settings at {report['compression']:.0%} compression {title}")
-    columns = ("setting", "recall", "mass kept", "skip-update R²", "retention (paper runtime)",
-               "retention (defaults)", "calibration s")
+    columns = ("setting", "recall (uniform)", "mass kept (uniform)", "skip-update R²", "retention (paper runtime)",
+               "recall (defaults)", "retention (defaults)", "calibration s")
     for column in columns:
         settings.add_column(column, justify="left" if column == "setting" else "right")
     for row in report["settings"]:
         settings.add_row(row["setting"], f"{row['recall']:.3f}", f"{row['mass']:.3f}",
                          f"{row['update_explained']:.3f}", _percent(row["retention_paper"]),
-                         _percent(row["retention_defaults"]), f"{row['calibration_seconds']:.1f}")
+                         f"{row['recall_defaults']:.3f}", _percent(row["retention_defaults"]),
+                         f"{row['calibration_seconds']:.1f}")
     budgets = Table(title=f"per-layer budgets {title}")
     for column in ("compression", "skipped keys", *(f"retention ({b})" for b in BUDGETS)):
         budgets.add_column(column, justify="right")

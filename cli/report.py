@@ -37,13 +37,13 @@ def _mean(values: list[float]) -> float:
 
 def fidelity_table(fidelity: dict[str, dict[str, float]], keep_ratios: dict[str, float] | None = None) -> Table:
     """Per-layer held-out fidelity, with the mean as the last row."""
-    table = Table(title="per-layer selector fidelity (held-out)")
+    table = Table(title="per-layer selector fidelity (held-out) and how much each layer changes the hidden states")
     table.add_column("layer", justify="right")
     if keep_ratios:
         table.add_column("keep ratio", justify="right")
     columns = {
         "recall": "top-k recall", "spearman": "spearman", "mass": "importance mass kept",
-        "update_explained": "skip-update R²",
+        "update_explained": "skip-update R²", "text_update": "text update", "visual_update": "visual update",
     }
     columns = {key: title for key, title in columns.items() if all(key in f for f in fidelity.values())}
     for title in columns.values():
@@ -57,8 +57,11 @@ def fidelity_table(fidelity: dict[str, dict[str, float]], keep_ratios: dict[str,
 
 
 def _number(value: float | None) -> str:
-    """Three decimals; NaN (a layer keeping no visual token has no top-k recall) or None shows as '-'."""
-    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+    """Three decimals (small values in scientific notation); NaN (a layer keeping no visual token has no top-k
+    recall) or None shows as '-'."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
 
 
 def budget_description(metadata: dict[str, Any]) -> str:

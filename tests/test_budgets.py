@@ -218,7 +218,9 @@ def test_adaptive_export_round_trips_through_the_artifact_and_attach(calibration
     allocation = loaded.metadata["allocation"]
     assert allocation["method"] == "equal-coverage" and allocation["target_keep_ratio"] == 0.25
     assert allocation["mean_tokens_per_layer"] == 4 and allocation["visual_tokens"] == 16
-    assert set(loaded.metadata["fidelity"]["1"]) == {"recall", "spearman", "mass", "update_explained"}
+    assert set(loaded.metadata["fidelity"]["1"]) == {
+        "recall", "spearman", "mass", "update_explained", "text_update", "visual_update"
+    }
 
     model = demo_model()
     inputs = demo_samples(model, 1)[0]
