@@ -90,7 +90,10 @@ class Sweeper:
         )
         return calibration, time.perf_counter() - started
 
-    def retention(self, plan: Plan, update: str, selector) -> float:
+    def retention(self, plan: Plan | None, update: str, selector) -> float:
+        """Accuracy / full accuracy under `plan` (NaN for a budget the plan cannot meet)."""
+        if plan is None:
+            return float("nan")
         self.harness.skipped_update, self.harness.selector = update, selector
         return self.harness.run(plan, plan.method, None).accuracy / self.full.accuracy
 
@@ -134,6 +137,12 @@ def _carrier(calibration):
     return build_selector(calibration, keep_ratio=1.0, budget="uniform", skipped_keys="drop")
 
 
+def _fidelity_columns(fidelity: dict | None, suffix: str) -> dict[str, float]:
+    """Recall, mass kept and skip-update R² (NaN where the budget cannot be met)."""
+    fidelity = fidelity or {}
+    return {f"{key}{suffix}": fidelity.get(key, float("nan")) for key in ("recall", "mass", "update_explained")}
+
+
 def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[dict]:
     rows = []
     for name, change in SWEEPS[:3] if quick else SWEEPS:
@@ -141,13 +150,11 @@ def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[di
         calibration, seconds = sweeper.calibrate(settings)
         selector = _carrier(calibration)
         plan, fidelity = sweeper.plan("alvts", compression, selector, calibration)
-        row = {"setting": name, **settings, "calibration_seconds": seconds, "recall": fidelity["recall"],
-               "mass": fidelity.get("mass", float("nan")),
-               "update_explained": fidelity.get("update_explained", float("nan")),
-               "retention_paper": sweeper.retention(plan, "none", selector)}
         default_plan, default_fidelity = sweeper.plan("alvts", compression, selector, calibration, DEFAULT_RUNTIME)
-        row["recall_defaults"] = default_fidelity["recall"]
-        row["retention_defaults"] = sweeper.retention(default_plan, "none", selector)
+        row = {"setting": name, **settings, "calibration_seconds": seconds, **_fidelity_columns(fidelity, ""),
+               **_fidelity_columns(default_fidelity, "_defaults"),
+               "retention_paper": sweeper.retention(plan, "none", selector),
+               "retention_defaults": sweeper.retention(default_plan, "none", selector)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -196,7 +203,11 @@ def run(compression: float, eval_rows: int, quick: bool) -> dict:
 
 
 def _percent(value: float) -> str:
-    return f"{value:.1%}"
+    return "infeasible" if value != value else f"{value:.1%}"
+
+
+def _fraction(value: float) -> str:
+    return "-" if value != value else f"{value:.3f}"
 
 
 def tables(report: dict) -> list[Table]:
@@ -207,9 +218,9 @@ def tables(report: dict) -> list[Table]:
     for column in columns:
         settings.add_column(column, justify="left" if column == "setting" else "right")
     for row in report["settings"]:
-        settings.add_row(row["setting"], f"{row['recall']:.3f}", f"{row['mass']:.3f}",
-                         f"{row['update_explained']:.3f}", _percent(row["retention_paper"]),
-                         f"{row['recall_defaults']:.3f}", _percent(row["retention_defaults"]),
+        settings.add_row(row["setting"], _fraction(row["recall"]), _fraction(row["mass"]),
+                         _fraction(row["update_explained"]), _percent(row["retention_paper"]),
+                         _fraction(row["recall_defaults"]), _percent(row["retention_defaults"]),
                          f"{row['calibration_seconds']:.1f}")
     budgets = Table(title=f"per-layer budgets {title}")
     for column in ("compression", "skipped keys", *(f"retention ({b})" for b in BUDGETS)):
