@@ -327,10 +327,11 @@ def compensate_skipped(
 ) -> torch.Tensor:
     """Add to each skipped visual token the mean update (output - input) of its row's processed visual tokens;
     with `skip_module` (and the layer's `normed` input) also the module's map of the token's normed input minus
-    the processed tokens' mean normed input."""
+    the processed tokens' mean normed input. A row whose layer processed none of its visual tokens has nothing to
+    take the update from: its skipped tokens stay as they are."""
     visual = context.visual & context.valid
     processed = (visual & keep)[..., None].to(merged.dtype)
-    skipped = (visual & ~keep)[..., None].to(merged.dtype)
+    skipped = (visual & ~keep & (visual & keep).any(-1, keepdim=True))[..., None].to(merged.dtype)
     count = processed.sum(1, keepdim=True).clamp(min=1)
     update = ((merged - before) * processed).sum(1, keepdim=True) / count
     if skip_module is not None:

@@ -50,6 +50,21 @@ def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(ti
         torch.testing.assert_close(compensated[row][skipped[row]], before[row][skipped[row]] + mean)
 
 
+@pytest.mark.parametrize("skipped_update", ["mean", "linear"])
+def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(tiny_case, make_selector, skipped_update):
+    case = tiny_case("llava", "sdpa")
+    selector = make_selector(case.model, RATIO)
+    selector.keep_ratios[1] = 0.0
+    hidden = case.model.config.text_config.hidden_size
+    selector.skip_updates = {index: SkipUpdate(hidden, 2) for index in selector.layers}
+    for module in selector.skip_updates.values():
+        torch.nn.init.normal_(module.down.weight)
+        torch.nn.init.normal_(module.up.weight)
+    before, after, _ = _layer_io(case, selector, skipped_update)
+    visual = case.visual & case.valid
+    assert torch.equal(after[visual], before[visual])  # no processed token to take an update from
+
+
 def test_mean_update_is_exact_at_keep_ratio_one(tiny_case, make_selector):
     case = tiny_case("llava", "eager")
     reference = case.model(**case.inputs).logits
