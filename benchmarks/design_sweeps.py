@@ -41,7 +41,7 @@ BUDGETS = ("uniform", "adaptive", "adaptive-mass", "adaptive-update")
 PAPER = ("uniform", "drop")  # the paper's runtime: one keep ratio, skipped tokens invisible
 DEFAULT_RUNTIME = ("adaptive-update", "pool")  # the toolkit's export defaults
 RUNTIMES = (PAPER, ("uniform", "pool"), ("adaptive-update", "drop"), DEFAULT_RUNTIME)
-DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "paper", "start_layer": 1,
+DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "text", "start_layer": 1,
             "samples": 64, "skip_update_rank": 16}
 SWEEPS = [
     ("defaults", {}),
@@ -50,7 +50,7 @@ SWEEPS = [
     ("init weight SVD, no refinement", {"refine_steps": 0}),
     ("init data SVD, no refinement", {"init": "data_svd", "refine_steps": 0}),
     ("init data SVD, refined", {"init": "data_svd"}),
-    ("importance text-to-visual", {"importance": "text"}),
+    ("importance paper (S_V2V x S_T2V)", {"importance": "paper"}),
     ("importance last token", {"importance": "last"}),
     ("start layer 2", {"start_layer": 2}),
     ("start layer 4", {"start_layer": 4}),

@@ -114,7 +114,9 @@ def calibrate_command(
     ] = None,
     rank: Annotated[int | None, typer.Option(help="Selector rank, a multiple of head_dim (default 2 heads).")] = None,
     start_layer: Annotated[int, typer.Option(help="First routed layer (layer 0 is never routed).")] = 1,
-    importance: Annotated[Importance, typer.Option(help="Importance definition.")] = Importance.PAPER,
+    importance: Annotated[Importance, typer.Option(
+        help="Importance definition: text (attention the text rows give each visual token), paper (S_V2V x S_T2V) "
+        "or last (the last position's attention).")] = Importance.TEXT,
     init: Annotated[Init, typer.Option(help="Selector initialisation.")] = Init.WEIGHT_SVD,
     refine_steps: Annotated[int, typer.Option(help="Importance-consistency refinement steps per layer.")] = 200,
     skip_update_rank: Annotated[int, typer.Option(

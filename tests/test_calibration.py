@@ -12,18 +12,19 @@ from alvts_calib.demo import demo_model, demo_samples, sharpen_attention
 from alvts_calib.tiny_models import tiny_inputs
 
 
+@pytest.mark.parametrize("importance", ["text", "paper"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])
-def test_target_importance_matches_the_models_own_attention_weights(family, tiny_case):
+def test_target_importance_matches_the_models_own_attention_weights(family, importance, tiny_case):
     case = tiny_case(family, "eager", batch=1)
     sharpen_attention(case.model)
     sample = {**case.inputs, **({"visual_mask": case.explicit_visual} if case.explicit_visual is not None else {})}
-    calibration = calibrate(case.model, [sample], rank=16, refine_steps=0, progress=False)
+    calibration = calibrate(case.model, [sample], rank=16, refine_steps=0, importance=importance, progress=False)
     attentions = case.model(**case.inputs, output_attentions=True).attentions
     visual = case.visual[0]
     text = ~visual
     for index in calibration.layers:
         probs = attentions[index][0].float().mean(0)  # head-averaged (L, L)
-        expected = probs[visual].mean(0) * probs[text].mean(0)
+        expected = probs[text].mean(0) * (probs[visual].mean(0) if importance == "paper" else 1.0)
         torch.testing.assert_close(calibration.layers[index].heldout_target, expected[visual], rtol=1e-4, atol=1e-7)
 
 
@@ -59,10 +60,11 @@ def test_refinement_lowers_the_consistency_loss_and_low_rank_is_not_exact():
 def test_importance_definitions_differ_and_are_recorded():
     model = demo_model()
     samples = demo_samples(model, 2)
-    paper = calibrate(model, samples, rank=16, refine_steps=0, progress=False)
-    text = calibrate(model, samples, rank=16, refine_steps=0, importance=Importance.TEXT, progress=False)
+    paper = calibrate(model, samples, rank=16, refine_steps=0, importance=Importance.PAPER, progress=False)
+    text = calibrate(model, samples, rank=16, refine_steps=0, progress=False)  # the default
     last = calibrate(model, samples, rank=16, refine_steps=0, importance="last", progress=False)
     assert text.importance is Importance.TEXT and last.importance is Importance.LAST
+    assert paper.importance is Importance.PAPER
     assert paper.layers[1].heldout_parts.shape[0] == 2 and text.layers[1].heldout_parts.shape[0] == 1
     assert not torch.allclose(paper.layers[1].heldout_target, text.layers[1].heldout_target)
 
