@@ -9,7 +9,9 @@ Three tables, printed and written as JSON:
    fidelity (mean top-k recall and importance mass kept over routed layers at the uniform budget), the skip
    update's R², the calibration time, and retention with the paper's runtime and with the toolkit's defaults.
 
-    python benchmarks/design_sweeps.py --out docs/design-sweeps.json
+    python benchmarks/design_sweeps.py --out docs/design-sweeps.json --markdown docs/design-sweeps.md
+
+(about 8 minutes on 2 CPU cores; `--render docs/design-sweeps.json` re-prints an earlier report).
 """
 
 from __future__ import annotations
@@ -229,26 +231,46 @@ def tables(report: dict) -> list[Table]:
         budgets.add_row(_percent(row["compression"]), row["skipped_keys"],
                         *(_percent(row[f"retention_{b}"]) for b in BUDGETS))
     stale = Table(title=f"skipped tokens at {report['compression']:.0%} compression {title}")
-    for column in ("selection", "budget / skipped keys", "update", "retention", "KL(full || routed)"):
+    for column in ("selection", "budget / skipped keys", "update", "retention", "answer KL from full"):
         stale.add_column(column, justify="right")
     for row in report["stale_states"]:
         stale.add_row(row["selection"], row["runtime"], row["update"], _percent(row["retention"]), f"{row['kl']:.4f}")
     return [stale, budgets, settings]
 
 
+def markdown(report: dict) -> str:
+    """The three tables as Markdown (what docs/DESIGN.md quotes)."""
+    lines = []
+    for table in tables(report):
+        lines += [f"**{table.title}**", ""]
+        lines.append("| " + " | ".join(str(column.header) for column in table.columns) + " |")
+        lines.append("|" + "---|" * len(table.columns))
+        for row in zip(*(column._cells for column in table.columns), strict=True):
+            lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compression", type=float, default=0.89)
-    parser.add_argument("--eval-rows", type=int, default=500)
+    parser.add_argument("--eval-rows", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="Only the first three setting rows (development).")
     parser.add_argument("--out", type=Path, default=Path("docs/design-sweeps.json"))
+    parser.add_argument("--markdown", type=Path, help="Also write the tables as Markdown to this file.")
+    parser.add_argument("--render", type=Path, help="Print (and --markdown) the tables of an earlier JSON report.")
     args = parser.parse_args()
-    report = run(args.compression, args.eval_rows, args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if args.render is not None:
+        report = json.loads(args.render.read_text(encoding="utf-8"))
+    else:
+        report = run(args.compression, args.eval_rows, args.quick)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        print(f"-> {args.out}")
     for table in tables(report):
         Console().print(table)
-    print(f"-> {args.out}")
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(report), encoding="utf-8")
 
 
 if __name__ == "__main__":
