@@ -25,7 +25,7 @@ from .calibration import Calibration
 from .capture import input_device, move
 from .data import LabelledItem
 from .errors import AlvtsError
-from .export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
+from .export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
 from .fingerprint import check_fingerprint
 from .flops import layer_flops
 from .methods import (
@@ -227,7 +227,7 @@ def build_plans(
     calibration: Calibration | None = None,
     seed: int = 0,
     skipped_keys: SkippedKeys | str = DEFAULT_SKIPPED_KEYS,
-    budget: Budget | str = DEFAULT_BUDGET,
+    budget: Budget | str = DEFAULT_ADAPTIVE_BUDGET,
 ) -> tuple[Plan | None, dict[str, float] | None]:
     """The plan of `method` at `compression` (None when the budget is infeasible) and its selector fidelity.
 
@@ -302,7 +302,7 @@ def evaluate(
     batch_size: int = 32,
     skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
     skipped_keys: SkippedKeys | str = DEFAULT_SKIPPED_KEYS,
-    budget: Budget | str = DEFAULT_BUDGET,
+    budget: Budget | str = DEFAULT_ADAPTIVE_BUDGET,
     progress: bool = True,
     model_name: str = "",
     data_name: str = "",

@@ -25,7 +25,7 @@ from alvts_calib.capture import input_device, move
 from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
-from alvts_calib.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS
+from alvts_calib.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS
 from alvts_calib.importance import Importance
 from alvts_calib.methods import check_compression
 from alvts_calib.routing import SkippedKeys, SkippedUpdate
@@ -167,7 +167,7 @@ def export_command(
     budget: Annotated[str, typer.Option(
         help="uniform: KEEP_RATIO in every layer; adaptive-update (where the layers change the hidden states), "
         "adaptive (equal coverage) or adaptive-mass (water-filling): the same average visual tokens per routed "
-        "layer, spread by calibration statistics.")] = DEFAULT_BUDGET.value,
+        "layer, spread by calibration statistics (best without pooled keys).")] = DEFAULT_BUDGET.value,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="pool: the text attends to one stand-in for a layer's skipped visual tokens (counted in its budget); "
         "drop: it does not see them (the paper).")] = DEFAULT_SKIPPED_KEYS,
@@ -300,7 +300,7 @@ def eval_command(
     ] = DEFAULT_SKIPPED_KEYS,
     budget: Annotated[str, typer.Option(
         help="How alvts-adaptive spreads its tokens: adaptive-update, adaptive or adaptive-mass.")
-    ] = DEFAULT_BUDGET.value,
+    ] = DEFAULT_ADAPTIVE_BUDGET.value,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
     device: Annotated[str | None, typer.Option(help="device_map for loading, e.g. cuda or auto.")] = None,

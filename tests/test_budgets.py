@@ -233,6 +233,24 @@ def test_adaptive_export_round_trips_through_the_artifact_and_attach(calibration
     detach(model)
 
 
+def test_pooled_adaptive_export_counts_the_stand_in_in_each_layers_budget(calibration, tmp_path):
+    selector = export(load_calibration(calibration), tmp_path / "s.safetensors", keep_ratio=0.25,
+                      budget="adaptive-update", skipped_keys="pool")
+    tokens = {int(i): k for i, k in selector.metadata["allocation"]["tokens"].items()}
+    assert sum(tokens.values()) == 3 * 4 and selector.metadata["skipped_keys"] == "pool"
+    assert selector.keep_ratios == {i: max(k - 1, 0) / 16 for i, k in tokens.items()}
+    model = demo_model()
+    inputs = demo_samples(model, 1)[0]
+    attach(model, tmp_path / "s.safetensors")  # the artifact's own skipped-key setting
+    cache = model(**inputs, use_cache=True).past_key_values
+    visual = inputs["input_ids"] == IMAGE_TOKEN
+    text = (inputs["attention_mask"].bool() & ~visual).sum(1)
+    for index, count in tokens.items():  # selected tokens plus the stand-in; one token leaves no room for both
+        expected = count if count >= 2 else 0
+        assert torch.equal(cache.layers[index].key_valid.sum(1), text + expected), (index, count)
+    detach(model)
+
+
 def test_a_layer_with_ratio_zero_routes_no_visual_token(calibration):
     model = demo_model()
     inputs = demo_samples(model, 1)[0]
