@@ -73,22 +73,26 @@ def _grid_counts(n: int) -> torch.Tensor:
 
 
 def coverage_curves(importance: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """(R, COVERAGE_POINTS) coverage curve of each row of (B, L) importance that has visual tokens.
+    """(R, COVERAGE_POINTS) coverage curve of each row of (B, L) importance that has visual tokens, rows grouped
+    by their visual-token count (callers average them).
 
     Row r at fraction f: the share of its visual importance held by its top keep_count(n_r, f) visual tokens.
     A row without importance mass counts as evenly spread (coverage k / n).
     """
+    importance, visual = importance.detach().double().cpu(), visual.cpu()
+    per_row = visual.sum(-1)
     curves = []
-    for scores, mask in zip(importance.detach().double().cpu(), visual.cpu(), strict=True):
-        values = scores[mask].clamp(min=0.0).sort(descending=True).values
-        n = values.numel()
+    for n in per_row.unique().tolist():
         if n == 0:
             continue
+        rows = (per_row == n).nonzero().flatten()
+        values = importance[rows][visual[rows]].view(len(rows), n).clamp(min=0.0).sort(-1, descending=True).values
+        total = values.sum(-1, keepdim=True)
+        cumulative = torch.cat([values.new_zeros(len(rows), 1), values.cumsum(-1)], dim=-1)
         counts = _grid_counts(n)
-        total = float(values.sum())
-        cumulative = torch.cat([values.new_zeros(1), values.cumsum(0)])
-        curves.append(cumulative[counts] / total if total > 0 else counts.double() / n)
-    return torch.stack(curves) if curves else torch.empty(0, COVERAGE_POINTS, dtype=torch.float64)
+        even = (counts.double() / n).expand(len(rows), -1)
+        curves.append(torch.where(total > 0, cumulative[:, counts] / total.clamp(min=1e-300), even))
+    return torch.cat(curves) if curves else torch.empty(0, COVERAGE_POINTS, dtype=torch.float64)
 
 
 def visual_attention_share(parts: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,7 @@ def table(report: dict) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=500)
+    parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=7, help="visual keys the text sees per layer (7 of 64: 89%%)")
     parser.add_argument("--out", type=Path, default=Path("docs/skipped-attention.json"))
     args = parser.parse_args()
