@@ -18,7 +18,9 @@ keep ratio gives. The per-layer ratio is k_l / n, which the runtime turns back i
   layer's gain from k tokens is T C(k) + V U(k): T is the mean relative update of the text rows (|dh|^2 / |h|^2)
   times the visual attention share (what the text reads from the image there), V the mean relative update of
   the visual tokens (what skipping them loses; 0 at the last layer, after which nothing reads them), and U(k)
-  the share of the visual tokens' update energy held by the k largest updates.
+  the share of the visual tokens' update energy held by the k largest updates. Every layer first gets
+  UPDATE_FLOOR tokens (its top token and, with pooled skipped keys, the stand-in): the gains above undervalue a
+  quiet layer's view of the image, and leaving such layers blind costs accuracy (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .importance import keep_count
 from .options import parse_choice
 
 COVERAGE_POINTS = 257  # keep fractions 0, 1/256, ..., 1
+UPDATE_FLOOR = 2  # "adaptive-update" leaves no layer blind: each keeps at least its top token and the stand-in
 
 
 class Budget(str, Enum):
@@ -191,17 +194,19 @@ def token_curves(curves: np.ndarray, visual_tokens: int) -> np.ndarray:
     return np.maximum.accumulate(interpolated, axis=1)
 
 
-def water_filling(curves: np.ndarray, weights: np.ndarray, total: int) -> list[int]:
-    """Tokens per layer maximising sum_l w_l C_l(k_l) with sum k_l = total, one token at a time.
+def water_filling(curves: np.ndarray, weights: np.ndarray, total: int, floor: int = 0) -> list[int]:
+    """Tokens per layer maximising sum_l w_l C_l(k_l) with sum k_l = total and every k_l >= floor, one token at a
+    time.
 
     curves: (L, n + 1) coverage after 0..n tokens. Greedy on marginal gains is optimal for concave curves
     (a layer's sorted importance makes its coverage concave); ties go to the lower layer.
     """
     layers, width = curves.shape
-    tokens = [0] * layers
-    gains = [(-weights[i] * (curves[i, 1] - curves[i, 0]), i) for i in range(layers)]
+    tokens = [min(floor, width - 1)] * layers
+    gains = [(-weights[i] * (curves[i, tokens[i] + 1] - curves[i, tokens[i]]), i)
+             for i in range(layers) if tokens[i] < width - 1]
     heapq.heapify(gains)
-    for _ in range(total):
+    for _ in range(total - sum(tokens)):
         _, i = heapq.heappop(gains)
         tokens[i] += 1
         if tokens[i] < width - 1:
@@ -247,7 +252,9 @@ def allocate(
     if budget is Budget.ADAPTIVE:
         tokens = equal_coverage(curves, total)
     elif budget is Budget.ADAPTIVE_UPDATE:
-        tokens = water_filling(_update_gains(statistics, indices, curves, visual_tokens), np.ones(len(indices)), total)
+        gains = _update_gains(statistics, indices, curves, visual_tokens)
+        floor = min(UPDATE_FLOOR, total // len(indices))
+        tokens = water_filling(gains, np.ones(len(indices)), total, floor)
     else:
         weights = np.array([max(statistics[i].visual_share, 0.0) for i in indices])
         tokens = water_filling(curves, weights if weights.sum() > 0 else np.ones(len(indices)), total)

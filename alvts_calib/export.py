@@ -14,8 +14,8 @@ from .options import check_keep_ratio, parse_choice, torch_dtype
 from .routing import SkippedKeys
 from .skip_update import SkipUpdate
 
-DEFAULT_BUDGET = Budget.UNIFORM  # with pooled skipped keys no adaptive allocation beats it (docs/DESIGN.md)
-DEFAULT_ADAPTIVE_BUDGET = Budget.ADAPTIVE_UPDATE  # the best adaptive allocation on the demo
+DEFAULT_BUDGET = Budget.ADAPTIVE_UPDATE  # measured on the demo (docs/DESIGN.md)
+DEFAULT_ADAPTIVE_BUDGET = Budget.ADAPTIVE_UPDATE  # what `alvts eval` compares with uniform
 DEFAULT_SKIPPED_KEYS = SkippedKeys.POOL
 
 

@@ -41,8 +41,8 @@ UPDATES = ("none", "mean", "linear")
 KEYS = ("drop", "pool")
 BUDGETS = ("uniform", "adaptive", "adaptive-mass", "adaptive-update")
 PAPER = ("uniform", "drop")  # the paper's runtime: one keep ratio, skipped tokens invisible
-DEFAULT_RUNTIME = ("uniform", "pool")  # the toolkit's export defaults
-RUNTIMES = (PAPER, DEFAULT_RUNTIME, ("adaptive-update", "drop"), ("adaptive-update", "pool"))
+DEFAULT_RUNTIME = ("adaptive-update", "pool")  # the toolkit's export defaults
+RUNTIMES = (PAPER, ("uniform", "pool"), ("adaptive-update", "drop"), DEFAULT_RUNTIME)
 DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "text", "start_layer": 1,
             "samples": 64, "skip_update_rank": 16}
 SWEEPS = [

@@ -167,7 +167,7 @@ def export_command(
     budget: Annotated[str, typer.Option(
         help="uniform: KEEP_RATIO in every layer; adaptive-update (where the layers change the hidden states), "
         "adaptive (equal coverage) or adaptive-mass (water-filling): the same average visual tokens per routed "
-        "layer, spread by calibration statistics (best without pooled keys).")] = DEFAULT_BUDGET.value,
+        "layer, spread by calibration statistics.")] = DEFAULT_BUDGET.value,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="pool: the text attends to one stand-in for a layer's skipped visual tokens (counted in its budget); "
         "drop: it does not see them (the paper).")] = DEFAULT_SKIPPED_KEYS,

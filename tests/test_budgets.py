@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from alvts_calib import AlvtsError, attach, calibrate, detach, load_calibration, load_selector
 from alvts_calib.budgets import (
+    UPDATE_FLOOR,
     Budget,
     LayerStatistics,
     LayerUpdates,
@@ -146,23 +147,24 @@ def test_adaptive_update_puts_tokens_where_layers_change_the_hidden_states():
     }
     allocation = allocate(statistics, 0.25, 64, Budget.ADAPTIVE_UPDATE)
     tokens = allocation.tokens
-    assert sum(tokens.values()) == 4 * 16 and tokens[1] == tokens[3] == 0 and tokens[2] > tokens[4] > 0
+    assert sum(tokens.values()) == 4 * 16 and tokens[1] == tokens[3] == UPDATE_FLOOR and tokens[2] > tokens[4] > 2
     older = {index: dataclasses.replace(layer, updates=None) for index, layer in statistics.items()}
     with pytest.raises(AlvtsError, match="'adaptive-update' needs the layers' update statistics.*re-run"):
         allocate(older, 0.25, 64, Budget.ADAPTIVE_UPDATE)
 
 
-def test_water_filling_is_optimal_on_concave_curves():
+@pytest.mark.parametrize("floor", [0, 2])
+def test_water_filling_is_optimal_on_concave_curves(floor):
     curves = token_curves(np.stack([coverage_grid().numpy() ** a for a in (0.2, 0.5, 1.0)]), 6)
     weights = np.array([0.2, 0.5, 0.4])
-    for total in range(0, 19):
-        tokens = water_filling(curves, weights, total)
+    for total in range(3 * floor, 19):
+        tokens = water_filling(curves, weights, total, floor)
         best = max(
             sum(weights[i] * curves[i, k[i]] for i in range(3))
-            for k in itertools.product(range(7), repeat=3)
+            for k in itertools.product(range(floor, 7), repeat=3)
             if sum(k) == total
         )
-        assert sum(tokens) == total
+        assert sum(tokens) == total and min(tokens) >= floor
         assert sum(weights[i] * curves[i, tokens[i]] for i in range(3)) == pytest.approx(best)
 
 
