@@ -396,18 +396,25 @@ def test_last_position_is_always_processed(tiny_case, make_selector, backend):
 
 @FAMILY
 @ALL
-def test_routed_forward_matches_slow_reference(tiny_case, make_selector, family, backend):
+@pytest.mark.parametrize("skipped_keys", ["drop", "pool"])
+def test_routed_forward_matches_slow_reference(tiny_case, make_selector, family, backend, skipped_keys):
     case = tiny_case(family, backend)
     model = case.model
     selector = make_selector(model, RATIO)
     unrouted = model(**forward_inputs(case, case.inputs)).logits
-    reference = reference_routed_logits(case, selector, RATIO)
-    attach(model, selector)
+    dropped = reference_routed_logits(case, selector, RATIO)
+    reference = reference_routed_logits(case, selector, RATIO, pooled=skipped_keys == "pool")
+    attach(model, selector, skipped_keys=skipped_keys)
     with case.routing():
         routed = model(**forward_inputs(case, case.inputs)).logits
+        counts = last_visual_pass(model).processed_counts()
     valid = case.valid
-    assert (reference[valid] - unrouted[valid]).abs().max() > 1e-3, "the reference must differ from no routing"
+    assert (dropped[valid] - unrouted[valid]).abs().max() > 1e-3, "the reference must differ from no routing"
+    if skipped_keys == "pool":
+        assert (reference[valid] - dropped[valid]).abs().max() > 1e-3, "the stand-in must change the result"
     torch.testing.assert_close(routed[valid], reference[valid], atol=1e-4, rtol=0)
+    stand_in = int(skipped_keys == "pool")  # the stand-in counts as a processed visual token
+    assert torch.equal(counts[1], kept_counts(case, RATIO) - (valid & ~case.visual).sum(1) + stand_in)
 
 
 # ------------------------------------------------------------------------------------------- 6. sampling and beams
@@ -454,24 +461,6 @@ def test_sampling_and_beam_search(tiny_case, make_selector, family):
 
 
 # ---------------------------------------------------------------------------------------- 7. pooled skipped keys
-
-
-@FAMILY
-@ALL
-def test_pooled_stand_in_matches_slow_reference(tiny_case, make_selector, family, backend):
-    case = tiny_case(family, backend)
-    model = case.model
-    selector = make_selector(model, RATIO)
-    dropped = reference_routed_logits(case, selector, RATIO)
-    reference = reference_routed_logits(case, selector, RATIO, pooled=True)
-    attach(model, selector, skipped_keys="pool")
-    with case.routing():
-        routed = model(**forward_inputs(case, case.inputs)).logits
-        counts = last_visual_pass(model).processed_counts()
-    valid = case.valid
-    assert (reference[valid] - dropped[valid]).abs().max() > 1e-3, "the stand-in must change the result"
-    torch.testing.assert_close(routed[valid], reference[valid], atol=1e-4, rtol=0)
-    assert torch.equal(counts[1], kept_counts(case, RATIO) - (valid & ~case.visual).sum(1) + 1)  # the stand-in counts
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
