@@ -110,7 +110,12 @@ def export(
 
 
 def _leave_room_for_pool(ratios: dict[int, float], visual_tokens: int) -> dict[int, float]:
-    """Per-layer ratios selecting one token fewer at `visual_tokens`, for the pooled stand-in (0 stays 0)."""
+    """Per-layer ratios selecting one token fewer at `visual_tokens`, for the pooled stand-in. A layer keeping
+    every token skips none and needs no stand-in; one keeping none stays at none."""
     if visual_tokens <= 0:
         return ratios
-    return {index: max(keep_count_host(visual_tokens, ratio) - 1, 0) / visual_tokens for index, ratio in ratios.items()}
+    counts = {index: keep_count_host(visual_tokens, ratio) for index, ratio in ratios.items()}
+    return {
+        index: ratios[index] if count >= visual_tokens else max(count - 1, 0) / visual_tokens
+        for index, count in counts.items()
+    }

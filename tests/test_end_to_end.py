@@ -52,6 +52,17 @@ def test_calibrate_export_attach_generate(family, skipped_keys, tiny_case, tmp_p
     assert torch.equal(case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False), reference)
 
 
+def test_an_artifact_keeping_every_token_is_exact_with_the_defaults(tiny_case, tmp_path):
+    case = tiny_case("llava", "sdpa")
+    calibration = calibrate(case.model, [case.inputs], rank=16, refine_steps=0, progress=False)
+    selector = export(calibration, tmp_path / "s.safetensors", keep_ratio=1.0)  # adaptive-update, pooled keys
+    assert set(selector.keep_ratios.values()) == {1.0} and selector.metadata["skipped_keys"] == "pool"
+    reference = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
+    attach(case.model, tmp_path / "s.safetensors")
+    assert torch.equal(case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False), reference)
+    detach(case.model)
+
+
 def test_keep_ratio_override_at_attach(tiny_case, tmp_path):
     case = tiny_case("llava", "eager")
     calibration = calibrate(case.model, [case.inputs], rank=16, refine_steps=0, progress=False)
