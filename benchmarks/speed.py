@@ -86,7 +86,7 @@ def measure_variant(model: torch.nn.Module, inputs: dict[str, torch.Tensor], dec
     """Every measure of one variant; the model is patched for the duration and restored after."""
     routed = variant.policies is not None
     if routed:
-        attach_policies(model, variant.policies)
+        attach_policies(model, variant.policies, skipped_keys=variant.skipped_keys)
     try:
         device = settings.device
         row: dict[str, Any] = {

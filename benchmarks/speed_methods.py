@@ -19,6 +19,7 @@ from alvts_calib.flops import layer_flops
 from alvts_calib.importance import Importance
 from alvts_calib.methods import alvts_plan, fastv_plan, pyramid_plan
 from alvts_calib.policies import LayerPolicy, SelectorPolicy
+from alvts_calib.routing import SkippedKeys
 from alvts_calib.selector import LayerSelector
 from alvts_calib.solver import rope_svd_init
 
@@ -34,6 +35,7 @@ class Variant:
     compression: float | None
     policies: dict[int, LayerPolicy] | None
     planned_tokens: list[int]  # visual tokens processed per decoder layer
+    skipped_keys: SkippedKeys = SkippedKeys.DROP
 
 
 def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
@@ -62,13 +64,17 @@ def _alternating(selector: Selector, uniform: dict[int, LayerPolicy], num_visual
 
 
 def variants(selector: Selector, num_layers: int, num_visual: int) -> list[Variant]:
-    """Unpatched, ALVTS keep-all, then ALVTS uniform/adaptive, FastV and PyramidDrop at each compression."""
+    """Unpatched, ALVTS keep-all, then ALVTS pooled (the default runtime)/uniform/adaptive, FastV and PyramidDrop
+    at each compression."""
     full = [num_visual] * num_layers
     keep_all = {index: SelectorPolicy(layer, 1.0, selector.importance) for index, layer in selector.layers.items()}
     rows = [Variant("unpatched", None, None, full), Variant("alvts-keep-all", 0.0, keep_all, full)]
     for compression in COMPRESSIONS:
         fraction = 1.0 - compression
         uniform = alvts_plan(selector, fraction, num_layers, num_visual)
+        pooled = alvts_plan(selector, fraction, num_layers, num_visual, SkippedKeys.POOL)
+        if pooled is not None:  # the toolkit's default runtime: k - 1 tokens and the stand-in
+            rows.append(Variant("alvts-pooled", compression, pooled.policies, pooled.planned_tokens, SkippedKeys.POOL))
         if uniform is not None:
             rows.append(Variant("alvts-uniform", compression, uniform.policies, uniform.planned_tokens))
             counts = _alternating(selector, uniform.policies, num_visual)
