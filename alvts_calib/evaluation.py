@@ -248,15 +248,15 @@ def build_plans(
     }
     if method in builders:
         return builders[method](), None
-    uniform = alvts_plan(selector, fraction, num_layers, num_visual)  # the budget's tokens per routed layer
-    if uniform is None:
-        return None, None
     if method == "alvts":
         plan = alvts_plan(selector, fraction, num_layers, num_visual, keys)
-        if plan is None:  # no token left beside the stand-in
+        if plan is None:  # over budget, or no token left beside the stand-in
             return None, None
         ratio = plan.policies[start_layer].keep_ratio
         return plan, _fidelity(calibration, {i: ratio for i in plan.policies}, selector)
+    uniform = alvts_plan(selector, fraction, num_layers, num_visual)  # the budget's tokens per routed layer
+    if uniform is None:
+        return None, None
     adaptive = build_selector(
         calibration, keep_ratio=uniform.planned_tokens[-1] / num_visual, budget=parse_budget(budget), skipped_keys=keys
     )

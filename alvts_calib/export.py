@@ -11,7 +11,7 @@ from .calibration import Calibration
 from .errors import AlvtsError
 from .importance import keep_count_host
 from .options import check_keep_ratio, parse_choice, torch_dtype
-from .routing import SkippedKeys
+from .routing import SkippedKeys, selected_beside_stand_in
 from .skip_update import SkipUpdate
 
 DEFAULT_BUDGET = Budget.ADAPTIVE_UPDATE  # measured on the demo (docs/DESIGN.md)
@@ -110,12 +110,16 @@ def export(
 
 
 def _leave_room_for_pool(ratios: dict[int, float], visual_tokens: int) -> dict[int, float]:
-    """Per-layer ratios selecting one token fewer at `visual_tokens`, for the pooled stand-in. A layer keeping
-    every token skips none and needs no stand-in; one keeping none stays at none."""
+    """Per-layer ratios whose selected tokens and stand-in make up each layer's budget at `visual_tokens`."""
     if visual_tokens <= 0:
         return ratios
-    counts = {index: keep_count_host(visual_tokens, ratio) for index, ratio in ratios.items()}
     return {
-        index: ratios[index] if count >= visual_tokens else max(count - 1, 0) / visual_tokens
-        for index, count in counts.items()
+        index: selected_beside_stand_in(keep_count_host(visual_tokens, ratio), visual_tokens) / visual_tokens
+        for index, ratio in ratios.items()
     }
+
+
+def calibrated_layers(calibration: Calibration) -> Selector:
+    """Every calibrated layer at keep ratio 1, nothing pooled: the selector that evaluation plans set their own
+    ratios and runtime on."""
+    return build_selector(calibration, keep_ratio=1.0, budget=Budget.UNIFORM, skipped_keys=SkippedKeys.DROP)

@@ -33,7 +33,7 @@ from .policies import (
     dart_choice,
     last_attention_choice,
 )
-from .routing import SkippedKeys
+from .routing import SkippedKeys, selected_beside_stand_in, with_stand_in
 
 STATIC_PRUNE_LAYER = 2  # K of FastV and DART, and PyramidDrop's first cut
 PYRAMID_LAMBDA = 0.5
@@ -62,8 +62,10 @@ def _uniform_plan(
     make: Callable[[int, float], LayerPolicy], skipped_keys: SkippedKeys = SkippedKeys.DROP,
 ) -> Plan | None:
     count = _per_layer_count(fraction, num_layers, num_visual, start_layer)
-    selected = None if count is None else count - (skipped_keys is SkippedKeys.POOL)
-    if not selected or selected < 0:
+    if count is None:
+        return None
+    selected = selected_beside_stand_in(count, num_visual) if skipped_keys is SkippedKeys.POOL else count
+    if selected == 0:
         return None
     ratio = selected / num_visual
     policies = {index: make(index, ratio) for index in range(start_layer, num_layers)}
@@ -90,12 +92,11 @@ def selector_plan(method: str, selector: Selector, num_visual: int) -> Plan:
         for index, ratio in selector.keep_ratios.items()
     }
     skipped_keys = SkippedKeys(selector.metadata.get("skipped_keys", SkippedKeys.DROP))
-    pooled = skipped_keys is SkippedKeys.POOL
     num_layers = int(selector.fingerprint["num_layers"])
     planned = [num_visual] * num_layers
     for index, ratio in selector.keep_ratios.items():
         selected = keep_count_host(num_visual, ratio)
-        planned[index] = selected + (pooled and 0 < selected < num_visual)
+        planned[index] = with_stand_in(selected, num_visual) if skipped_keys is SkippedKeys.POOL else selected
     return Plan(method, policies, planned, skipped_keys)
 
 

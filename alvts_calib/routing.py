@@ -158,6 +158,7 @@ class Pool:
         batch, length = keep.shape
         positions = torch.arange(length, device=keep.device).expand(batch, -1)
         last_visual = torch.where(visual, positions, -1).amax(-1, keepdim=True)
+
         def mean(values: torch.Tensor) -> torch.Tensor:  # accumulated in float32 whatever the model's dtype
             return (values.expand(batch, -1, -1).float() * share).sum(1, keepdim=True).to(values.dtype)
 
@@ -293,11 +294,22 @@ class RoutedLayerMixin:
             return compensate_skipped(merged, hidden_states, keep, context, skip_module, normed)
 
 
+def with_stand_in(selected: int, num_visual: int) -> int:
+    """Visual positions a pooled layer processes when it selects `selected` of a row's `num_visual` tokens: a row
+    that processed some of them and skipped others also processes their stand-in (`Pool`)."""
+    return selected + (0 < selected < num_visual)
+
+
+def selected_beside_stand_in(budget: int, num_visual: int) -> int:
+    """Visual tokens a pooled layer selects so that it processes `budget` of `num_visual` (the inverse of
+    `with_stand_in`; a budget of one leaves no room beside the stand-in, so the layer skips the image)."""
+    return budget if budget >= num_visual else max(budget - 1, 0)
+
+
 def _with_pool(rows: list[int], counts: PassCounts) -> list[int]:
-    """Positions processed per row once rows that processed some visual tokens and skipped others also process
-    their stand-in (`Pool`)."""
+    """Positions processed per row (text and selected visual tokens) once each row's stand-in is added."""
     return [
-        processed + (0 < processed - text < visual)
+        text + with_stand_in(processed - text, visual)
         for processed, visual, text in zip(rows, counts.visual, counts.text, strict=True)
     ]
 

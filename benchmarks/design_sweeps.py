@@ -31,7 +31,7 @@ from alvts_calib.builtin import BUILTIN_NAME, builtin_model, builtin_processor
 from alvts_calib.capture import input_device, move
 from alvts_calib.data import build_labelled_items, build_samples
 from alvts_calib.evaluation import Harness, build_plans, reference_visual_count
-from alvts_calib.export import build_selector
+from alvts_calib.export import calibrated_layers
 from alvts_calib.methods import Plan
 from alvts_calib.pipeline import calibrate
 from alvts_calib.policies import KeepAllPolicy
@@ -134,11 +134,6 @@ class Sweeper:
         return float((reference.exp() * (reference - routed)).sum(-1).mean())
 
 
-def _carrier(calibration):
-    """The calibration's layers, skip updates and start layer as a selector (plans set their own ratios)."""
-    return build_selector(calibration, keep_ratio=1.0, budget="uniform", skipped_keys="drop")
-
-
 def _fidelity_columns(fidelity: dict | None, suffix: str) -> dict[str, float]:
     """Recall, mass kept and skip-update R² (NaN where the budget cannot be met)."""
     fidelity = fidelity or {}
@@ -150,7 +145,7 @@ def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[di
     for name, change in SWEEPS[:3] if quick else SWEEPS:
         settings = {**DEFAULTS, **change}
         calibration, seconds = sweeper.calibrate(settings)
-        selector = _carrier(calibration)
+        selector = calibrated_layers(calibration)
         plan, fidelity = sweeper.plan("alvts", compression, selector, calibration)
         default_plan, default_fidelity = sweeper.plan("alvts", compression, selector, calibration, DEFAULT_RUNTIME)
         row = {"setting": name, **settings, "calibration_seconds": seconds, **_fidelity_columns(fidelity, ""),
@@ -164,7 +159,7 @@ def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[di
 
 def budgets_table(sweeper: Sweeper, compressions: tuple[float, ...]) -> list[dict]:
     calibration, _ = sweeper.calibrate(DEFAULTS)
-    selector = _carrier(calibration)
+    selector = calibrated_layers(calibration)
     rows = []
     for compression in compressions:
         for keys in KEYS:
@@ -180,7 +175,7 @@ def budgets_table(sweeper: Sweeper, compressions: tuple[float, ...]) -> list[dic
 
 def stale_table(sweeper: Sweeper, compression: float) -> list[dict]:
     calibration, _ = sweeper.calibrate(DEFAULTS)
-    selector = _carrier(calibration)
+    selector = calibrated_layers(calibration)
     cases = [("alvts", runtime) for runtime in RUNTIMES] + [("oracle", ("uniform", keys)) for keys in KEYS]
     rows = []
     for method, runtime in cases:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from alvts_calib import attach, build_selector, calibrate, export, load_calibration
+from alvts_calib import attach, calibrate, export, load_calibration
 from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
 from alvts_calib.builtin import (
     BUILTIN_NAME,
@@ -25,7 +25,7 @@ from alvts_calib.capture import input_device, move
 from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
-from alvts_calib.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS
+from alvts_calib.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
 from alvts_calib.importance import Importance
 from alvts_calib.methods import check_compression
 from alvts_calib.routing import SkippedKeys, SkippedUpdate
@@ -317,10 +317,7 @@ def eval_command(
     compressions = _compressions(compression)
     kind = read_metadata(selector, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"]
     calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
-    artifact = (
-        build_selector(calibration, keep_ratio=1.0, budget="uniform", skipped_keys="drop")
-        if calibration is not None else load_selector(selector)
-    )
+    artifact = calibrated_layers(calibration) if calibration is not None else load_selector(selector)
     check_methods(method_names, artifact, calibration)
     loaded, name = _load(model, dtype, attn_implementation, device)
     processor = _processor(model)
