@@ -33,8 +33,9 @@ def build_selector(
     `budget` "uniform" keeps `keep_ratio` in every routed layer; the adaptive budgets ("adaptive-update",
     "adaptive", "adaptive-mass") spread the same average number of visual tokens per routed layer over layers by
     calibration statistics (see `budgets`); a layer may get 0 or all of them. With `skipped_keys` "pool" (what
-    `attach` then uses), a layer's pooled stand-in for its skipped tokens is one of its tokens: it selects one
-    token fewer than its budget at the calibration's reference visual count.
+    `attach` then uses), a layer's pooled stand-in for its skipped tokens is one of its tokens: at the
+    calibration's reference visual count it selects one token fewer than its budget, or every token if the
+    budget is all of them (`routing.selected_beside_stand_in`).
     """
     check_keep_ratio(keep_ratio)
     budget = parse_budget(budget)

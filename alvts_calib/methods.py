@@ -5,7 +5,7 @@ tokens n (compression = 1 - fraction; see docs). Every method gets the largest w
 average over all decoder layers does not exceed the budget at the reference count n.
 
 - ALVTS, oracle, random: layers before `start_layer` process everything; every later layer k tokens. With
-  pooled skipped keys (`SkippedKeys.POOL`) the stand-in is one of the k: they select k - 1.
+  pooled skipped keys (`SkippedKeys.POOL`) the stand-in is one of the k: they select k - 1 (all n when k = n).
 - FastV (K=2): layers 0..K-1 process everything; layer K-1's last-position attention picks T tokens for the rest.
 - PyramidDrop: layers 0..1 process everything, then N0 tokens picked at layer 2 and halved (lambda 0.5) at
   1/4, 1/2 and 3/4 of depth, each time by the last position's attention. Stage one keeps all tokens in the
