@@ -75,6 +75,8 @@ def _context_hook(tracker: VisualTracker, runtime: _Runtime):
         context = ForwardContext(visual=visual, valid=valid, counts=PassCounts.of(visual, valid))
         if context.counts.has_visual:
             runtime.last_visual_pass = context
+        elif past == 0:  # a new prompt without visual tokens: the previous prompt's pass no longer describes it
+            runtime.last_visual_pass = None
         kwargs[CONTEXT_KWARG] = context
         return args, kwargs
 

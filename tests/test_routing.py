@@ -526,6 +526,22 @@ def test_continuing_an_unrouted_cache(tiny_case, make_selector):
         model(input_ids=next_token, attention_mask=longer, cache=cache)
 
 
+def test_last_visual_pass_forgets_an_earlier_prompt(tiny_case, make_selector):
+    """A new prompt without visual tokens clears the previous prompt's context (its counts would describe another
+    batch); decoding steps of a visual prompt keep it."""
+    case = tiny_case("llama", "eager")
+    model = case.model
+    attach(model, make_selector(model, RATIO))
+    with case.routing():
+        cache = model(**case.inputs, use_cache=True).past_key_values
+    assert last_visual_pass(model) is not None
+    mask = torch.cat([case.inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    model(input_ids=torch.full((2, 1), 5), attention_mask=mask, cache=cache)
+    assert last_visual_pass(model) is not None, "a decoding step continues the visual prompt"
+    model(**case.inputs)  # the same tokens, but nothing marked visual: a text-only prompt
+    assert last_visual_pass(model) is None
+
+
 @pytest.mark.parametrize(
     ("source", "target"),
     [(("llava", 0), ("llava", 1)), (("llama", 0), ("llama", 1)), (("llava", 0), ("llama", 0)),
