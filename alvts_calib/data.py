@@ -17,6 +17,7 @@ import datasets
 import torch
 from PIL import Image
 
+from alvts_calib.answers import normalise_answer
 from alvts_calib.errors import AlvtsError
 
 ACCEPTED_KINDS = "a .jsonl file, a folder with metadata.jsonl, or a folder written by Dataset.save_to_disk"
@@ -27,7 +28,7 @@ UNREADABLE_IMAGE = "unreadable image"
 EMPTY_PROMPT = "empty prompt"
 NO_IMAGE_TOKEN = "prompt without image token"
 REJECTED = "rejected by processor"
-MISSING_ANSWER = "missing answer"
+MISSING_ANSWER = "missing answer"  # none, or no words in it (nothing could ever match it)
 
 
 @dataclass
@@ -112,7 +113,8 @@ def build_labelled_items(
     for row in records:
         if num_samples is not None and len(items) == num_samples:
             break
-        usable = MISSING_ANSWER if not str(row["answer"] or "").strip() else _usable_row(row, processor, token)
+        answered = normalise_answer(str(row["answer"] or ""))
+        usable = _usable_row(row, processor, token) if answered else MISSING_ANSWER
         if isinstance(usable, str):
             skipped[usable] += 1
         else:

@@ -7,7 +7,6 @@ the resulting compression and LLM prefill FLOPs (selection cost included), and t
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import AttentionGeometry
+from .answers import answer_matches
 from .artifact import Selector
 from .attach import attach_policies, detach, last_visual_pass, require_skip_updates
 from .budgets import Budget, parse_budget
@@ -109,16 +109,6 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         summary = {key: value for key, value in asdict(self).items() if key != "results"}
         return {**summary, "rows": self.rows(), "results": [asdict(result) for result in self.results]}
-
-
-def answer_matches(prediction: str, answer: str) -> bool:
-    """Relaxed exact match: the normalised prediction is the answer or starts with it as whole words."""
-    predicted, expected = _normalise(prediction), _normalise(answer)
-    return bool(expected) and (predicted == expected or predicted.startswith(expected + " "))
-
-
-def _normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def _batches(items: list[LabelledItem], size: int) -> Iterator[list[LabelledItem]]:

@@ -102,13 +102,14 @@ def test_a_written_split_loads_through_the_data_path(tmp_path):
 
 
 def test_bad_rows_are_counted_and_skipped(tmp_path):
-    write_split(tmp_path, "test", 4)
+    write_split(tmp_path, "test", 5)
     lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     rows[0]["file_name"] = "images/missing.png"
     rows[1]["prompt"] = ""
     rows[2]["answer"] = ""
+    rows[3]["answer"] = " ?! "  # no words: no prediction could ever match it
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     items, report = build_labelled_items(load_records(tmp_path), shapes_processor())
     assert len(items) == 1
-    assert report.skipped == {"missing image": 1, "empty prompt": 1, "missing answer": 1}
+    assert report.skipped == {"missing image": 1, "empty prompt": 1, "missing answer": 2}
