@@ -18,7 +18,11 @@ keep ratio gives. The per-layer ratio is k_l / n, which the runtime turns back i
   layer's gain from k tokens is T C(k) + V U(k): T is the mean relative update of the text rows (|dh|^2 / |h|^2)
   times the visual attention share (what the text reads from the image there), V the mean relative update of
   the visual tokens (what skipping them loses; 0 at the last layer, after which nothing reads them), and U(k)
-  the share of the visual tokens' update energy held by the k largest updates. Every layer first gets
+  the share of the visual tokens' update energy held by the k largest updates. C(k) is the importance mass of the
+  top k, or, when skipped tokens are pooled into a stand-in, the share of the attention the pooled view gets right
+  (`pooled_coverage`): a flat attention is served by the stand-in, so only peaked layers need tokens of their
+  own (on the demo at 89% compression the mass-based C gave one layer 48 tokens and kept 70.9% of the accuracy,
+  the pooled C 89.7%; docs/DESIGN.md). Every layer first gets
   UPDATE_FLOOR tokens (its top token and, with pooled skipped keys, the stand-in): the gains above undervalue a
   quiet layer's view of the image, and leaving such layers blind costs accuracy (docs/DESIGN.md).
 """
@@ -194,6 +198,21 @@ def token_curves(curves: np.ndarray, visual_tokens: int) -> np.ndarray:
     return np.maximum.accumulate(interpolated, axis=1)
 
 
+def pooled_coverage(curves: np.ndarray) -> np.ndarray:
+    """(L, n + 1) share of a layer's attention over visual tokens that is right when it keeps its top k tokens and
+    the rest share their mass equally, as behind a pooled stand-in: 1 minus the total-variation distance between
+    the two. A flat attention loses nothing to pooling; only the tokens that stand out need a place of their own.
+
+    curves: (L, n + 1) coverage after keeping the top 0..n tokens (sorted importance, so masses are its steps).
+    """
+    masses = np.diff(curves, axis=1)  # (L, n), largest first
+    pooled = np.ones_like(curves)
+    for k in range(masses.shape[1]):
+        tail = masses[:, k:]
+        pooled[:, k] = 1.0 - 0.5 * np.abs(tail - tail.mean(axis=1, keepdims=True)).sum(axis=1)
+    return pooled
+
+
 def water_filling(curves: np.ndarray, weights: np.ndarray, total: int, floor: int = 0) -> list[int]:
     """Tokens per layer maximising sum_l w_l C_l(k_l) with sum k_l = total and every k_l >= floor, one token at a
     time.
@@ -241,9 +260,16 @@ def equal_coverage(curves: np.ndarray, total: int, iterations: int = 60) -> list
 
 
 def allocate(
-    statistics: Mapping[int, LayerStatistics], keep_ratio: float, visual_tokens: int, budget: Budget
+    statistics: Mapping[int, LayerStatistics],
+    keep_ratio: float,
+    visual_tokens: int,
+    budget: Budget,
+    pooled: bool = False,
 ) -> Allocation:
-    """Adaptive per-layer budgets averaging keep_count(visual_tokens, keep_ratio) tokens over the layers."""
+    """Adaptive per-layer budgets averaging keep_count(visual_tokens, keep_ratio) tokens over the layers.
+
+    `pooled`: skipped tokens are seen through a pooled stand-in, so `adaptive-update` values a layer's tokens by
+    `pooled_coverage` (what pooling gets wrong) instead of the importance mass they hold."""
     indices = sorted(statistics)
     if budget is Budget.UNIFORM or visual_tokens <= 0 or not indices:
         raise AlvtsError("adaptive allocation needs an adaptive budget, routed layers and visual tokens")
@@ -252,7 +278,7 @@ def allocate(
     if budget is Budget.ADAPTIVE:
         tokens = equal_coverage(curves, total)
     elif budget is Budget.ADAPTIVE_UPDATE:
-        gains = _update_gains(statistics, indices, curves, visual_tokens)
+        gains = _update_gains(statistics, indices, pooled_coverage(curves) if pooled else curves, visual_tokens)
         floor = min(UPDATE_FLOOR, total // len(indices))
         tokens = water_filling(gains, np.ones(len(indices)), total, floor)
     else:

@@ -60,7 +60,7 @@ def build_selector(
     allocation: dict[str, object] = {}
     if budget is not Budget.UNIFORM:
         statistics, visual_tokens = calibration.budget_statistics()
-        result = allocate(statistics, keep_ratio, visual_tokens, budget)
+        result = allocate(statistics, keep_ratio, visual_tokens, budget, pooled=skipped_keys is SkippedKeys.POOL)
         ratios, allocation = result.ratios, {"allocation": result.summary()}
     if skipped_keys is SkippedKeys.POOL:
         ratios = _leave_room_for_pool(ratios, int(calibration.metadata["summary"].get("visual_tokens") or 0))

@@ -25,6 +25,7 @@ from alvts_calib.budgets import (
     coverage_curves,
     coverage_grid,
     parse_budget,
+    pooled_coverage,
     token_curves,
     water_filling,
 )
@@ -151,6 +152,26 @@ def test_adaptive_update_puts_tokens_where_layers_change_the_hidden_states():
     older = {index: dataclasses.replace(layer, updates=None) for index, layer in statistics.items()}
     with pytest.raises(AlvtsError, match="'adaptive-update' needs the layers' update statistics.*re-run"):
         allocate(older, 0.25, 64, Budget.ADAPTIVE_UPDATE)
+
+
+def test_pooled_coverage_counts_only_what_a_stand_in_gets_wrong():
+    curves = token_curves(np.stack([coverage_grid().numpy() ** a for a in (1.0, 0.3)]), 64)
+    pooled = pooled_coverage(curves)
+    assert pooled.shape == curves.shape and np.allclose(pooled[:, -1], 1.0)
+    assert np.allclose(pooled[0], 1.0, atol=1e-6), "a flat attention loses nothing to pooling"
+    assert pooled[1, 0] < 0.8 and np.all(np.diff(pooled[1, :40]) > 0), "a peaked one gains from its top tokens"
+    masses = np.diff(curves[1])  # by hand at k = 5: the tail's distance from its own mean
+    tail = masses[5:]
+    assert pooled[1, 5] == pytest.approx(1 - 0.5 * np.abs(tail - tail.mean()).sum())
+
+
+def test_pooled_adaptive_update_leaves_flat_layers_at_the_floor():
+    # same work in both layers; layer 1 attends flatly (its stand-in is exact), layer 2 to a few tokens
+    statistics = {1: power_layer(1.0, text=1.0, visual=0.0), 2: power_layer(0.3, text=1.0, visual=0.0)}
+    plain = allocate(statistics, 0.25, 64, Budget.ADAPTIVE_UPDATE).tokens
+    pooled = allocate(statistics, 0.25, 64, Budget.ADAPTIVE_UPDATE, pooled=True).tokens
+    assert sum(pooled.values()) == sum(plain.values()) == 32
+    assert pooled[1] == UPDATE_FLOOR < plain[1]
 
 
 @pytest.mark.parametrize("floor", [0, 2])
