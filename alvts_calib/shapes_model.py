@@ -7,6 +7,7 @@ so the image gives GRID x GRID = 64 visual tokens.
 
 from __future__ import annotations
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPVisionConfig,
@@ -50,6 +51,25 @@ def shapes_config(attn_implementation: str = "sdpa", num_layers: int = DECODER_L
 def shapes_model(attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
     """A freshly initialised demo model."""
     return LlavaForConditionalGeneration(shapes_config(attn_implementation))
+
+
+def grid_position_embeddings(hidden_size: int, grid: int = GRID, base: float = 100.0) -> torch.Tensor:
+    """(grid * grid, hidden_size) 2-D sine-cosine position embeddings of a tower's patches (RMS 1/sqrt(2)): sines
+    and cosines of the patch's row in the first half of the features and of its column in the second half."""
+    quarter = hidden_size // 4
+    frequencies = base ** (-torch.arange(quarter, dtype=torch.float32) / quarter)
+    angles = torch.arange(grid, dtype=torch.float32)[:, None] * frequencies  # (grid, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (grid, hidden / 2)
+    rows = axis[:, None].expand(grid, grid, -1)
+    columns = axis[None, :].expand(grid, grid, -1)
+    return torch.cat([rows, columns], dim=-1).reshape(grid * grid, -1)
+
+
+def add_grid_positions(model: LlavaForConditionalGeneration, rms: float) -> None:
+    """Add 2-D sine-cosine position embeddings of RMS `rms` to the vision tower's learned patch positions."""
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        table[1:] += grid_position_embeddings(table.shape[1]).to(table) * (rms * 2**0.5)
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:

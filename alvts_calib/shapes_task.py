@@ -158,6 +158,15 @@ VOCABULARY = sorted(
 )
 
 
+QUESTION_FORMS = {"what color": "color", "what shape": "shape", "how many": "count", "which row": "row",
+                  "which column": "column", " left of ": "left of", " above ": "above"}
+
+
+def question_form(question: str) -> str:
+    """The finer kind of a question: its kind, with position split into row/column and relation into left of/above."""
+    return next((form for phrase, form in QUESTION_FORMS.items() if phrase in question.lower()), "other")
+
+
 @dataclass(frozen=True)
 class Example:
     """One question about one scene."""

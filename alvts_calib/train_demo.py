@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from .shapes_model import DECODER_LAYERS, shapes_config, shapes_processor
-from .shapes_task import COLUMN_NAMES, GRID, MAX_OBJECTS, example, follow_up_questions, split_seeds
+from .shapes_model import DECODER_LAYERS, add_grid_positions, shapes_config, shapes_processor
+from .shapes_task import COLUMN_NAMES, GRID, MAX_OBJECTS, Example, example, follow_up_questions, split_seeds
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-llava"
 QUESTIONS_PER_IMAGE = 4  # answered questions per training image (a chat), for more signal per image
 DEFAULT_SEED = 1  # seed 0 learned the what-questions far later in stage 0 (see docs/RESULTS.md)
-CELL_WEIGHT = 0.5  # weight of the auxiliary loss: each visual token names its cell's color and shape
+CELL_WEIGHT = 0.5  # weight of the auxiliary loss: each visual token's last hidden state names its cell's words
 
 
 def _conversation(exchanges: list[tuple[str, str | None]]) -> list[dict]:
@@ -40,6 +40,15 @@ def _conversation(exchanges: list[tuple[str, str | None]]) -> list[dict]:
         if answer is not None:
             turns.append({"role": "assistant", "content": answer})
     return turns
+
+
+def question_inputs(processor, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Processor inputs asking each example's question (left padded), ready for the answer's first word."""
+    texts = [
+        processor.apply_chat_template(_conversation([(e.question, None)]), add_generation_prompt=True, tokenize=False)
+        for e in examples
+    ]
+    return dict(processor(images=[e.image() for e in examples], text=texts, padding=True, return_tensors="pt"))
 
 
 def training_batch(
@@ -87,20 +96,54 @@ def answer_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def answer_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], answers: torch.Tensor, cell_weight: float = 0.0
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    answers: torch.Tensor,
+    cell_weight: float = 0.0,
+    cell_words: int = 4,
+    input_cell_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy of the tokens marked in `answers`, each given everything before it, plus `cell_weight` x
-    the cross-entropy of each visual token's cell words (color and shape) read from its own last hidden state."""
+    """Cross-entropy of the tokens marked in `answers`, each given everything before it, plus two auxiliary
+    losses on the visual tokens: `cell_weight` x the cross-entropy of the first `cell_words` of each token's cell
+    words read from its last hidden state, and `input_cell_weight` x that of all four read from what the decoder
+    receives (the projector's output, through the tied LM head), so the vision side must deliver them."""
     inputs = {name: value for name, value in batch.items() if name != "cell_words"}
-    logits = model(**inputs).logits.float()
+    output = model(**inputs, output_hidden_states=bool(input_cell_weight))
+    logits = output.logits.float()
     ids = inputs["input_ids"]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1][answers[:, 1:]], ids[:, 1:][answers[:, 1:]])
+    visual = ids == model.config.image_token_index
+    words = batch["cell_words"].reshape(-1, batch["cell_words"].shape[-1])  # one row per visual token
     if cell_weight:
-        cells = logits[ids == model.config.image_token_index]
-        words = batch["cell_words"].reshape(cells.shape[0], -1)
-        per_word = [torch.nn.functional.cross_entropy(cells, words[:, i]) for i in range(words.shape[1])]
-        loss = loss + cell_weight * sum(per_word) / len(per_word)
+        loss = loss + cell_weight * _naming_loss(logits[visual], words[:, :cell_words])
+    if input_cell_weight:
+        received = model.get_output_embeddings()(output.hidden_states[0][visual]).float()
+        loss = loss + input_cell_weight * _naming_loss(received, words)
     return loss
+
+
+def vision_loss(model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The cross-entropy of each visual token's four cell words read from the projector's output through the tied
+    LM head, computed from the images alone (for a stage that trains only the tower and the projector)."""
+    features = torch.cat(list(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output))
+    logits = model.get_output_embeddings()(features).float()
+    return _naming_loss(logits, batch["cell_words"].reshape(-1, batch["cell_words"].shape[-1]))
+
+
+def spread_words(model: LlavaForConditionalGeneration, word_ids: list[int], rms: float, seed: int) -> None:
+    """Give the (tied) embeddings of `word_ids` random offsets of RMS norm `rms` around their mean, so words whose
+    embeddings collapsed together can be told apart by a loss again."""
+    table = model.get_output_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randn(len(word_ids), table.shape[1], generator=generator)
+    offsets *= rms / offsets.norm(dim=-1).pow(2).mean().sqrt()
+    with torch.no_grad():
+        table[word_ids] = table[word_ids].mean(0) + offsets.to(table)
+
+
+def _naming_loss(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Mean over the columns of `words` (N, W) of the cross-entropy of `logits` (N, vocab) naming that word."""
+    return sum(torch.nn.functional.cross_entropy(logits, words[:, i]) for i in range(words.shape[1])) / words.shape[1]
 
 
 @torch.no_grad()
@@ -111,13 +154,7 @@ def accuracy(model: torch.nn.Module, processor, seeds: range, batch_size: int = 
     total: Counter[str] = Counter()
     for start in range(seeds.start, seeds.stop, batch_size):
         examples = [example(seed) for seed in range(start, min(start + batch_size, seeds.stop))]
-        texts = [
-            processor.apply_chat_template(
-                _conversation([(e.question, None)]), add_generation_prompt=True, tokenize=False
-            )
-            for e in examples
-        ]
-        inputs = processor(images=[e.image() for e in examples], text=texts, padding=True, return_tensors="pt")
+        inputs = question_inputs(processor, examples)
         predicted = model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
         words = processor.tokenizer.convert_ids_to_tokens(predicted.tolist())
         for item, word in zip(examples, words, strict=True):
@@ -142,6 +179,10 @@ class Stage:
     lr: float
     curriculum: bool  # ease in the number of objects (for a stage that starts from scratch)
     cell_words: int = 4  # how many of (color, shape, row, column) the auxiliary loss asks each visual token for
+    input_cell_weight: float = 0.0  # weight of the loss asking what the decoder receives to name all four
+    position_boost: float = 0.0  # RMS of 2-D sine-cosine positions added to the tower's at the start (0: none)
+    spread_column_names: float = 0.0  # at the start, spread the column names' embeddings to this RMS norm (0: no)
+    vision_only: bool = False  # train only the tower and the projector, on `vision_loss`
     follow_up_weights: dict[str, float] | None = None  # kinds of follow-up questions (None: uniform)
 
 
@@ -152,6 +193,12 @@ DEFAULT_STAGES = (
     Stage(layers=BASE_LAYERS, steps=2000, lr=2e-3, curriculum=True, cell_words=2, follow_up_weights=WHAT_KINDS),
     Stage(layers=BASE_LAYERS, steps=5000, lr=1.5e-3, curriculum=False, follow_up_weights=HARD_KINDS),
     Stage(layers=DECODER_LAYERS, steps=1500, lr=5e-4, curriculum=False, follow_up_weights=HARD_KINDS),
+    Stage(layers=DECODER_LAYERS, steps=300, lr=3e-3, curriculum=False, position_boost=2.0, spread_column_names=1.1,
+          vision_only=True),
+    Stage(layers=DECODER_LAYERS, steps=1500, lr=5e-4, curriculum=False, input_cell_weight=0.5,
+          follow_up_weights=HARD_KINDS),
+    Stage(layers=DECODER_LAYERS, steps=2000, lr=1e-3, curriculum=False, input_cell_weight=0.5,
+          follow_up_weights=HARD_KINDS),
 )
 
 
@@ -194,7 +241,9 @@ def train_stage(
 ) -> None:
     """Run one stage: AdamW with warmup and a cosine decay to 55% of the peak rate, on examples `seeds`."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    trained = vision if stage.vision_only else list(model.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, stage.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -206,12 +255,15 @@ def train_stage(
             processor, seeds[step * batch_size : (step + 1) * batch_size], max_objects, questions,
             stage.follow_up_weights,
         )
-        batch["cell_words"] = batch["cell_words"][..., : stage.cell_words]
-        loss = answer_loss(model, batch, answer_mask(batch["input_ids"], processor.tokenizer), cell_weight)
+        if stage.vision_only:
+            loss = vision_loss(model, batch)
+        else:
+            answers = answer_mask(batch["input_ids"], processor.tokenizer)
+            loss = answer_loss(model, batch, answers, cell_weight, stage.cell_words, stage.input_cell_weight)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # also the tied LM head, which a vision-only stage reads but does not train
         schedule.step()
         if (step + 1) % eval_every == 0 or step + 1 == stage.steps:
             evaluate(step + 1, loss.item())
@@ -250,7 +302,8 @@ def train(
             {"stage": stage, "step": step, "loss": loss, "accuracy": overall, "per_kind": per_kind, "seconds": elapsed}
         )
         kinds = " ".join(f"{kind} {value:.2f}" for kind, value in per_kind.items())
-        print(f"stage {stage} step {step} loss {loss:.3f} held-out accuracy {overall:.3f} ({kinds}) {elapsed:.0f}s")
+        print(f"stage {stage} step {step} loss {loss:.3f} held-out accuracy {overall:.3f} ({kinds}) {elapsed:.0f}s",
+              flush=True)
 
     for number, stage in enumerate(stages):
         if number < log["completed_stages"]:
@@ -260,6 +313,11 @@ def train(
             model = LlavaForConditionalGeneration(shapes_config(num_layers=stage.layers))
         elif model.config.text_config.num_hidden_layers != stage.layers:
             model = grown(model, stage.layers)
+        if stage.position_boost:
+            add_grid_positions(model, stage.position_boost)
+        if stage.spread_column_names:
+            column_ids = processor.tokenizer.convert_tokens_to_ids(list(COLUMN_NAMES))
+            spread_words(model, column_ids, stage.spread_column_names, seed * 1000 + number)
         first_seed = sum(earlier.steps for earlier in stages[:number]) * batch_size
         train_stage(model, processor, stage, batch_size=batch_size,
                     seeds=split_seeds("train", stage.steps * batch_size, start=first_seed), questions=questions,
@@ -280,10 +338,18 @@ def _resume(out: Path, settings: dict) -> tuple[dict, LlavaForConditionalGenerat
     log = json.loads(path.read_text(encoding="utf-8"))
     done = log.get("completed_stages", 0)
     same = all(log.get(key) == value for key, value in settings.items() if key != "stages")
-    if not done or not same or log.get("stages", [])[:done] != settings["stages"][:done]:
+    if not done or not same or not _same_stages(log.get("stages", [])[:done], settings["stages"][:done]):
         return fresh, None
     print(f"resuming after stage {done - 1} from {out}")
     return {**log, "stages": settings["stages"]}, LlavaForConditionalGeneration.from_pretrained(out)
+
+
+def _same_stages(logged: list[dict], planned: list[dict]) -> bool:
+    """Whether logged stages are the planned ones (a field added to `Stage` later counts at its default)."""
+    try:
+        return [Stage(**entry) for entry in logged] == [Stage(**entry) for entry in planned]
+    except TypeError:  # a field this version does not know
+        return False
 
 
 def _save(model: torch.nn.Module, processor, out: Path, log: dict) -> None:

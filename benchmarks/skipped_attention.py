@@ -25,17 +25,9 @@ from rich.table import Table
 
 from alvts_calib.builtin import BUILTIN_NAME, builtin_model, builtin_processor
 from alvts_calib.data import build_labelled_items
-from alvts_calib.shapes_task import split_records
+from alvts_calib.shapes_task import question_form, split_records
 
 VARIANTS = ("drop", "pool")
-KINDS = {"what color": "color", "what shape": "shape", "how many": "count", "which row": "row",
-         "which column": "column", " left of ": "left of", " above ": "above"}
-
-
-def question_kind(text: str) -> str:
-    return next((kind for phrase, kind in KINDS.items() if phrase in text.lower()), "other")
-
-
 class TextView:
     """Replaces eager attention: text rows see each layer's kept visual keys and, pooled or not, the rest."""
 
@@ -90,7 +82,7 @@ def measure(rows: int, tokens: int, batch_size: int = 50) -> dict:
                 received = (attention.mean(1) * view.text[..., None]).sum(1).masked_fill(~visual, -1.0)
                 kept = torch.zeros_like(visual).scatter_(1, received.topk(tokens, dim=-1).indices, True)
                 view.skipped[layer] = visual & ~kept
-            kinds = [question_kind(item.text) for item in batch]
+            kinds = [question_form(item.text) for item in batch]
             for kind, correct in zip(kinds, (reference.argmax(-1) == answers).tolist(), strict=True):
                 results["full"][kind].append((correct, 0.0))
             for variant in VARIANTS:

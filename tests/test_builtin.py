@@ -12,9 +12,16 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from alvts_calib.attach import attach, detach
 from alvts_calib.builtin import BUILTIN_MODEL_DIR, builtin_model, builtin_processor
 from alvts_calib.data import build_labelled_items
-from alvts_calib.shapes_model import DECODER_LAYERS, NUM_VISUAL_TOKENS, shapes_config, shapes_processor
+from alvts_calib.shapes_model import (
+    DECODER_LAYERS,
+    NUM_VISUAL_TOKENS,
+    add_grid_positions,
+    grid_position_embeddings,
+    shapes_config,
+    shapes_processor,
+)
 from alvts_calib.shapes_task import COLUMN_NAMES, GRID, example, split_records
-from alvts_calib.train_demo import Stage, answer_mask, grown, train, training_batch
+from alvts_calib.train_demo import Stage, answer_loss, answer_mask, grown, train, training_batch, vision_loss
 
 
 def test_the_demo_checkpoint_loads_like_any_local_checkpoint():
@@ -90,3 +97,85 @@ def test_training_targets_are_every_answer_and_each_cells_words():
             named = processor.tokenizer.convert_ids_to_tokens(cells[shape.row * GRID + shape.column].tolist())
             assert named == [shape.color, shape.shape, str(shape.row + 1), COLUMN_NAMES[shape.column]]
         assert int((cells != processor.tokenizer.convert_tokens_to_ids("no")).any(-1).sum()) == len(item.scene)
+
+
+def test_grid_positions_separate_rows_and_columns_and_are_added_at_the_asked_size():
+    table = grid_position_embeddings(64)
+    cells = table.reshape(GRID, GRID, -1)
+    assert torch.equal(cells[0, :, :32], cells[0, :1, :32].expand(GRID, -1))  # first half: the row only
+    assert torch.equal(cells[:, 0, 32:], cells[:1, 0, 32:].expand(GRID, -1))  # second half: the column only
+    assert len({tuple(row.tolist()) for row in table}) == GRID * GRID
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(shapes_config(num_layers=1))
+    before = model.model.vision_tower.embeddings.position_embedding.weight.detach().clone()
+    add_grid_positions(model, 2.0)
+    added = model.model.vision_tower.embeddings.position_embedding.weight.detach() - before
+    assert not added[0].any(), "the class token keeps its embedding"
+    torch.testing.assert_close(added[1:].pow(2).mean().sqrt(), torch.tensor(2.0))
+
+
+def test_the_input_cell_loss_trains_the_vision_side():
+    """The auxiliary loss on what the decoder receives sends gradient into the tower and depends on the cell words."""
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(shapes_config(num_layers=1))
+    processor = shapes_processor()
+    batch = training_batch(processor, range(2))
+    answers = answer_mask(batch["input_ids"], processor.tokenizer)
+    with torch.enable_grad():  # the suite runs without autograd
+        plain = answer_loss(model, batch, answers)
+        with_input = answer_loss(model, batch, answers, input_cell_weight=1.0)
+        with_input.backward()
+    assert with_input > plain
+    assert model.model.vision_tower.embeddings.position_embedding.weight.grad.abs().sum() > 0
+    shuffled = {**batch, "cell_words": batch["cell_words"].flip(1)}
+    assert not torch.equal(answer_loss(model, shuffled, answers, input_cell_weight=1.0), with_input.detach())
+
+
+def test_a_log_written_before_a_stage_field_existed_still_resumes(tmp_path):
+    stages = (Stage(layers=2, steps=2, lr=1e-3, curriculum=True, cell_words=2),)
+    train(tmp_path, stages, batch_size=2, eval_every=2, eval_rows=4)
+    path = tmp_path / "training_log.json"
+    log = json.loads(path.read_text())
+    del log["stages"][0]["input_cell_weight"]  # as logged before the field was added (at its default)
+    path.write_text(json.dumps(log))
+    more = (*stages, Stage(layers=2, steps=2, lr=1e-3, curriculum=False, input_cell_weight=0.5))
+    resumed = train(tmp_path, more, batch_size=2, eval_every=2, eval_rows=4)
+    assert [entry["stage"] for entry in resumed["evaluations"]] == [0, 1], "stage 0 was not trained again"
+    changed = (Stage(layers=2, steps=2, lr=1e-3, curriculum=True, cell_words=2, input_cell_weight=0.5),)
+    assert [entry["stage"] for entry in train(tmp_path, changed, batch_size=2, eval_every=2, eval_rows=4)[
+        "evaluations"]] == [0], "a stage logged with other settings starts over"
+
+
+def test_a_vision_only_stage_trains_only_the_tower_and_the_projector(tmp_path):
+    stages = (
+        Stage(layers=2, steps=1, lr=1e-3, curriculum=True, cell_words=2),
+        Stage(layers=2, steps=2, lr=1e-2, curriculum=False, position_boost=2.0, spread_column_names=1.0,
+              vision_only=True),
+    )
+    train(tmp_path / "before", stages[:1], batch_size=2, eval_every=2, eval_rows=4)
+    train(tmp_path / "after", stages, batch_size=2, eval_every=2, eval_rows=4)
+    before = LlavaForConditionalGeneration.from_pretrained(tmp_path / "before").state_dict()
+    after = LlavaForConditionalGeneration.from_pretrained(tmp_path / "after").state_dict()
+    changed = {name for name, tensor in after.items() if not torch.equal(tensor, before[name])}
+    assert changed and all(name.startswith(("model.vision_tower", "model.multi_modal_projector",
+                                            "model.language_model.embed_tokens", "lm_head")) for name in changed)
+    letters = shapes_processor().tokenizer.convert_tokens_to_ids(list(COLUMN_NAMES))
+    embeddings = after["model.language_model.embed_tokens.weight"]
+    others = [i for i in range(embeddings.shape[0]) if i not in letters]
+    assert torch.equal(embeddings[others], before["model.language_model.embed_tokens.weight"][others])
+    spread = embeddings[letters] - before["model.language_model.embed_tokens.weight"][letters].mean(0)
+    torch.testing.assert_close(spread.norm(dim=-1).pow(2).mean().sqrt(), torch.tensor(1.0))
+
+
+def test_the_vision_loss_reads_each_cell_from_the_projector():
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(shapes_config(num_layers=1))
+    batch = training_batch(shapes_processor(), range(2))
+    with torch.enable_grad():
+        loss = vision_loss(model, batch)
+        loss.backward()
+    assert math.isfinite(loss.item())
+    assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.model.language_model.layers.parameters())
+    shuffled = {**batch, "cell_words": batch["cell_words"].flip(1)}
+    assert not torch.equal(vision_loss(model, shuffled), loss.detach())
