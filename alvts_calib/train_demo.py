@@ -2,10 +2,12 @@
 
 Training runs in stages (`DEFAULT_STAGES`): a 4-layer decoder first learns to find objects (what-questions),
 then their positions and relations; it is then grown to 24 layers without changing its function (`grown`) and
-trained on. Each step draws fresh scenes from the train split; every image carries a chat of several answered
-questions, and an auxiliary loss asks each visual token's last hidden state to name its cell (color, shape,
-row, column). The result is saved like any checkpoint (config, safetensors weights, processor files) at the
-end of every stage, and a rerun resumes after the last finished stage.
+trained on. A vision-only stage then teaches the tower and projector to deliver each cell's row and column (2-D
+positions added to the tower's, `vision_loss`), and the whole model learns to use them. Each step draws fresh
+scenes from the train split; every image carries a chat of several answered questions, and auxiliary losses ask
+each visual token's last hidden state, and what the decoder receives for it, to name its cell (color, shape,
+row, column). docs/RESULTS.md tells why each stage is there. The result is saved like any checkpoint (config,
+safetensors weights, processor files) at the end of every stage, and a rerun resumes after the last finished stage.
 """
 
 from __future__ import annotations
