@@ -94,11 +94,13 @@ def build_samples(
 
 @dataclass
 class LabelledItem:
-    """One evaluation row: the opened image, the processor text (chat template applied) and the answer."""
+    """One evaluation row: the opened image, the processor text (chat template applied), the answer and, when the
+    data has a `kind` column, the row's kind (accuracy is also reported per kind)."""
 
     image: Image.Image
     text: str
     answer: str
+    kind: str | None = None
 
 
 def build_labelled_items(
@@ -118,7 +120,8 @@ def build_labelled_items(
         if isinstance(usable, str):
             skipped[usable] += 1
         else:
-            items.append(LabelledItem(*usable, answer=str(row["answer"]).strip()))
+            kind = str(row["kind"]).strip() if row.get("kind") is not None else None
+            items.append(LabelledItem(*usable, answer=str(row["answer"]).strip(), kind=kind or None))
     report = DataReport(used=len(items), skipped=dict(skipped))
     if not items:
         raise AlvtsError(f"no usable rows in the evaluation data: {report.summary()}")

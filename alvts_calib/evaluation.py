@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -61,10 +62,16 @@ class MethodResult:
     flops: float  # mean LLM prefill FLOPs per row, selection included
     selection_flops: float
     fidelity: dict[str, float] | None = None  # selector vs full attention on held-out calibration rows
+    correct_by_kind: dict[str, int] = field(default_factory=dict)  # rows with a kind only
+    total_by_kind: dict[str, int] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total
+
+    @property
+    def accuracy_by_kind(self) -> dict[str, float]:
+        return {kind: self.correct_by_kind.get(kind, 0) / total for kind, total in sorted(self.total_by_kind.items())}
 
     @property
     def mean_visual_tokens(self) -> float:
@@ -103,6 +110,7 @@ class EvalReport:
                 "flops_ratio": result.flops / self.full.flops,
                 "selection_flops_ratio": result.selection_flops / self.full.flops,
                 "mean_recall": None if result.fidelity is None else result.fidelity.get("recall"),
+                "accuracy_by_kind": result.accuracy_by_kind,
             })
         return rows
 
@@ -156,9 +164,16 @@ class Harness:
                         skipped_keys=skipped_keys)
         try:
             correct, tokens, flops, selection = 0, [], [], []
+            correct_by_kind: Counter[str] = Counter()
+            total_by_kind: Counter[str] = Counter()
             for batch in track(list(_batches(self.items, self.batch_size)), label, enabled=self.progress):
                 predictions, context = self._generate(batch)
-                correct += sum(answer_matches(p, item.answer) for p, item in zip(predictions, batch, strict=True))
+                for prediction, item in zip(predictions, batch, strict=True):
+                    right = answer_matches(prediction, item.answer)
+                    correct += right
+                    if item.kind is not None:
+                        total_by_kind[item.kind] += 1
+                        correct_by_kind[item.kind] += right
                 batch_tokens, batch_flops, batch_selection = self._costs(context, policies)
                 tokens.append(batch_tokens)
                 flops.extend(batch_flops)
@@ -167,7 +182,8 @@ class Harness:
             detach(self.model)
         per_layer = torch.cat(tokens).float().mean(0).tolist()
         mean_flops, mean_selection = statistics.fmean(flops), statistics.fmean(selection)
-        return MethodResult(label, compression, correct, len(self.items), per_layer, mean_flops, mean_selection)
+        return MethodResult(label, compression, correct, len(self.items), per_layer, mean_flops, mean_selection,
+                            correct_by_kind=dict(correct_by_kind), total_by_kind=dict(total_by_kind))
 
     def _generate(self, batch: list[LabelledItem]) -> tuple[list[str], Any]:
         inputs = self.processor(

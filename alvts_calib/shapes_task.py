@@ -227,7 +227,8 @@ def split_seeds(split: str, count: int, start: int = 0) -> range:
 
 
 def split_records(split: str, count: int) -> datasets.Dataset:
-    """`count` examples of a split as records {image (PIL), prompt, answer, kind}, ready for `data.build_samples`."""
+    """`count` examples of a split as records {image (PIL), prompt, answer, kind}, ready for `data.build_samples`;
+    kind is the question's form (`question_form`), so evaluations report accuracy per form."""
     examples = [example(seed) for seed in split_seeds(split, count)]
     features = datasets.Features(
         image=datasets.Image(), prompt=datasets.Value("string"), answer=datasets.Value("string"),
@@ -238,7 +239,7 @@ def split_records(split: str, count: int) -> datasets.Dataset:
             "image": [item.image() for item in examples],
             "prompt": [item.question for item in examples],
             "answer": [item.answer for item in examples],
-            "kind": [item.kind for item in examples],
+            "kind": [question_form(item.question) for item in examples],
         },
         features=features,
     )
@@ -253,7 +254,8 @@ def write_split(folder: str | Path, split: str, count: int) -> Path:
         item = example(seed)
         name = f"images/{split}-{seed}.png"
         item.image().save(folder / name)
-        lines.append(json.dumps({"file_name": name, "prompt": item.question, "answer": item.answer, "kind": item.kind}))
+        lines.append(json.dumps({"file_name": name, "prompt": item.question, "answer": item.answer,
+                                "kind": question_form(item.question)}))
     metadata = folder / "metadata.jsonl"
     metadata.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return metadata

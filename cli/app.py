@@ -40,6 +40,7 @@ from .report import (
     eval_table,
     fidelity_table,
     key_value_table,
+    kind_table,
     print_json,
 )
 
@@ -340,6 +341,9 @@ def eval_command(
         print_json(payload)
         return
     console.print(eval_table(report.rows(), f"{name}: {len(items)} rows, {report.num_visual} visual tokens"))
+    by_kind = kind_table(report.rows(), "accuracy by kind of row (the data's kind column)")
+    if by_kind is not None:
+        console.print(by_kind)
     for method, target in report.infeasible:
         console.print(f"{method} at {target:.0%}: infeasible (its full layers alone exceed the budget)")
     console.print(f"evaluated in {report.seconds:.0f} s" + (f" -> {out}" if out else ""))

@@ -134,8 +134,39 @@ def eval_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def _kinds(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({kind for row in rows for kind in row.get("accuracy_by_kind", {})})
+
+
+def _kind_cells(row: dict[str, Any], kinds: list[str]) -> list[str]:
+    target = row["target_compression"]
+    by_kind = row.get("accuracy_by_kind", {})
+    return [row["method"], "-" if target is None else f"{target:.0%}",
+            *(f"{by_kind[kind]:.1%}" if kind in by_kind else "-" for kind in kinds)]
+
+
+def kind_table(rows: list[dict[str, Any]], title: str) -> Table | None:
+    """Accuracy per kind of row (the data's `kind` column) per method and budget; None without kinds."""
+    kinds = _kinds(rows)
+    if not kinds:
+        return None
+    table = Table(title=title)
+    for column in ("method", "target", *kinds):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(*_kind_cells(row, kinds))
+    return table
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+
+
 def eval_markdown(rows: list[dict[str, Any]]) -> str:
-    """The evaluation table as Markdown (for docs/RESULTS.md)."""
-    lines = ["| " + " | ".join(EVAL_COLUMNS) + " |", "|" + "---|" * len(EVAL_COLUMNS)]
-    lines += ["| " + " | ".join(_eval_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    """The evaluation table as Markdown (for docs/RESULTS.md), then the per-kind accuracy table if rows have kinds."""
+    text = _markdown(list(EVAL_COLUMNS), [_eval_cells(row) for row in rows])
+    kinds = _kinds(rows)
+    if kinds:
+        text += "\n" + _markdown(["method", "target", *kinds], [_kind_cells(row, kinds) for row in rows])
+    return text

@@ -101,12 +101,19 @@ def test_real_checkpoint_directory_with_jsonl_data(tmp_path):
 def test_eval_on_the_demo_reports_every_method_at_matched_budgets(tmp_path):
     calibration = tmp_path / "calib.safetensors"
     _ok(["calibrate", "--out", str(calibration), "--num-samples", "4", "--refine-steps", "5", "--json"])
-    out = tmp_path / "eval.json"
+    out, markdown = tmp_path / "eval.json", tmp_path / "eval.md"
     report = json.loads(_ok([
         "eval", str(calibration), "--num-samples", "24", "--compression", "0.67,0.89", "--batch-size", "12",
         "--methods", "alvts,alvts-adaptive,oracle,fastv,pyramiddrop,dart,random", "--out", str(out), "--json",
+        "--markdown", str(markdown),
     ]))
     assert json.loads(out.read_text())["rows"] == report["rows"]
+    for result in report["results"]:  # every demo row has a kind (its question form): the per-kind counts add up
+        assert sum(result["correct_by_kind"].values()) == result["correct"]
+        assert sum(result["total_by_kind"].values()) == result["total"] == 24
+        assert set(result["total_by_kind"]) <= {"color", "shape", "count", "row", "column", "left of", "above"}
+    tables = markdown.read_text().split("\n\n")
+    assert len(tables) == 2 and tables[1].startswith("| method | target | ")
     rows = report["rows"]
     assert rows[0]["method"] == "full" and rows[0]["retention"] == 1.0 and rows[0]["compression"] == 0.0
     assert len(rows) == 1 + 7 * 2 and not report["infeasible"]

@@ -19,6 +19,7 @@ from alvts_calib.shapes_task import (
     Shape,
     example,
     follow_up_questions,
+    question_form,
     render,
     split_records,
     split_seeds,
@@ -97,6 +98,10 @@ def test_a_written_split_loads_through_the_data_path(tmp_path):
     items, report = build_labelled_items(load_records(tmp_path), processor)
     in_memory, _ = build_labelled_items(split_records("test", 5), processor)
     assert report.used == 5 and [item.text for item in items] == [item.text for item in in_memory]
+    forms = [question_form(example(seed).question) for seed in split_seeds("test", 5)]
+    assert [item.kind for item in items] == [item.kind for item in in_memory] == forms
+    without_kind = load_records(tmp_path).remove_columns("kind")
+    assert {item.kind for item in build_labelled_items(without_kind, processor)[0]} == {None}
     inputs = processor(images=[items[0].image], text=[items[0].text], return_tensors="pt")
     assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == NUM_VISUAL_TOKENS
 
