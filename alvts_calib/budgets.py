@@ -22,9 +22,9 @@ keep ratio gives. The per-layer ratio is k_l / n, which the runtime turns back i
   top k, or, when skipped tokens are pooled into a stand-in, the share of the attention the pooled view gets right
   (`pooled_coverage`): a flat attention is served by the stand-in, so only peaked layers need tokens of their
   own (on the demo at 89% compression the mass-based C gave one layer 48 tokens and kept 70.9% of the accuracy,
-  the pooled C 89.7%; docs/DESIGN.md). Every layer first gets
-  UPDATE_FLOOR tokens (its top token and, with pooled skipped keys, the stand-in): the gains above undervalue a
-  quiet layer's view of the image, and leaving such layers blind costs accuracy (docs/DESIGN.md).
+  the pooled C 89.7%). Every layer first gets UPDATE_FLOOR tokens (its top token and, with pooled skipped keys,
+  the stand-in): the gains above undervalue a quiet layer's view of the image, and leaving such layers blind
+  costs accuracy (docs/DESIGN.md).
 """
 
 from __future__ import annotations

@@ -149,8 +149,15 @@ def _naming_loss(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, processor, seeds: range, batch_size: int = 128) -> tuple[float, dict[str, float]]:
-    """Greedy next-word accuracy on examples `seeds`, overall and per question kind."""
+def accuracy(
+    model: torch.nn.Module,
+    processor,
+    seeds: range,
+    batch_size: int = 128,
+    group: Callable[[Example], str] = lambda item: item.kind,
+) -> tuple[float, dict[str, float]]:
+    """Greedy next-word accuracy on examples `seeds`, overall and per group (default: question kind)."""
+    was_training = model.training
     model.eval()
     right: Counter[str] = Counter()
     total: Counter[str] = Counter()
@@ -160,9 +167,9 @@ def accuracy(model: torch.nn.Module, processor, seeds: range, batch_size: int = 
         predicted = model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
         words = processor.tokenizer.convert_ids_to_tokens(predicted.tolist())
         for item, word in zip(examples, words, strict=True):
-            total[item.kind] += 1
-            right[item.kind] += word == item.answer
-    model.train()
+            total[group(item)] += 1
+            right[group(item)] += word == item.answer
+    model.train(was_training)
     return sum(right.values()) / sum(total.values()), {kind: right[kind] / total[kind] for kind in sorted(total)}
 
 

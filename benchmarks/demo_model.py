@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 from pathlib import Path
 
@@ -24,24 +23,7 @@ from transformers import LlavaForConditionalGeneration
 from alvts_calib.builtin import BUILTIN_MODEL_DIR
 from alvts_calib.shapes_model import shapes_processor
 from alvts_calib.shapes_task import GRID, example, question_form, split_seeds
-from alvts_calib.train_demo import question_inputs
-
-
-@torch.no_grad()
-def accuracy_by_form(model, processor, rows: int, batch_size: int = 100) -> dict[str, float]:
-    """Greedy first-word accuracy on the first `rows` held-out examples: overall ("all") and per question form."""
-    right: collections.Counter[str] = collections.Counter()
-    total: collections.Counter[str] = collections.Counter()
-    seeds = split_seeds("test", rows)
-    for start in range(0, rows, batch_size):
-        examples = [example(seed) for seed in seeds[start : start + batch_size]]
-        inputs = question_inputs(processor, examples)
-        words = processor.tokenizer.convert_ids_to_tokens(model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1))
-        for item, word in zip(examples, words, strict=True):
-            for form in ("all", question_form(item.question)):
-                total[form] += 1
-                right[form] += word == item.answer
-    return {form: right[form] / total[form] for form in sorted(total, key=lambda form: form != "all")}
+from alvts_calib.train_demo import accuracy, question_inputs
 
 
 @torch.no_grad()
@@ -98,7 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     processor = shapes_processor()
-    accuracy = accuracy_by_form(model, processor, args.rows)
+    overall, by_form = accuracy(model, processor, split_seeds("test", args.rows), 100,
+                                lambda item: question_form(item.question))
+    accuracy_table = {"all": overall, **by_form}
     features, rows, columns = cell_features(model, processor, args.probe_images)
     probes = {
         depth: {"row": probe_accuracy(values, rows), "column": probe_accuracy(values, columns)}
@@ -106,9 +90,9 @@ def main() -> None:
     }
     console = Console()
     table = Table(title=f"held-out first-word accuracy ({args.rows} rows)")
-    for form in accuracy:
+    for form in accuracy_table:
         table.add_column(form, justify="right")
-    table.add_row(*(f"{value:.1%}" for value in accuracy.values()))
+    table.add_row(*(f"{value:.1%}" for value in accuracy_table.values()))
     console.print(table)
     table = Table(title=f"linear probes of object cells' positions ({len(rows)} cells; chance 12.5%)")
     for column in ("depth", "row", "column"):
@@ -117,7 +101,7 @@ def main() -> None:
         table.add_row(depth, f"{scores['row']:.1%}", f"{scores['column']:.1%}")
     console.print(table)
     if args.out:
-        results = {"model": str(args.model), "rows": args.rows, "accuracy": accuracy,
+        results = {"model": str(args.model), "rows": args.rows, "accuracy": accuracy_table,
                    "probe_cells": len(rows), "probes": probes}
         args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from alvts_calib.builtin import BUILTIN_NAME, builtin_model, builtin_processor
 from alvts_calib.data import build_labelled_items
-from alvts_calib.shapes_task import question_form, split_records
+from alvts_calib.shapes_task import split_records
 
 VARIANTS = ("drop", "pool")
 class TextView:
@@ -82,7 +82,7 @@ def measure(rows: int, tokens: int, batch_size: int = 50) -> dict:
                 received = (attention.mean(1) * view.text[..., None]).sum(1).masked_fill(~visual, -1.0)
                 kept = torch.zeros_like(visual).scatter_(1, received.topk(tokens, dim=-1).indices, True)
                 view.skipped[layer] = visual & ~kept
-            kinds = [question_form(item.text) for item in batch]
+            kinds = [item.kind for item in batch]  # the demo data's kind: the question form
             for kind, correct in zip(kinds, (reference.argmax(-1) == answers).tolist(), strict=True):
                 results["full"][kind].append((correct, 0.0))
             for variant in VARIANTS:

@@ -110,11 +110,15 @@ EVAL_COLUMNS = ("method", "target", "measured compression", "visual tokens / lay
                 "FLOPs vs full", "selector recall")
 
 
-def _eval_cells(row: dict[str, Any]) -> list[str]:
+def _target(row: dict[str, Any]) -> str:
     target = row["target_compression"]
+    return "-" if target is None else f"{target:.0%}"
+
+
+def _eval_cells(row: dict[str, Any]) -> list[str]:
     return [
         row["method"],
-        "-" if target is None else f"{target:.0%}",
+        _target(row),
         f"{row['compression']:.1%}",
         f"{row['visual_tokens_per_layer']:.1f}",
         f"{row['accuracy']:.1%}",
@@ -139,9 +143,8 @@ def _kinds(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _kind_cells(row: dict[str, Any], kinds: list[str]) -> list[str]:
-    target = row["target_compression"]
     by_kind = row.get("accuracy_by_kind", {})
-    return [row["method"], "-" if target is None else f"{target:.0%}",
+    return [row["method"], _target(row),
             *(f"{by_kind[kind]:.1%}" if kind in by_kind else "-" for kind in kinds)]
 
 
