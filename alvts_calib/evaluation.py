@@ -40,7 +40,7 @@ from .methods import (
     random_plan,
     selector_plan,
 )
-from .options import parse_choice
+from .options import DEFAULT_START_LAYER, parse_choice
 from .policies import KeepAllPolicy
 from .progress import track
 from .routing import SkippedKeys, SkippedUpdate
@@ -243,7 +243,7 @@ def build_plans(
     check_methods((method,), selector, calibration)
     fraction = check_compression(compression)
     keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
-    start_layer = selector.start_layer if selector is not None else 1
+    start_layer = selector.start_layer if selector is not None else DEFAULT_START_LAYER
     importance = selector.importance if selector is not None else None
     builders: dict[str, Callable[[], Plan | None]] = {
         "oracle": lambda: oracle_plan(importance, fraction, num_layers, num_visual, start_layer, keys),

@@ -11,6 +11,7 @@ from .adapters import AttentionGeometry
 from .errors import AlvtsError
 
 E = TypeVar("E", bound=Enum)
+DEFAULT_START_LAYER = 0  # the first routed layer; measured on the demo (docs/DESIGN.md)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -46,11 +47,8 @@ def check_skip_update_rank(rank: int, hidden_size: int) -> None:
 
 
 def check_start_layer(start_layer: int, geometry: AttentionGeometry) -> None:
-    if not 1 <= start_layer < geometry.num_layers:
-        raise AlvtsError(
-            f"start layer must be between 1 and {geometry.num_layers - 1} (layer 0 always stays unrouted), "
-            f"got {start_layer}"
-        )
+    if not 0 <= start_layer < geometry.num_layers:
+        raise AlvtsError(f"start layer must be between 0 and {geometry.num_layers - 1}, got {start_layer}")
 
 
 def parse_choice(kind: type[E], value: E | str, name: str) -> E:

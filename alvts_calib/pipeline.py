@@ -28,7 +28,7 @@ from .errors import AlvtsError
 from .fingerprint import model_fingerprint
 from .importance import Importance, attention_parts, importance_from_parts
 from .layer_attention import layer_queries_keys
-from .options import check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
+from .options import DEFAULT_START_LAYER, check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
 from .progress import track
 from .selector import LayerSelector
 from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
@@ -179,7 +179,7 @@ def calibrate(
     samples: Iterable[Mapping[str, Any]],
     *,
     rank: int | None = None,
-    start_layer: int = 1,
+    start_layer: int = DEFAULT_START_LAYER,
     importance: str | Importance = Importance.TEXT,  # measured on the demo: docs/DESIGN.md
     init: str | Init = Init.WEIGHT_SVD,
     refine_steps: int = 200,

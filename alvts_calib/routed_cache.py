@@ -1,8 +1,9 @@
 """KV cache bookkeeping for routed layers: which cached keys are real and which are batch fillers or padding.
 
-A routed layer caches K/V only for the tokens it processed, so its cache is shorter than layer 0's and rows
+A routed layer caches K/V only for the tokens it processed, so its cache is shorter than the sequence and rows
 of a batch may hold different numbers of real keys. The validity of every cached slot lives in the cache
-layer itself, so beam reordering, batch selection and cropping keep it consistent with the keys.
+layer itself, so beam reordering, batch selection and cropping keep it consistent with the keys. Its
+`get_seq_length` still counts every position it was given, as transformers expects of every layer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ class RoutedCacheLayer(DynamicLayer):
         self.key_valid: torch.Tensor | None = None
         self.keys_all_valid: bool | None = None  # host-side: every cached key is valid (None: not known)
         self.key_bias: torch.Tensor | None = None  # (B, L_k) logit bias per cached key (pooled stand-ins); None: 0
+        self.seen = 0  # positions of the sequence this layer has been given, processed or skipped
+
+    def get_seq_length(self) -> int:
+        """The sequence length so far, skipped positions included, as for an unrouted layer (transformers reads
+        layer 0's for masks, positions and generation bookkeeping); the cached keys may be fewer."""
+        return self.seen
 
     def append_bias(self, bias: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | None:
         """Logit bias of all keys after appending keys with `bias` (None: zero) and validity `valid` (B, L)."""
@@ -50,6 +57,7 @@ class RoutedCacheLayer(DynamicLayer):
         self.key_valid = None
         self.keys_all_valid = None
         self.key_bias = None
+        self.seen = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -58,6 +66,7 @@ class RoutedCacheLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         if tokens_to_remove < 0:
+            self.seen = max(self.seen + tokens_to_remove, 0)
             self._per_key(lambda tensor: tensor[:, :tokens_to_remove])
 
     def batch_repeat_interleave(self, repeats: int) -> None:

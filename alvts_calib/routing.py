@@ -282,6 +282,7 @@ class RoutedLayerMixin:
         if layer_cache is not None:
             layer_cache.key_valid, layer_cache.keys_all_valid = key_valid, keys_all_valid
             layer_cache.key_bias = key_bias
+            layer_cache.seen += length
         if dense:
             return output
         with record_function(SCATTER_RANGE):

@@ -28,6 +28,7 @@ from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHOD
 from alvts_calib.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
 from alvts_calib.importance import Importance
 from alvts_calib.methods import check_compression
+from alvts_calib.options import DEFAULT_START_LAYER
 from alvts_calib.routing import SkippedKeys, SkippedUpdate
 from alvts_calib.skip_update import SKIP_UPDATE_RANK
 from alvts_calib.solver import Init
@@ -114,7 +115,8 @@ def calibrate_command(
         int | None, typer.Option(help=f"Use the first N samples (default: all; demo: {CALIBRATION_SAMPLES}).")
     ] = None,
     rank: Annotated[int | None, typer.Option(help="Selector rank, a multiple of head_dim (default 2 heads).")] = None,
-    start_layer: Annotated[int, typer.Option(help="First routed layer (layer 0 is never routed).")] = 1,
+    start_layer: Annotated[int, typer.Option(help="First routed layer; earlier layers process every token.")] = (
+        DEFAULT_START_LAYER),
     importance: Annotated[Importance, typer.Option(
         help="Importance definition: text (attention the text rows give each visual token), paper (S_V2V x S_T2V) "
         "or last (the last position's attention).")] = Importance.TEXT,

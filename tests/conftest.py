@@ -23,7 +23,7 @@ FAMILIES = tuple(TINY_MODELS)
 BACKENDS = ("eager", "sdpa")
 
 
-def build_selector(model: nn.Module, keep_ratio: float, start_layer: int = 1) -> Selector:
+def build_selector(model: nn.Module, keep_ratio: float, start_layer: int = 0) -> Selector:
     """A selector from the RoPE-aware weight SVD of each layer (one selector head), no calibration data."""
     geometry = AttentionGeometry.of(model)
     layers = decoder_layers(model)
@@ -74,7 +74,7 @@ def build_case(family: str, backend: str, batch: int = 2, seed: int = 0, model_s
 
 @pytest.fixture
 def make_selector() -> Callable[..., Selector]:
-    """`make_selector(model, keep_ratio, start_layer=1)`: a Selector for layers start_layer..L-1."""
+    """`make_selector(model, keep_ratio, start_layer=0)`: a Selector for layers start_layer..L-1."""
     return build_selector
 
 

@@ -30,11 +30,11 @@ def test_round_trip_keeps_tensors_and_metadata(artifact):
     selector = load_selector(artifact)
     again = load_selector(selector.save(artifact.with_name("copy.safetensors")))
     assert selector.metadata == again.metadata
-    assert selector.keep_ratios == {1: 0.25, 2: 0.25, 3: 0.25}
+    assert selector.keep_ratios == {0: 0.25, 1: 0.25, 2: 0.25, 3: 0.25}
     for index, layer in selector.layers.items():
         for name, tensor in layer.state_dict().items():
             assert torch.equal(again.layers[index].state_dict()[name], tensor)
-    assert set(selector.metadata["fidelity"]) == {"1", "2", "3"}
+    assert set(selector.metadata["fidelity"]) == {"0", "1", "2", "3"}
     assert selector.metadata["calibration"]["samples"] == 2
 
 

@@ -197,7 +197,7 @@ def calibration(tmp_path_factory):
     """A demo calibration whose layer 1 has importance on few tokens and layer 3 flat importance."""
     torch.manual_seed(0)
     model = demo_model()
-    result = calibrate(model, demo_samples(model, 2), rank=16, refine_steps=5, progress=False)
+    result = calibrate(model, demo_samples(model, 2), rank=16, refine_steps=5, start_layer=1, progress=False)
     result.layers[1].budget = power_layer(0.1)
     result.layers[3].budget = power_layer(1.0)
     path = tmp_path_factory.mktemp("budgets") / "calib.safetensors"

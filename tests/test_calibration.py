@@ -121,7 +121,7 @@ def test_interrupted_calibration_resumes_with_identical_results(tmp_path, monkey
     monkeypatch.setattr(calibrate_module, "_solve_layer", crash_at_layer_3)
     with pytest.raises(KeyboardInterrupt):
         calibrate(model, samples, rank=16, refine_steps=20, checkpoint=checkpoint, progress=False)
-    assert checkpoint.exists() and sorted(load_calibration(checkpoint).layers) == [1, 2]
+    assert checkpoint.exists() and sorted(load_calibration(checkpoint).layers) == [0, 1, 2]
 
     monkeypatch.setattr(calibrate_module, "_solve_layer", lambda layer, index, *a: solved.append(index) or original(
         layer, index, *a))
@@ -148,7 +148,7 @@ def test_bad_calibration_input_gives_clear_errors():
     with pytest.raises(AlvtsError, match="start layer"):
         calibrate(model, samples, start_layer=4, progress=False)
     with pytest.raises(AlvtsError, match="start layer"):
-        calibrate(model, samples, start_layer=0, progress=False)
+        calibrate(model, samples, start_layer=-1, progress=False)
     text_only = {k: v for k, v in samples[0].items() if k != "pixel_values"}
     text_only["input_ids"] = text_only["input_ids"].masked_fill(text_only["input_ids"] == 100, 5)
     with pytest.raises(AlvtsError, match="visual tokens"):
@@ -172,7 +172,7 @@ def _layer_output(model, inputs, index):
 def test_the_fitted_skip_update_brings_skipped_tokens_closer_to_the_full_layer(tmp_path):
     model = demo_model()
     calibration = calibrate(model, demo_samples(model, 32), rank=16, refine_steps=0, skip_update_rank=8,
-                            progress=False)
+                            start_layer=1, progress=False)  # layer 1's input is then the full model's
     stats = calibration.layers[1].stats
     assert 0.0 < stats["skip_update_explained"] <= 1.0
     selector = export(calibration, tmp_path / "selector.safetensors", keep_ratio=0.25)

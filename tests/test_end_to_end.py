@@ -22,22 +22,21 @@ def test_calibrate_export_attach_generate(family, skipped_keys, tiny_case, tmp_p
     reference = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
 
     attach(case.model, path)
-    ratio = load_selector(path).keep_ratios[1]
+    ratio = load_selector(path).keep_ratios[0]
     assert attached_selector(case.model).keep_ratios == load_selector(path).keep_ratios
     with case.routing():
         output = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert output.sequences.shape == reference.shape
     cache_layers = output.past_key_values.layers
-    assert not isinstance(cache_layers[0], RoutedCacheLayer)
     prompt = case.inputs["input_ids"].shape[1]
-    assert cache_layers[0].keys.shape[-2] == prompt + 3
+    assert output.past_key_values.get_seq_length() == prompt + 3  # every position counts, skipped ones too
     visual = (case.visual & case.valid).sum(1)
     text = (~case.visual & case.valid).sum(1)
     kept = torch.tensor([math.ceil(ratio * int(n) - 1e-9) for n in visual])
     pooled = (kept > 0) & (kept < visual) if skipped_keys == "pool" else torch.zeros_like(kept, dtype=torch.bool)
     if skipped_keys == "pool":
         assert ratio < 0.5 and pooled.any()  # the stand-in is one of the budget's tokens
-    for layer in cache_layers[1:]:
+    for layer in cache_layers:  # layer 0 is routed too (the default start layer)
         assert isinstance(layer, RoutedCacheLayer)
         assert layer.keys.shape[-2] == int((kept + text + pooled).max()) + 3
         assert torch.equal(layer.key_valid.sum(1).cpu(), kept + text + pooled + 3)

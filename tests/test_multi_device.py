@@ -95,7 +95,7 @@ def test_calibration_on_the_dispatched_model_equals_local_calibration(dispatched
     options = dict(refine_steps=3, progress=False)
     expected = calibrate(local, samples, **options)
     result = calibrate(remote, samples, **options)
-    assert sorted(result.layers) == sorted(expected.layers) == [1, 2, 3]
+    assert sorted(result.layers) == sorted(expected.layers) == [0, 1, 2, 3]
     for index, layer in expected.layers.items():
         for name, tensor in layer.selector.items():
             torch.testing.assert_close(result.layers[index].selector[name], tensor, rtol=1e-5, atol=1e-6)

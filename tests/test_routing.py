@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -245,9 +246,8 @@ def test_routed_cache_holds_only_processed_tokens(tiny_case, make_selector, fami
     with case.routing():
         cache = model(**case.inputs, use_cache=True).past_key_values
     layers = cache.layers
-    assert type(layers[0]) is DynamicLayer
-    assert layers[0].keys.shape[-2] == padded
-    for index in range(1, len(layers)):
+    assert cache.get_seq_length() == padded  # what transformers reads: every position, skipped ones too
+    for index in range(len(layers)):  # layer 0 is routed too (the default start layer)
         layer = layers[index]
         assert isinstance(layer, RoutedCacheLayer), index
         assert layer.keys.shape[-2] == layer.values.shape[-2] == expected < padded, index
@@ -261,10 +261,10 @@ def test_routed_cache_holds_only_processed_tokens(tiny_case, make_selector, fami
         out = greedy(case, max_new_tokens=new_tokens, min_new_tokens=new_tokens, return_dict_in_generate=True)
     assert out.sequences.shape[1] == padded + new_tokens
     layers = out.past_key_values.layers
-    assert layers[0].keys.shape[-2] == padded + new_tokens - 1
-    for index in range(1, len(layers)):
+    assert out.past_key_values.get_seq_length() == padded + new_tokens - 1
+    for index in range(len(layers)):
         layer = layers[index]
-        assert layer.keys.shape[-2] == expected + new_tokens - 1 < layers[0].keys.shape[-2], index
+        assert layer.keys.shape[-2] == expected + new_tokens - 1 < padded, index
         assert torch.equal(layer.key_valid.sum(1), counts + new_tokens - 1), index
 
 
@@ -597,3 +597,37 @@ def test_no_cache_forward_matches_cached_prefill(tiny_case, make_selector, famil
     assert uncached.logits.shape == cached.logits.shape == (*case.inputs["input_ids"].shape, vocab)
     assert bool(torch.isfinite(uncached.logits).all())
     torch.testing.assert_close(uncached.logits, cached.logits, atol=1e-5, rtol=0)
+
+
+@FAMILY
+def test_routing_layer_zero_leaves_generation_positions_unchanged(tiny_case, make_selector, family):
+    """transformers sizes masks and positions from layer 0's cache; a routed layer 0 must still count every
+    position, so each decoding step gets the same rotary positions as without routing and a layer that processes
+    every token gets a mask of the right size."""
+    case = tiny_case(family, "sdpa")
+    model = case.model
+    rotary = next(module for name, module in model.named_modules() if name.endswith("rotary_emb"))
+
+    def positions(routed: bool) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        def record(module, args, kwargs, output):
+            seen.append((args[1] if len(args) > 1 else kwargs["position_ids"]).clone())
+
+        handle = rotary.register_forward_hook(record, with_kwargs=True)
+        try:
+            with case.routing() if routed else contextlib.nullcontext():
+                greedy(case, max_new_tokens=4, min_new_tokens=4)
+        finally:
+            handle.remove()
+        return seen
+
+    reference = positions(routed=False)
+    selector = make_selector(model, RATIO)
+    selector.keep_ratios[max(selector.keep_ratios)] = 1.0  # a later layer that processes every token reads the mask
+    attach(model, selector)
+    assert isinstance(decoder_layers(model)[0], RoutedLayerMixin)
+    routed = positions(routed=True)
+    detach(model)
+    assert len(routed) == len(reference) == 4
+    for step, (got, expected) in enumerate(zip(routed, reference, strict=True)):
+        assert torch.equal(got, expected), step

@@ -36,10 +36,10 @@ def _layer_io(case, selector, skipped_update):
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(tiny_case, make_selector, family):
     case = tiny_case(family, "sdpa")
-    selector = make_selector(case.model, RATIO)
+    selector = make_selector(case.model, RATIO, start_layer=1)
     before, plain, _ = _layer_io(case, selector, "none")
     before_mean, compensated, _ = _layer_io(case, selector, "mean")
-    assert torch.equal(before, before_mean)  # layer 0 is not routed
+    assert torch.equal(before, before_mean)  # layer 0 is not routed here
     visual = case.visual & case.valid
     skipped = visual & (plain == before).all(-1)
     processed = visual & ~skipped
@@ -53,7 +53,7 @@ def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(ti
 @pytest.mark.parametrize("skipped_update", ["mean", "linear"])
 def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(tiny_case, make_selector, skipped_update):
     case = tiny_case("llava", "sdpa")
-    selector = make_selector(case.model, RATIO)
+    selector = make_selector(case.model, RATIO, start_layer=1)
     selector.keep_ratios[1] = 0.0
     hidden = case.model.config.text_config.hidden_size
     selector.skip_updates = {index: SkipUpdate(hidden, 2) for index in selector.layers}
@@ -90,7 +90,7 @@ def test_linear_update_adds_the_mean_and_the_fitted_map_of_each_tokens_deviation
 ):
     case = tiny_case(family, "sdpa")
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    selector = _with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
     before, plain, _ = _layer_io(case, selector, "none")
     _, compensated, _ = _layer_io(case, selector, "linear")
     visual = case.visual & case.valid
