@@ -21,6 +21,8 @@ from .masks import routed_attention_mask
 from .routed_cache import existing_routed_layer, routed_cache_layer
 
 if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
     from .policies import LayerPolicy
 
 CONTEXT_KWARG = "alvts_context"
@@ -130,14 +132,17 @@ def processed_positions(context: ForwardContext, visual_keep: torch.Tensor | Non
 class Pool:
     """One stand-in per row for the visual tokens that skip a layer (SkippedKeys.POOL).
 
-    Its hidden state is their mean, its rotary embedding their mean rotary embedding, and its attention logits get
-    log(count), so the processed tokens attend to it with about the mass the skipped keys would have drawn. It is
+    What the layer's attention reads of it is exactly the mean of their keys and values before rotation: the layer's
+    input norm gives it the mean of their normed inputs (`stand_in_norm_hook`; its hidden state, their mean, is only
+    a placeholder). Its rotary embedding is their mean rotary embedding, and its attention logits get log(count), so
+    the processed tokens attend to it with about the mass the skipped keys would have drawn. It is
     appended at slot L of the sequence and sorted right after the row's last visual token, so causal attention lets
     only the tokens after the image (the text) see it. Its own output is discarded. A row whose layer processes
     none of its visual tokens gets no stand-in: such a layer skips the image entirely.
     """
 
-    state: torch.Tensor  # (B, 1, D)
+    state: torch.Tensor  # (B, 1, D) mean hidden state
+    normed: torch.Tensor  # (B, 1, D) mean normed input: what the layer's projections read
     cos: torch.Tensor  # (B, 1, d)
     sin: torch.Tensor
     log_count: torch.Tensor  # (B,) float32
@@ -146,10 +151,10 @@ class Pool:
 
     @classmethod
     def of(
-        cls, hidden_states: torch.Tensor, context: ForwardContext, keep: torch.Tensor, cos: torch.Tensor,
-        sin: torch.Tensor,
+        cls, hidden_states: torch.Tensor, normed: torch.Tensor, context: ForwardContext, keep: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor,
     ) -> Pool:
-        """The stand-in of the visual tokens outside `keep` (B, L) in each row."""
+        """The stand-in of the visual tokens outside `keep` (B, L) in each row; `normed` is the layer's normed input."""
         visual = context.visual & context.valid
         skipped = visual & ~keep
         count = skipped.sum(-1)
@@ -164,6 +169,7 @@ class Pool:
 
         return cls(
             state=mean(hidden_states),
+            normed=mean(normed),
             cos=mean(cos),
             sin=mean(sin),
             log_count=count.clamp(min=1).float().log(),
@@ -204,6 +210,8 @@ class RoutedLayerMixin:
     alvts_skipped_update: SkippedUpdate
     alvts_skip_module: nn.Module | None  # the fitted update for SkippedUpdate.LINEAR
     alvts_skipped_keys: SkippedKeys
+    alvts_stand_in: tuple[torch.Tensor, torch.Tensor] | None  # (B, L_c, 1) stand-in slots and their normed input
+    alvts_norm_hook: RemovableHandle
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
@@ -249,7 +257,8 @@ class RoutedLayerMixin:
             cos, sin = kwargs["position_embeddings"]
             states, extended_keep, pool, key_bias = hidden_states, keep, None, None
             if not dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
-                pool = Pool.of(hidden_states, context, keep, cos, sin)
+                normed = self.input_layernorm(hidden_states) if normed is None else normed
+                pool = Pool.of(hidden_states, normed, context, keep, cos, sin)
                 context.pooled[layer_idx] = pool.present
                 states, extended_keep, cos, sin = pool.extend(hidden_states, keep, cos, sin)
                 rows = None if rows is None else _with_pool(rows, context.host_counts())
@@ -278,7 +287,13 @@ class RoutedLayerMixin:
                     compaction.gather(cos.expand(batch, -1, -1)),
                     compaction.gather(sin.expand(batch, -1, -1)),
                 )
-        output = super().forward(compact, **kwargs)
+        self.alvts_stand_in = None if pool is None else (
+            ((compaction.index == length) & ~compaction.filler)[..., None], pool.normed
+        )
+        try:
+            output = super().forward(compact, **kwargs)
+        finally:
+            self.alvts_stand_in = None
         if layer_cache is not None:
             layer_cache.key_valid, layer_cache.keys_all_valid = key_valid, keys_all_valid
             layer_cache.key_bias = key_bias
@@ -353,6 +368,19 @@ def compensate_skipped(
     return merged + skipped * update
 
 
+def stand_in_norm_hook(layer: nn.Module):
+    """A forward hook for `layer`'s input norm: while the layer runs with pooled stand-ins, their normed input is
+    the mean of the skipped tokens' (see `Pool`), which no hidden state would normalise to."""
+
+    def replace_stand_ins(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if layer.alvts_stand_in is None:
+            return None
+        slots, normed = layer.alvts_stand_in
+        return torch.where(slots, normed.to(output.dtype), output)
+
+    return replace_stand_ins
+
+
 _ROUTED_CLASSES: dict[type, type] = {}
 
 
@@ -383,6 +411,8 @@ def route_layer(
     layer.alvts_skipped_update = skipped_update
     layer.alvts_skip_module = None if skip_module is None else copy.deepcopy(skip_module).to(device, weight.dtype)
     layer.alvts_skipped_keys = SkippedKeys(skipped_keys)
+    layer.alvts_stand_in = None
+    layer.alvts_norm_hook = layer.input_layernorm.register_forward_hook(stand_in_norm_hook(layer))
     layer.__class__ = routed_class(type(layer))
     follow_class_forward(layer)
 
@@ -397,3 +427,6 @@ def unroute_layer(layer: nn.Module) -> None:
     del layer.alvts_skipped_update
     del layer.alvts_skip_module
     del layer.alvts_skipped_keys
+    layer.alvts_norm_hook.remove()
+    del layer.alvts_norm_hook
+    del layer.alvts_stand_in

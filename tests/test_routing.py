@@ -101,8 +101,9 @@ def reference_routed_logits(case, selector, ratio: float, pooled: bool = False) 
     For each row: keep every valid text token, the last position and the top-k valid visual tokens by the selector's
     scores (k = ceil(ratio * n_visual)); run the original layer on just those tokens (their own RoPE angles, a plain
     causal mask, no cache) and leave every other position exactly as it came in. With `pooled`, one more token
-    right after the last visual token stands for the skipped ones: their mean hidden state and mean RoPE angles,
-    attended to with log(number skipped) added to its logits.
+    right after the last visual token stands for the skipped ones: the layer's input norm gives it the mean of their
+    normed inputs (so its key and value are the mean of theirs before rotation), it has their mean RoPE angles, and
+    it is attended to with log(number skipped) added to its logits.
     """
     model = case.model
     assert getattr(model, RUNTIME_ATTRIBUTE, None) is None
@@ -129,6 +130,7 @@ def reference_routed_logits(case, selector, ratio: float, pooled: bool = False) 
                 index_kept = keep.nonzero().flatten()
                 states, row_cos, row_sin = hidden[row, index_kept], cos[row, index_kept], sin[row, index_kept]
                 mask = causal_mask(index_kept.numel(), case.backend)
+                stand_in = None
                 if pooled:
                     skipped = visual[row] & valid[row] & ~keep
                     at = int((index_kept <= candidates.max()).sum())  # right after the last visual token
@@ -139,14 +141,26 @@ def reference_routed_logits(case, selector, ratio: float, pooled: bool = False) 
                         for kept, everything in ((states, hidden[row]), (row_cos, cos[row]), (row_sin, sin[row]))
                     )
                     mask = pooled_causal_mask(states.shape[0], at, float(skipped.sum()))
-                out = module.forward(
-                    states[None],
-                    attention_mask=mask,
-                    position_ids=None,
-                    position_embeddings=(row_cos[None], row_sin[None]),
-                    cache=None,
-                    use_cache=False,
-                )
+                    mean_normed = module.input_layernorm(hidden[row][skipped]).mean(0)
+
+                    def stand_in(norm, norm_args, normed, at=at, mean_normed=mean_normed):
+                        normed = normed.clone()
+                        normed[0, at] = mean_normed
+                        return normed
+
+                    stand_in = module.input_layernorm.register_forward_hook(stand_in)
+                try:
+                    out = module.forward(
+                        states[None],
+                        attention_mask=mask,
+                        position_ids=None,
+                        position_embeddings=(row_cos[None], row_sin[None]),
+                        cache=None,
+                        use_cache=False,
+                    )
+                finally:
+                    if stand_in is not None:
+                        stand_in.remove()
                 result[row, index_kept] = torch.cat([out[0][:at], out[0][at + 1 :]]) if pooled else out[0]
             return result
 
