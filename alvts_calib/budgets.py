@@ -53,13 +53,14 @@ class Budget(str, Enum):
     ADAPTIVE = "adaptive"  # equal coverage: every layer keeps the same share of its importance mass
     ADAPTIVE_MASS = "adaptive-mass"  # water-filling: most importance mass in total, weighted by visual share
     ADAPTIVE_UPDATE = "adaptive-update"  # water-filling weighted by how much each layer changes the hidden states
+    SENSITIVITY = "sensitivity"  # least summed answer divergence, measured per layer at calibration (`sensitivity`)
 
     @property
     def method(self) -> str:
         """The allocation method's name, as recorded in artifacts."""
         return {
             "uniform": "uniform", "adaptive": "equal-coverage", "adaptive-mass": "water-filling",
-            "adaptive-update": "update-weighted water-filling",
+            "adaptive-update": "update-weighted water-filling", "sensitivity": "measured sensitivity",
         }[self.value]
 
 
@@ -160,6 +161,8 @@ class LayerStatistics:
     coverage: torch.Tensor  # (COVERAGE_POINTS,) mean coverage curve
     visual_share: float  # mean share of the query rows' attention on visual tokens
     updates: LayerUpdates | None = None  # how much the layer changes the hidden states (None: older files)
+    damage_budgets: torch.Tensor | None = None  # (K,) budgets at which sensitivity was measured (None: not measured)
+    damage: torch.Tensor | None = None  # (K,) mean answer KL divergence with only this layer routed at each budget
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,9 @@ def allocate(
         raise AlvtsError("adaptive allocation needs an adaptive budget, routed layers and visual tokens")
     total = int(keep_count(torch.tensor(visual_tokens), keep_ratio)) * len(indices)
     curves = token_curves(np.stack([statistics[i].coverage.double().numpy() for i in indices]), visual_tokens)
-    if budget is Budget.ADAPTIVE:
+    if budget is Budget.SENSITIVITY:
+        tokens = min_damage(_damage_curves(statistics, indices, visual_tokens, pooled), total)
+    elif budget is Budget.ADAPTIVE:
         tokens = equal_coverage(curves, total)
     elif budget is Budget.ADAPTIVE_UPDATE:
         gains = _update_gains(statistics, indices, pooled_coverage(curves) if pooled else curves, visual_tokens)
@@ -285,6 +290,61 @@ def allocate(
         weights = np.array([max(statistics[i].visual_share, 0.0) for i in indices])
         tokens = water_filling(curves, weights if weights.sum() > 0 else np.ones(len(indices)), total)
     return Allocation(budget, keep_ratio, visual_tokens, dict(zip(indices, tokens, strict=True)))
+
+
+def damage_curve(budgets: np.ndarray, damage: np.ndarray, visual_tokens: int) -> np.ndarray:
+    """(n + 1,) damage after 0..n tokens from measurements at `budgets`: linear in between, never rising with more
+    tokens (a rise is measurement noise), and as bad at 1 token as at 0 (one token leaves no room beside the
+    stand-in, so the layer skips the image)."""
+    curve = np.interp(np.arange(visual_tokens + 1), np.asarray(budgets, dtype=np.float64), np.asarray(damage))
+    curve = np.minimum.accumulate(curve)
+    if visual_tokens >= 1:
+        curve[1] = curve[0]
+    return curve
+
+
+def min_damage(curves: np.ndarray, total: int) -> list[int]:
+    """Tokens per layer minimising sum_l D_l(k_l) with sum k_l = total (dynamic programming over layers, exact for
+    any curves). curves: (L, n + 1) damage after 0..n tokens."""
+    layers, width = curves.shape
+    total = min(total, layers * (width - 1))
+    best = np.full(total + 1, np.inf)
+    best[0] = 0.0
+    choices = np.zeros((layers, total + 1), dtype=np.int64)
+    for layer in range(layers):
+        after = np.full(total + 1, np.inf)
+        for tokens in range(min(width, total + 1)):
+            candidate = np.full(total + 1, np.inf)
+            candidate[tokens:] = best[: total + 1 - tokens] + curves[layer, tokens]
+            better = candidate < after
+            after[better], choices[layer, better] = candidate[better], tokens
+        best = after
+    result, used = [], total
+    for layer in reversed(range(layers)):
+        result.append(int(choices[layer, used]))
+        used -= result[-1]
+    return result[::-1]
+
+
+def _damage_curves(
+    statistics: Mapping[int, LayerStatistics], indices: list[int], visual_tokens: int, pooled: bool
+) -> np.ndarray:
+    """(L, n + 1) measured damage curves, or a one-line error saying what is missing."""
+    if not pooled:
+        raise AlvtsError(
+            "budget 'sensitivity' is measured with pooled skipped keys; export with --skipped-keys pool or choose "
+            "another budget"
+        )
+    missing = [index for index in indices if statistics[index].damage is None]
+    if missing:
+        raise AlvtsError(
+            f"budget 'sensitivity' needs the layers' measured sensitivity, which this calibration lacks (layers "
+            f"{missing}); re-run `alvts calibrate` with --sensitivity-samples above 0, or use another budget"
+        )
+    return np.stack([
+        damage_curve(statistics[index].damage_budgets.numpy(), statistics[index].damage.numpy(), visual_tokens)
+        for index in indices
+    ])
 
 
 def _update_gains(

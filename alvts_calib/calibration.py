@@ -114,6 +114,9 @@ def _budget_tensors(index: int, budget: LayerStatistics) -> dict[str, torch.Tens
         sizes = [budget.updates.text, budget.updates.visual]
         tensors[f"budget.{index}.updates"] = torch.tensor(sizes, dtype=torch.float64)
         tensors[f"budget.{index}.update_coverage"] = budget.updates.coverage
+    if budget.damage is not None:
+        tensors[f"budget.{index}.damage_budgets"] = budget.damage_budgets
+        tensors[f"budget.{index}.damage"] = budget.damage
     return tensors
 
 
@@ -127,7 +130,8 @@ def _budget_statistics(tensors: dict[str, torch.Tensor], index: str) -> LayerSta
         text=float(sizes[0]), visual=float(sizes[1]), coverage=tensors[f"budget.{index}.update_coverage"]
     )
     return LayerStatistics(
-        coverage=coverage, visual_share=float(tensors[f"budget.{index}.visual_share"]), updates=updates
+        coverage=coverage, visual_share=float(tensors[f"budget.{index}.visual_share"]), updates=updates,
+        damage_budgets=tensors.get(f"budget.{index}.damage_budgets"), damage=tensors.get(f"budget.{index}.damage"),
     )
 
 

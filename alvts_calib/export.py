@@ -14,8 +14,8 @@ from .options import check_keep_ratio, parse_choice, torch_dtype
 from .routing import SkippedKeys, selected_beside_stand_in
 from .skip_update import SkipUpdate
 
-DEFAULT_BUDGET = Budget.ADAPTIVE_UPDATE  # measured on the demo (docs/DESIGN.md)
-DEFAULT_ADAPTIVE_BUDGET = Budget.ADAPTIVE_UPDATE  # what `alvts eval` compares with uniform
+DEFAULT_BUDGET = Budget.SENSITIVITY  # measured on the demo (docs/DESIGN.md)
+DEFAULT_ADAPTIVE_BUDGET = Budget.SENSITIVITY  # what `alvts eval` compares with uniform
 DEFAULT_SKIPPED_KEYS = SkippedKeys.POOL
 
 
@@ -30,12 +30,12 @@ def build_selector(
 ) -> Selector:
     """The selector a calibration gives at `keep_ratio` and `rank`, in memory (ready for `attach`).
 
-    `budget` "uniform" keeps `keep_ratio` in every routed layer; the adaptive budgets ("adaptive-update",
-    "adaptive", "adaptive-mass") spread the same average number of visual tokens per routed layer over layers by
-    calibration statistics (see `budgets`); a layer may get 0 or all of them. With `skipped_keys` "pool" (what
-    `attach` then uses), a layer's pooled stand-in for its skipped tokens is one of its tokens: at the
-    calibration's reference visual count it selects one token fewer than its budget, or every token if the
-    budget is all of them (`routing.selected_beside_stand_in`).
+    `budget` "uniform" keeps `keep_ratio` in every routed layer; the adaptive budgets ("sensitivity",
+    "adaptive-update", "adaptive", "adaptive-mass") spread the same average number of visual tokens per routed
+    layer over layers by calibration statistics (see `budgets`); a layer may get 0 or all of them. With
+    `skipped_keys` "pool" (what `attach` then uses), a layer's pooled stand-in for its skipped tokens is one of its
+    tokens: at the calibration's reference visual count it selects one token fewer than its budget, or every token
+    if the budget is all of them (`routing.selected_beside_stand_in`).
     """
     check_keep_ratio(keep_ratio)
     budget = parse_budget(budget)

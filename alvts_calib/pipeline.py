@@ -31,6 +31,7 @@ from .layer_attention import layer_queries_keys
 from .options import DEFAULT_START_LAYER, check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
 from .progress import track
 from .selector import LayerSelector
+from .sensitivity import SENSITIVITY_SAMPLES, budget_grid, measure_sensitivity
 from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
 from .solver import Init, LayerBatch, refine, rope_svd_init, second_moment
 from .visual import VisualTracker
@@ -49,6 +50,7 @@ class CalibrationOptions:
     report_keep_ratio: float
     seed: int
     skip_update_rank: int
+    sensitivity_samples: int
 
 
 def _layer_batches(
@@ -187,6 +189,7 @@ def calibrate(
     report_keep_ratio: float = 0.11,
     seed: int = 0,
     skip_update_rank: int = SKIP_UPDATE_RANK,
+    sensitivity_samples: int = SENSITIVITY_SAMPLES,
     checkpoint: str | Path | None = None,
     storage: torch.device | str = "cpu",
     progress: bool = True,
@@ -195,8 +198,10 @@ def calibrate(
 
     `samples` yields dicts of model inputs as a processor returns them; for a language model alone a sample
     may carry a bool `visual_mask` (B, L). `rank` defaults to two heads (2 x head_dim). `skip_update_rank` is the
-    rank of each layer's fitted update for skipped visual tokens (0: none; see `skip_update`). With `checkpoint`,
-    finished layers are saved there and a rerun with the same model, data and options resumes from them.
+    rank of each layer's fitted update for skipped visual tokens (0: none; see `skip_update`). Then, on the first
+    `sensitivity_samples` samples, each layer's effect on the answer is measured at a grid of budgets (0: skip; see
+    `sensitivity`), for the "sensitivity" budget. With `checkpoint`, finished layers and measurements are saved
+    there and a rerun with the same model, data and options resumes from them.
     """
     adapter = get_adapter(model)
     geometry = AttentionGeometry.of(model)
@@ -205,10 +210,12 @@ def calibrate(
     check_start_layer(start_layer, geometry)
     check_keep_ratio(report_keep_ratio)
     check_skip_update_rank(skip_update_rank, model.config.get_text_config(decoder=True).hidden_size)
+    if sensitivity_samples < 0:
+        raise AlvtsError(f"sensitivity samples must be 0 (do not measure) or more, got {sensitivity_samples}")
     options = CalibrationOptions(
         rank=rank, start_layer=start_layer, importance=Importance(importance).value, init=Init(init).value,
         refine_steps=refine_steps, heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio,
-        seed=seed, skip_update_rank=skip_update_rank,
+        seed=seed, skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
     )
     samples = list(samples)
     if not samples:
@@ -265,5 +272,33 @@ def calibrate(
                 Calibration(results, counts, metadata).save(checkpoint)
         elif index < last:
             _propagate(layer, captured)
+    del captured
+    calibration = Calibration(results, counts, metadata)
+    if sensitivity_samples:
+        used = [samples[i] for i in keep][:sensitivity_samples]
+        metadata["summary"]["sensitivity_samples"] = len(used)
+        _measure_sensitivity(model, used, calibration, checkpoint, progress)
     metadata["summary"]["seconds"] = time.perf_counter() - started
-    return Calibration(results, counts, metadata)
+    return calibration
+
+
+def _measure_sensitivity(
+    model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, checkpoint: Path | None,
+    progress: bool,
+) -> None:
+    """Record each layer's measured sensitivity in its budget statistics (see `sensitivity`), checkpointing after
+    every layer; layers that already have it (a resumed run) are kept."""
+    visual_tokens = int(calibration.metadata["summary"]["visual_tokens"])
+    grid = budget_grid(visual_tokens)
+    layers = calibration.layers
+    done = {index: result.budget.damage for index, result in layers.items() if result.budget.damage is not None}
+
+    def record(index: int, damage: torch.Tensor) -> None:
+        layers[index].budget = replace(
+            layers[index].budget, damage_budgets=torch.tensor(grid, dtype=torch.long), damage=damage
+        )
+        if checkpoint is not None:
+            calibration.save(checkpoint)
+
+    selectors = {index: calibration.selector(index) for index in layers}
+    measure_sensitivity(model, samples, selectors, calibration.importance, grid, visual_tokens, progress, done, record)

@@ -110,6 +110,28 @@ class SelectorPolicy(RatioPolicy):
         return 2.0 * num_tokens * geometry.hidden_size * 2 * rank + 4.0 * num_tokens**2 * rank
 
 
+class BudgetSweepPolicy(LayerPolicy):
+    """The calibrated selector with a budget per row, for measuring sensitivity: row r processes
+    ceil(fractions[r] * n) of its n visual tokens, a pooled stand-in counting as one of them."""
+
+    def __init__(self, selector: LayerSelector, fractions: torch.Tensor, importance: Importance):
+        self.selector = selector
+        self.fractions = fractions.double()  # (B,)
+        self.importance = importance
+
+    def select(self, layer, normed, context, cos, sin):
+        weight = self.selector.q_proj.weight
+        scores = self.selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, self.importance)
+        candidates = context.visual & context.valid
+        count = candidates.sum(-1)
+        budget = torch.ceil(count.double() * self.fractions.to(count.device) - 1e-9).long()
+        return top_count_mask(scores, candidates, torch.where(budget >= count, count, (budget - 1).clamp(min=0)))
+
+    def to(self, device, dtype):
+        self.selector = self.selector.to(device=device, dtype=dtype)
+        return self
+
+
 class ExactPolicy(RatioPolicy):
     """The oracle: the same top-k rule on the importance of the layer's own full attention."""
 

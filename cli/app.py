@@ -30,6 +30,7 @@ from alvts_calib.importance import Importance
 from alvts_calib.methods import check_compression
 from alvts_calib.options import DEFAULT_START_LAYER
 from alvts_calib.routing import SkippedKeys, SkippedUpdate
+from alvts_calib.sensitivity import SENSITIVITY_SAMPLES
 from alvts_calib.skip_update import SKIP_UPDATE_RANK
 from alvts_calib.solver import Init
 
@@ -124,6 +125,9 @@ def calibrate_command(
     refine_steps: Annotated[int, typer.Option(help="Importance-consistency refinement steps per layer.")] = 200,
     skip_update_rank: Annotated[int, typer.Option(
         help="Rank of each layer's fitted update for skipped visual tokens (0: fit none).")] = SKIP_UPDATE_RANK,
+    sensitivity_samples: Annotated[int, typer.Option(
+        help="Samples on which each layer's effect on the answer is measured, for --budget sensitivity at export "
+        "(0: do not measure).")] = SENSITIVITY_SAMPLES,
     seed: Annotated[int, typer.Option(help="Random seed (results are deterministic for a seed).")] = 0,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
@@ -139,7 +143,8 @@ def calibrate_command(
         checkpoint.unlink()
     result = calibrate(
         loaded, samples, rank=rank, start_layer=start_layer, importance=importance, init=init,
-        refine_steps=refine_steps, skip_update_rank=skip_update_rank, seed=seed, checkpoint=checkpoint,
+        refine_steps=refine_steps, skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
+        seed=seed, checkpoint=checkpoint,
         progress=not json_output,
     )
     result.metadata["model"] = name
@@ -168,9 +173,9 @@ def export_command(
     rank: Annotated[int | None, typer.Option(help="Export at a lower rank than calibrated (leading heads).")] = None,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16.")] = "float32",
     budget: Annotated[str, typer.Option(
-        help="uniform: KEEP_RATIO in every layer; adaptive-update (where the layers change the hidden states), "
-        "adaptive (equal coverage) or adaptive-mass (water-filling): the same average visual tokens per routed "
-        "layer, spread by calibration statistics.")] = DEFAULT_BUDGET.value,
+        help="uniform: KEEP_RATIO in every layer; sensitivity (least measured answer divergence), adaptive-update "
+        "(where the layers change the hidden states), adaptive (equal coverage) or adaptive-mass (water-filling): "
+        "the same average visual tokens per routed layer, spread by calibration statistics.")] = DEFAULT_BUDGET.value,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="pool: the text attends to one stand-in for a layer's skipped visual tokens (counted in its budget); "
         "drop: it does not see them (the paper).")] = DEFAULT_SKIPPED_KEYS,
@@ -302,7 +307,7 @@ def eval_command(
         "counted in the budget) or drop (the paper). FastV, PyramidDrop and DART run as published.")
     ] = DEFAULT_SKIPPED_KEYS,
     budget: Annotated[str, typer.Option(
-        help="How alvts-adaptive spreads its tokens: adaptive-update, adaptive or adaptive-mass.")
+        help="How alvts-adaptive spreads its tokens: sensitivity, adaptive-update, adaptive or adaptive-mass.")
     ] = DEFAULT_ADAPTIVE_BUDGET.value,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",

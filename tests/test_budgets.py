@@ -79,7 +79,7 @@ def test_update_tally_measures_relative_update_energy_of_text_and_visual_tokens(
 
 
 def test_unknown_budget_names_give_a_one_line_error():
-    expected = "budget must be one of uniform, adaptive, adaptive-mass, adaptive-update, got 'fancy'"
+    expected = "budget must be one of uniform, adaptive, adaptive-mass, adaptive-update, sensitivity, got 'fancy'"
     with pytest.raises(AlvtsError, match=expected):
         parse_budget("fancy")
 
@@ -306,5 +306,5 @@ def test_cli_export_and_inspect_show_the_budgets(calibration, tmp_path):
         capture_output=True, text=True,
     )
     assert process.returncode == 1 and process.stderr.strip().splitlines() == [
-        "error: budget must be one of uniform, adaptive, adaptive-mass, adaptive-update, got 'x'"
+        "error: budget must be one of uniform, adaptive, adaptive-mass, adaptive-update, sensitivity, got 'x'"
     ]

@@ -1,0 +1,111 @@
+"""How much the model's answer moves when one layer is routed: the measurement behind the "sensitivity" budget.
+
+After the selectors are solved, calibration routes one layer at a time, with the toolkit's runtime (the layer's
+selector, the pooled stand-in counted in the budget), at a grid of budgets, and records the mean KL divergence of
+the next-token distribution at each sample's last position from the unrouted model's. The grid's budgets run as
+the rows of one batch: each sample is repeated once per budget. `budgets.min_damage` then spreads a total over
+layers so that the summed divergence is smallest.
+
+What a layer's update statistics cannot show, this sees directly: on the demo model the copies of a trained layer
+barely change the hidden states, yet together they read the image's rows (docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attach import attach_policies, detach
+from .capture import input_device, move
+from .importance import Importance
+from .policies import BudgetSweepPolicy
+from .progress import track
+from .routing import SkippedKeys
+from .selector import LayerSelector
+from .visual import visual_positions
+
+SENSITIVITY_SAMPLES = 64  # calibration samples the measurement uses by default (0: do not measure)
+
+
+def budget_grid(visual_tokens: int) -> list[int]:
+    """Budgets (tokens per layer, a stand-in included) at which sensitivity is measured: 0, 2, 3, 4, 6, 8, 12, ...
+    (powers of two and 1.5 times them) below `visual_tokens`, and `visual_tokens` itself."""
+    grid, power = [0], 2
+    while power < visual_tokens:
+        grid += [value for value in (power, power * 3 // 2) if value < visual_tokens and value not in grid]
+        power *= 2
+    return [*grid, visual_tokens]
+
+
+def _repeated(sample: Mapping[str, Any], times: int) -> dict[str, Any]:
+    """The sample's batch repeated `times` times along dim 0 (images and their metadata with it)."""
+    return {key: value.repeat(times, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) else value
+            for key, value in sample.items()}
+
+
+def _last_log_probs(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """(B, V) float32 log-probabilities of the next token after each row's last valid position."""
+    mask = inputs.get("attention_mask")
+    if mask is None or bool(mask[:, -1].all()):
+        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+    else:
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+        logits = model(**inputs, use_cache=False).logits[torch.arange(mask.shape[0]), last]
+    return logits.float().log_softmax(-1)
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    samples: list[Mapping[str, Any]],
+    selectors: Mapping[int, LayerSelector],
+    importance: Importance,
+    grid: list[int],
+    visual_tokens: int,
+    progress: bool = True,
+    done: Mapping[int, torch.Tensor] | None = None,
+    on_layer: Callable[[int, torch.Tensor], None] | None = None,
+) -> dict[int, torch.Tensor]:
+    """Per layer, the (len(grid),) float64 mean KL(unrouted || routed) of the next token when only that layer is
+    routed at each budget of `grid` (tokens at the reference count `visual_tokens`; other counts scale).
+
+    Layers in `done` are not measured again; `on_layer(index, damage)` is called after each measured layer (for
+    checkpoints).
+    """
+    damage = dict(done or {})
+    todo = [index for index in sorted(selectors) if index not in damage]
+    if not todo:
+        return damage
+    fractions = torch.tensor(grid, dtype=torch.float64) / visual_tokens
+    device = input_device(model)
+    prepared = []
+    with torch.no_grad():
+        for sample in samples:
+            inputs = dict(sample)
+            explicit = inputs.pop("visual_mask", None)
+            inputs = move(inputs, device)
+            reference = _last_log_probs(model, inputs)
+            rows = reference.shape[0]
+            mask = None if explicit is None else torch.as_tensor(explicit).bool().repeat(len(grid), 1)
+            prepared.append((_repeated(inputs, len(grid)), mask, reference.repeat(len(grid), 1), rows))
+    for index in track(todo, "measuring sensitivity", enabled=progress):
+        total = torch.zeros(len(grid), dtype=torch.float64)
+        count = 0
+        for inputs, mask, reference, rows in prepared:
+            policy = BudgetSweepPolicy(selectors[index], fractions.repeat_interleave(rows), importance)
+            attach_policies(model, {index: policy}, skipped_keys=SkippedKeys.POOL)
+            try:
+                with torch.no_grad(), visual_positions(model, mask) if mask is not None else nullcontext():
+                    routed = _last_log_probs(model, inputs)
+            finally:
+                detach(model)
+            divergence = (reference.exp() * (reference - routed)).sum(-1).clamp(min=0).double().cpu()
+            total += divergence.view(len(grid), rows).sum(1)
+            count += rows
+        damage[index] = total / max(count, 1)
+        if on_layer is not None:
+            on_layer(index, damage[index])
+    return damage

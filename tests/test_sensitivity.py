@@ -1,0 +1,133 @@
+"""The "sensitivity" budget: measuring each layer's effect on the answer, and the allocation that minimises it."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import alvts_calib.sensitivity as sensitivity_module
+from alvts_calib import AlvtsError, calibrate, export, load_calibration
+from alvts_calib.budgets import damage_curve, min_damage
+from alvts_calib.demo import demo_model, demo_samples
+from alvts_calib.importance import keep_count_host
+from alvts_calib.sensitivity import budget_grid
+
+
+def test_budget_grid_doubles_with_half_steps_and_ends_at_every_token():
+    assert budget_grid(64) == [0, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    assert budget_grid(16) == [0, 2, 3, 4, 6, 8, 12, 16]
+    assert budget_grid(20) == [0, 2, 3, 4, 6, 8, 12, 16, 20]
+    assert budget_grid(1) == [0, 1]
+
+
+def test_damage_curve_interpolates_never_rises_and_treats_one_token_as_none():
+    curve = damage_curve(np.array([0, 2, 4, 8]), np.array([1.0, 0.5, 0.6, 0.0]), 8)
+    assert curve.shape == (9,)
+    assert curve[0] == curve[1] == 1.0 and curve[2] == 0.5
+    assert bool((np.diff(curve) <= 0).all()) and curve[-1] == 0.0
+    assert curve[3] == 0.5 and curve[6] == pytest.approx(0.3)  # 0.55 and 0.3 interpolated, never above 0.5
+
+
+def test_min_damage_finds_the_best_split_exhaustively():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        curves = np.sort(rng.random((3, 6)), axis=1)[:, ::-1]  # 3 layers, 0..5 tokens, falling
+        for total in (0, 4, 9, 15):
+            tokens = min_damage(curves, total)
+            assert sum(tokens) == total
+            best = min(
+                sum(curves[i, k] for i, k in enumerate(split))
+                for split in itertools.product(range(6), repeat=3) if sum(split) == total
+            )
+            assert sum(curves[i, k] for i, k in enumerate(tokens)) == pytest.approx(best)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    torch.manual_seed(0)
+    model = demo_model()
+    calibration = calibrate(model, demo_samples(model, 3), rank=16, refine_steps=5, sensitivity_samples=2,
+                            progress=False)
+    path = tmp_path_factory.mktemp("sensitivity") / "calib.safetensors"
+    calibration.save(path)
+    return model, path
+
+
+def test_calibration_measures_every_layer_from_no_token_to_all(measured):
+    _, path = measured
+    calibration = load_calibration(path)
+    assert calibration.metadata["summary"]["sensitivity_samples"] == 2
+    visual_tokens = calibration.metadata["summary"]["visual_tokens"]
+    for index, result in calibration.layers.items():
+        assert result.budget.damage_budgets.tolist() == budget_grid(visual_tokens), index
+        damage = result.budget.damage
+        assert damage.shape == (len(budget_grid(visual_tokens)),) and bool((damage >= 0).all())
+        assert float(damage[-1]) < 1e-6, index  # every token kept: the layer runs unchanged
+    assert max(float(result.budget.damage[0]) for result in calibration.layers.values()) > 1e-4
+
+
+def test_sensitivity_export_spends_exactly_the_average_budget(measured, tmp_path):
+    _, path = measured
+    calibration = load_calibration(path)
+    visual_tokens = calibration.metadata["summary"]["visual_tokens"]
+    selector = export(calibration, tmp_path / "s.safetensors", keep_ratio=0.25)  # the default budget
+    allocation = selector.metadata["allocation"]
+    assert selector.metadata["budget"] == "sensitivity" and allocation["method"] == "measured sensitivity"
+    tokens = {int(i): k for i, k in allocation["tokens"].items()}
+    assert sum(tokens.values()) == len(calibration.layers) * keep_count_host(visual_tokens, 0.25)
+    with pytest.raises(AlvtsError, match="pooled skipped keys"):
+        export(calibration, tmp_path / "d.safetensors", keep_ratio=0.25, skipped_keys="drop")
+
+
+def test_sensitivity_budget_needs_the_measurement(tmp_path):
+    model = demo_model()
+    calibration = calibrate(model, demo_samples(model, 2), rank=16, refine_steps=0, sensitivity_samples=0,
+                            progress=False)
+    assert all(result.budget.damage is None for result in calibration.layers.values())
+    with pytest.raises(AlvtsError, match="--sensitivity-samples"):
+        export(calibration, tmp_path / "s.safetensors", keep_ratio=0.25)
+    export(calibration, tmp_path / "u.safetensors", keep_ratio=0.25, budget="adaptive-update")
+    with pytest.raises(AlvtsError, match="sensitivity samples"):
+        calibrate(model, demo_samples(model, 1), sensitivity_samples=-1, progress=False)
+
+
+def test_interrupted_measurement_resumes_without_measuring_finished_layers(tmp_path, monkeypatch):
+    model = demo_model()
+    samples = demo_samples(model, 2)
+    options = dict(rank=16, refine_steps=0, sensitivity_samples=2, progress=False)
+    reference = calibrate(model, samples, **options)
+    checkpoint = tmp_path / "calib.partial.safetensors"
+    original = sensitivity_module.BudgetSweepPolicy
+    measured: list[int] = []
+    crash = [True]
+
+    def crash_at_layer_2(selector, fractions, importance):
+        layer = next(i for i, s in reference_selectors.items() if s is selector)
+        if layer == 2 and crash[0]:
+            raise KeyboardInterrupt
+        measured.append(layer)
+        return original(selector, fractions, importance)
+
+    reference_selectors: dict = {}
+    real_measure = sensitivity_module.measure_sensitivity
+
+    def tracking_measure(model, samples, selectors, *args, **kwargs):
+        reference_selectors.clear()
+        reference_selectors.update(selectors)
+        return real_measure(model, samples, selectors, *args, **kwargs)
+
+    monkeypatch.setattr(sensitivity_module, "BudgetSweepPolicy", crash_at_layer_2)
+    monkeypatch.setattr("alvts_calib.pipeline.measure_sensitivity", tracking_measure)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, samples, checkpoint=checkpoint, **options)
+    saved = load_calibration(checkpoint)
+    assert [i for i, r in sorted(saved.layers.items()) if r.budget.damage is not None] == [0, 1]
+    measured.clear()
+    crash[0] = False
+    resumed = calibrate(model, samples, checkpoint=checkpoint, **options)
+    assert sorted(set(measured)) == [2, 3]  # layers 0 and 1 were not measured again
+    for index, result in reference.layers.items():
+        torch.testing.assert_close(resumed.layers[index].budget.damage, result.budget.damage, rtol=0, atol=1e-9)
