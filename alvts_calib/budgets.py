@@ -25,6 +25,11 @@ keep ratio gives. The per-layer ratio is k_l / n, which the runtime turns back i
   the pooled C 89.7%). Every layer first gets UPDATE_FLOOR tokens (its top token and, with pooled skipped keys,
   the stand-in): the gains above undervalue a quiet layer's view of the image, and leaving such layers blind
   costs accuracy (docs/DESIGN.md).
+- measured sensitivity ("sensitivity", the default with pooled skipped keys): no proxy at all. Calibration routes
+  each layer alone at a grid of budgets and measures how far the answer's distribution moves (`sensitivity`);
+  dynamic programming (`min_damage`) then finds the split with the least summed square root of that divergence.
+  On the demo at 89% compression it keeps 94.1% of the accuracy, against 89.7% for "adaptive-update" before
+  layer 0 could be routed.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class Budget(str, Enum):
     ADAPTIVE = "adaptive"  # equal coverage: every layer keeps the same share of its importance mass
     ADAPTIVE_MASS = "adaptive-mass"  # water-filling: most importance mass in total, weighted by visual share
     ADAPTIVE_UPDATE = "adaptive-update"  # water-filling weighted by how much each layer changes the hidden states
-    SENSITIVITY = "sensitivity"  # least summed answer divergence, measured per layer at calibration (`sensitivity`)
+    SENSITIVITY = "sensitivity"  # least answer divergence, measured per layer at calibration (`sensitivity`)
 
     @property
     def method(self) -> str:
@@ -329,7 +334,13 @@ def min_damage(curves: np.ndarray, total: int) -> list[int]:
 def _damage_curves(
     statistics: Mapping[int, LayerStatistics], indices: list[int], visual_tokens: int, pooled: bool
 ) -> np.ndarray:
-    """(L, n + 1) measured damage curves, or a one-line error saying what is missing."""
+    """(L, n + 1) what each layer costs the answer after 0..n tokens, or a one-line error saying what is missing.
+
+    The cost is the square root of the measured KL divergence: KL grows with the square of a small change of the
+    logits, while the changes that routed layers make add up in the residual stream, so their square roots (Fisher
+    distances) add up to a bound on the total. Summing KL itself undervalues many small contributions (on the demo
+    at 89% compression it leaves five copies of a layer blind, and column questions fall from 93% to 81%).
+    """
     if not pooled:
         raise AlvtsError(
             "budget 'sensitivity' is measured with pooled skipped keys; export with --skipped-keys pool or choose "
@@ -341,10 +352,10 @@ def _damage_curves(
             f"budget 'sensitivity' needs the layers' measured sensitivity, which this calibration lacks (layers "
             f"{missing}); re-run `alvts calibrate` with --sensitivity-samples above 0, or use another budget"
         )
-    return np.stack([
+    return np.sqrt(np.stack([
         damage_curve(statistics[index].damage_budgets.numpy(), statistics[index].damage.numpy(), visual_tokens)
         for index in indices
-    ])
+    ]))
 
 
 def _update_gains(

@@ -39,11 +39,12 @@ from alvts_calib.shapes_task import split_records
 
 UPDATES = ("none", "mean", "linear")
 KEYS = ("drop", "pool")
-BUDGETS = ("uniform", "adaptive", "adaptive-mass", "adaptive-update")
+BUDGETS = ("uniform", "adaptive", "adaptive-mass", "adaptive-update", "sensitivity")
+POOLED_ONLY = ("sensitivity",)  # measured with the pooled stand-in, so not offered with dropped keys
 PAPER = ("uniform", "drop")  # the paper's runtime: one keep ratio, skipped tokens invisible
-DEFAULT_RUNTIME = ("adaptive-update", "pool")  # the toolkit's export defaults
-RUNTIMES = (PAPER, ("uniform", "pool"), ("adaptive-update", "drop"), DEFAULT_RUNTIME)
-DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "text", "start_layer": 1,
+DEFAULT_RUNTIME = ("sensitivity", "pool")  # the toolkit's export defaults
+RUNTIMES = (PAPER, ("uniform", "pool"), ("adaptive-update", "pool"), DEFAULT_RUNTIME)
+DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "text", "start_layer": 0,
             "samples": 64, "skip_update_rank": 16}
 SWEEPS = [
     ("defaults", {}),
@@ -54,8 +55,8 @@ SWEEPS = [
     ("init data SVD, refined", {"init": "data_svd"}),
     ("importance paper (S_V2V x S_T2V)", {"importance": "paper"}),
     ("importance last token", {"importance": "last"}),
+    ("start layer 1", {"start_layer": 1}),
     ("start layer 2", {"start_layer": 2}),
-    ("start layer 4", {"start_layer": 4}),
     ("16 calibration samples", {"samples": 16}),
     ("256 calibration samples", {"samples": 256}),
     ("skip-update rank 4", {"skip_update_rank": 4}),
@@ -81,8 +82,16 @@ class Sweeper:
         self.num_layers = self.harness.geometry.num_layers
         self.records = split_records("calibration", 256)
         self.reference_logits = self.answer_log_probs(None)
+        self.calibrations: dict[str, tuple] = {}
 
     def calibrate(self, settings: dict):
+        """The calibration with `settings` and its time (each setting calibrated once per run)."""
+        key = json.dumps(settings, sort_keys=True)
+        if key not in self.calibrations:
+            self.calibrations[key] = self._calibrate(settings)
+        return self.calibrations[key]
+
+    def _calibrate(self, settings: dict):
         samples, _ = build_samples(self.records, self.processor, num_samples=settings["samples"])
         started = time.perf_counter()
         calibration = calibrate(
@@ -165,6 +174,8 @@ def budgets_table(sweeper: Sweeper, compressions: tuple[float, ...]) -> list[dic
         for keys in KEYS:
             row = {"compression": compression, "skipped_keys": keys}
             for budget in BUDGETS:
+                if keys == "drop" and budget in POOLED_ONLY:
+                    continue
                 plan, _ = sweeper.plan("alvts", compression, selector, calibration, (budget, keys))
                 row[f"retention_{budget}"] = sweeper.retention(plan, "none", selector)
                 row[f"tokens_{budget}"] = statistics.fmean(plan.planned_tokens)
@@ -224,7 +235,7 @@ def tables(report: dict) -> list[Table]:
         budgets.add_column(column, justify="right")
     for row in report["budgets"]:
         budgets.add_row(_percent(row["compression"]), row["skipped_keys"],
-                        *(_percent(row[f"retention_{b}"]) for b in BUDGETS))
+                        *(_percent(row[f"retention_{b}"]) if f"retention_{b}" in row else "-" for b in BUDGETS))
     stale = Table(title=f"skipped tokens at {report['compression']:.0%} compression {title}")
     for column in ("selection", "budget / skipped keys", "update", "retention", "answer KL from full"):
         stale.add_column(column, justify="right")
