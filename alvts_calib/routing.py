@@ -251,6 +251,10 @@ class RoutedLayerMixin:
         """
         layer_idx = self.self_attn.layer_idx
         length = hidden_states.shape[1]
+        exact = None
+        if self.alvts_skipped_update is SkippedUpdate.EXACT and visual_keep is not None:
+            uncached = {key: None if key in ("cache", "past_key_values") else value for key, value in kwargs.items()}
+            exact = super().forward(hidden_states, **uncached)
         with record_function(COMPACT_RANGE):
             keep = processed_positions(context, visual_keep)
             dense = bool(keep.all()) if rows is None else min(rows) == length
@@ -302,6 +306,8 @@ class RoutedLayerMixin:
             return output
         with record_function(SCATTER_RANGE):
             merged = compaction.scatter(states, output)[:, :length]
+            if exact is not None:
+                return torch.where((context.visual & context.valid & ~keep)[..., None], exact, merged)
             if self.alvts_skipped_update is SkippedUpdate.NONE:
                 return merged
             skip_module = self.alvts_skip_module if self.alvts_skipped_update is SkippedUpdate.LINEAR else None
@@ -343,6 +349,7 @@ class SkippedUpdate(str, Enum):
     NONE = "none"  # nothing: they keep their hidden state (the paper)
     MEAN = "mean"  # the mean residual update of the visual tokens the layer processed in the same row
     LINEAR = "linear"  # mean plus the layer's fitted map of their own deviation from those tokens (see skip_update)
+    EXACT = "exact"  # diagnostic bound: the update the layer gives them unrouted (it also runs on every token)
 
 
 def compensate_skipped(

@@ -37,7 +37,7 @@ from alvts_calib.pipeline import calibrate
 from alvts_calib.policies import KeepAllPolicy
 from alvts_calib.shapes_task import split_records
 
-UPDATES = ("none", "mean", "linear")
+UPDATES = ("none", "mean", "linear", "exact")  # exact: a bound, what stale states cost
 KEYS = ("drop", "pool")
 BUDGETS = ("uniform", "adaptive", "adaptive-mass", "adaptive-update", "sensitivity")
 POOLED_ONLY = ("sensitivity",)  # measured with the pooled stand-in, so not offered with dropped keys

@@ -299,8 +299,9 @@ def eval_command(
         str(c) for c in DEFAULT_COMPRESSIONS),
     batch_size: Annotated[int, typer.Option(help="Rows per generate() call.")] = 32,
     skipped_update: Annotated[SkippedUpdate, typer.Option(
-        help="What visual tokens that skip a layer get: none (the paper), mean (processed tokens' mean update) or "
-        "linear (mean plus the calibrated map of each token's deviation; needs a calibration with skip updates).")
+        help="What visual tokens that skip a layer get: none (the paper), mean (processed tokens' mean update), "
+        "linear (mean plus the calibrated map of each token's deviation; needs a calibration with skip updates) or "
+        "exact (a diagnostic bound: the unrouted layer's update, at the cost of running it on every token).")
     ] = SkippedUpdate.NONE,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="For alvts, alvts-adaptive, oracle and random: pool (one stand-in for the skipped visual tokens, "

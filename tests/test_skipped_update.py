@@ -121,3 +121,26 @@ def test_linear_update_needs_a_selector_with_fitted_updates(tiny_case, make_sele
     with pytest.raises(AlvtsError, match="needs fitted skip updates for layers"):
         attach(case.model, make_selector(case.model, RATIO), skipped_update="linear")
     assert not hasattr(case.model, "_alvts_runtime")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_exact_update_gives_skipped_tokens_the_unrouted_layers_output(tiny_case, make_selector, family):
+    case = tiny_case(family, "sdpa")
+    selector = make_selector(case.model, RATIO, start_layer=1)  # layer 1's input is the unrouted model's
+    before, plain, _ = _layer_io(case, selector, "none")
+    _, exact, _ = _layer_io(case, selector, "exact")
+    handle_seen = {}
+    handle = decoder_layers(case.model)[1].register_forward_hook(
+        lambda module, args, kwargs, output: handle_seen.update(output=output.clone()), with_kwargs=True
+    )
+    try:
+        case.model(**case.inputs)
+    finally:
+        handle.remove()
+    full = handle_seen["output"]
+    visual = case.visual & case.valid
+    skipped = visual & (plain == before).all(-1)
+    assert bool(skipped.any())
+    torch.testing.assert_close(exact[skipped], full[skipped])  # skipped tokens: the unrouted layer's update
+    torch.testing.assert_close(exact[~skipped], plain[~skipped])  # processed tokens: the routed layer's output
+    assert not torch.allclose(exact[skipped], before[skipped])
