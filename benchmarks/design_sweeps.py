@@ -11,7 +11,7 @@ Three tables, printed and written as JSON:
 
     python benchmarks/design_sweeps.py --out docs/design-sweeps.json --markdown docs/design-sweeps.md
 
-(about 8 minutes on 2 CPU cores; `--render docs/design-sweeps.json` re-prints an earlier report).
+(about 22 minutes on 2 CPU cores; `--render docs/design-sweeps.json` re-prints an earlier report).
 """
 
 from __future__ import annotations
