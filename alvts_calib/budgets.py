@@ -339,7 +339,7 @@ def _damage_curves(
     The cost is the square root of the measured KL divergence: KL grows with the square of a small change of the
     logits, while the changes that routed layers make add up in the residual stream, so their square roots (Fisher
     distances) add up to a bound on the total. Summing KL itself undervalues many small contributions (on the demo
-    at 89% compression it leaves five copies of a layer blind, and column questions fall from 93% to 81%).
+    at 89% compression, commit 6442c98, it left layers 7-11 blind and kept 94.1%, column questions 81.1%).
     """
     if not pooled:
         raise AlvtsError(

@@ -88,6 +88,15 @@ class RatioPolicy(LayerPolicy):
         return keep_count_host(num_visual, self.keep_ratio)
 
 
+def selector_scores(
+    selector: LayerSelector, normed: torch.Tensor, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
+    importance: Importance,
+) -> torch.Tensor:
+    """(B, L) the selector's importance of every position, from the layer's normed input."""
+    weight = selector.q_proj.weight
+    return selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, importance)
+
+
 class SelectorPolicy(RatioPolicy):
     """ALVTS: the top `keep_ratio` of visual tokens by the calibrated low-rank selector's importance."""
 
@@ -97,8 +106,7 @@ class SelectorPolicy(RatioPolicy):
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
-        weight = self.selector.q_proj.weight
-        scores = self.selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, self.importance)
+        scores = selector_scores(self.selector, normed, context, cos, sin, self.importance)
         return top_k_mask(scores, context.visual & context.valid, self.keep_ratio)
 
     def to(self, device, dtype):
@@ -120,8 +128,7 @@ class BudgetSweepPolicy(LayerPolicy):
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
-        weight = self.selector.q_proj.weight
-        scores = self.selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, self.importance)
+        scores = selector_scores(self.selector, normed, context, cos, sin, self.importance)
         candidates = context.visual & context.valid
         count = candidates.sum(-1)
         budget = torch.ceil(count.double() * self.fractions.to(count.device) - 1e-9).long()

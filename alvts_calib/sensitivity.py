@@ -81,28 +81,28 @@ def measure_sensitivity(
         return damage
     fractions = torch.tensor(grid, dtype=torch.float64) / visual_tokens
     device = input_device(model)
-    prepared = []
+    prepared = []  # per sample: its inputs, explicit visual mask and unrouted log-probabilities (kept on the CPU)
     with torch.no_grad():
         for sample in samples:
             inputs = dict(sample)
             explicit = inputs.pop("visual_mask", None)
-            inputs = move(inputs, device)
-            reference = _last_log_probs(model, inputs)
-            rows = reference.shape[0]
-            mask = None if explicit is None else torch.as_tensor(explicit).bool().repeat(len(grid), 1)
-            prepared.append((_repeated(inputs, len(grid)), mask, reference.repeat(len(grid), 1), rows))
+            mask = None if explicit is None else torch.as_tensor(explicit).bool()
+            prepared.append((inputs, mask, _last_log_probs(model, move(inputs, device)).cpu()))
     for index in track(todo, "measuring sensitivity", enabled=progress):
         total = torch.zeros(len(grid), dtype=torch.float64)
         count = 0
-        for inputs, mask, reference, rows in prepared:
+        for inputs, mask, reference in prepared:
+            rows = reference.shape[0]
             policy = BudgetSweepPolicy(selectors[index], fractions.repeat_interleave(rows), importance)
             attach_policies(model, {index: policy}, skipped_keys=SkippedKeys.POOL)
             try:
-                with torch.no_grad(), visual_positions(model, mask) if mask is not None else nullcontext():
-                    routed = _last_log_probs(model, inputs)
+                routing = nullcontext() if mask is None else visual_positions(model, mask.repeat(len(grid), 1))
+                with torch.no_grad(), routing:
+                    routed = _last_log_probs(model, move(_repeated(inputs, len(grid)), device)).cpu()
             finally:
                 detach(model)
-            divergence = (reference.exp() * (reference - routed)).sum(-1).clamp(min=0).double().cpu()
+            reference = reference.repeat(len(grid), 1)
+            divergence = (reference.exp() * (reference - routed)).sum(-1).clamp(min=0).double()
             total += divergence.view(len(grid), rows).sum(1)
             count += rows
         damage[index] = total / max(count, 1)
