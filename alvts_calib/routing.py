@@ -133,15 +133,14 @@ class Pool:
     """One stand-in per row for the visual tokens that skip a layer (SkippedKeys.POOL).
 
     What the layer's attention reads of it is exactly the mean of their keys and values before rotation: the layer's
-    input norm gives it the mean of their normed inputs (`stand_in_norm_hook`; its hidden state, their mean, is only
-    a placeholder). Its rotary embedding is their mean rotary embedding, and its attention logits get log(count), so
-    the processed tokens attend to it with about the mass the skipped keys would have drawn. It is
-    appended at slot L of the sequence and sorted right after the row's last visual token, so causal attention lets
-    only the tokens after the image (the text) see it. Its own output is discarded. A row whose layer processes
-    none of its visual tokens gets no stand-in: such a layer skips the image entirely.
+    input norm gives it the mean of their normed inputs (`stand_in_norm_hook`; its hidden state is only a
+    placeholder, that same vector, since its own output is discarded). Its rotary embedding is their mean rotary
+    embedding, and its attention logits get log(count), so the processed tokens attend to it with about the mass the
+    skipped keys would have drawn. It is appended at slot L of the sequence and sorted right after the row's last
+    visual token, so causal attention lets only the tokens after the image (the text) see it. A row whose layer
+    processes none of its visual tokens gets no stand-in: such a layer skips the image entirely.
     """
 
-    state: torch.Tensor  # (B, 1, D) mean hidden state
     normed: torch.Tensor  # (B, 1, D) mean normed input: what the layer's projections read
     cos: torch.Tensor  # (B, 1, d)
     sin: torch.Tensor
@@ -151,8 +150,7 @@ class Pool:
 
     @classmethod
     def of(
-        cls, hidden_states: torch.Tensor, normed: torch.Tensor, context: ForwardContext, keep: torch.Tensor,
-        cos: torch.Tensor, sin: torch.Tensor,
+        cls, normed: torch.Tensor, context: ForwardContext, keep: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     ) -> Pool:
         """The stand-in of the visual tokens outside `keep` (B, L) in each row; `normed` is the layer's normed input."""
         visual = context.visual & context.valid
@@ -168,7 +166,6 @@ class Pool:
             return (values.expand(batch, -1, -1).float() * share).sum(1, keepdim=True).to(values.dtype)
 
         return cls(
-            state=mean(hidden_states),
             normed=mean(normed),
             cos=mean(cos),
             sin=mean(sin),
@@ -181,7 +178,7 @@ class Pool:
         """(states, keep, cos, sin) with the stand-in appended at slot L."""
         batch = hidden_states.shape[0]
         return (
-            torch.cat([hidden_states, self.state], 1),
+            torch.cat([hidden_states, self.normed.to(hidden_states.dtype)], 1),
             torch.cat([keep, self.present[:, None]], 1),
             torch.cat([cos.expand(batch, -1, -1), self.cos], 1),
             torch.cat([sin.expand(batch, -1, -1), self.sin], 1),
@@ -262,7 +259,7 @@ class RoutedLayerMixin:
             states, extended_keep, pool, key_bias = hidden_states, keep, None, None
             if not dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
                 normed = self.input_layernorm(hidden_states) if normed is None else normed
-                pool = Pool.of(hidden_states, normed, context, keep, cos, sin)
+                pool = Pool.of(normed, context, keep, cos, sin)
                 context.pooled[layer_idx] = pool.present
                 states, extended_keep, cos, sin = pool.extend(hidden_states, keep, cos, sin)
                 rows = None if rows is None else _with_pool(rows, context.host_counts())
@@ -340,7 +337,7 @@ class SkippedKeys(str, Enum):
     """What the tokens a routed layer processes see of the visual tokens that skip it."""
 
     DROP = "drop"  # nothing: they are not among the layer's keys (the paper)
-    POOL = "pool"  # one stand-in per row with their mean state and their attention mass (see `Pool`)
+    POOL = "pool"  # one stand-in per row with their mean key and value and their attention mass (see `Pool`)
 
 
 class SkippedUpdate(str, Enum):
