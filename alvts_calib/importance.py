@@ -112,8 +112,9 @@ def normalized(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     return scores * count / total
 
 
-def keep_count(num_visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """k = ceil(keep_ratio * n_visual) per row, computed in float64 so 1.0 keeps exactly everything."""
+def keep_count(num_visual: torch.Tensor, keep_ratio: float | torch.Tensor) -> torch.Tensor:
+    """k = ceil(keep_ratio * n_visual) per row (one ratio, or a (B,) float64 ratio per row), computed in float64 so
+    1.0 keeps exactly everything."""
     return torch.ceil(num_visual.double() * keep_ratio - 1e-9).long().clamp(min=0)
 
 

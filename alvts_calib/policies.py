@@ -27,7 +27,7 @@ from .importance import (
     top_k_mask,
 )
 from .layer_attention import last_query_attention, layer_queries_keys
-from .routing import ForwardContext
+from .routing import ForwardContext, selected_beside_stand_in
 from .selector import LayerSelector
 
 
@@ -131,8 +131,8 @@ class BudgetSweepPolicy(LayerPolicy):
         scores = selector_scores(self.selector, normed, context, cos, sin, self.importance)
         candidates = context.visual & context.valid
         count = candidates.sum(-1)
-        budget = torch.ceil(count.double() * self.fractions.to(count.device) - 1e-9).long()
-        return top_count_mask(scores, candidates, torch.where(budget >= count, count, (budget - 1).clamp(min=0)))
+        budget = keep_count(count, self.fractions.to(count.device))
+        return top_count_mask(scores, candidates, selected_beside_stand_in(budget, count))
 
     def to(self, device, dtype):
         self.selector = self.selector.to(device=device, dtype=dtype)

@@ -319,9 +319,12 @@ def with_stand_in(selected: int, num_visual: int) -> int:
     return selected + (0 < selected < num_visual)
 
 
-def selected_beside_stand_in(budget: int, num_visual: int) -> int:
+def selected_beside_stand_in(budget: int | torch.Tensor, num_visual: int | torch.Tensor) -> int | torch.Tensor:
     """Visual tokens a pooled layer selects so that it processes `budget` of `num_visual` (the inverse of
-    `with_stand_in`; a budget of one leaves no room beside the stand-in, so the layer skips the image)."""
+    `with_stand_in`; a budget of one leaves no room beside the stand-in, so the layer skips the image). Per row when
+    given (B,) tensors."""
+    if isinstance(budget, torch.Tensor):
+        return torch.where(budget >= num_visual, budget, (budget - 1).clamp(min=0))
     return budget if budget >= num_visual else max(budget - 1, 0)
 
 

@@ -47,6 +47,11 @@ def _repeated(sample: Mapping[str, Any], times: int) -> dict[str, Any]:
             for key, value in sample.items()}
 
 
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(reference || other) between rows of log-probabilities (N, V)."""
+    return (reference.exp() * (reference - other)).sum(-1)
+
+
 def _last_log_probs(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """(B, V) float32 log-probabilities of the next token after each row's last valid position."""
     mask = inputs.get("attention_mask")
@@ -102,7 +107,7 @@ def measure_sensitivity(
             finally:
                 detach(model)
             reference = reference.repeat(len(grid), 1)
-            divergence = (reference.exp() * (reference - routed)).sum(-1).clamp(min=0).double()
+            divergence = kl_divergence(reference, routed).clamp(min=0).double()
             total += divergence.view(len(grid), rows).sum(1)
             count += rows
         damage[index] = total / max(count, 1)

@@ -35,6 +35,7 @@ from alvts_calib.export import calibrated_layers
 from alvts_calib.methods import Plan
 from alvts_calib.pipeline import calibrate
 from alvts_calib.policies import KeepAllPolicy
+from alvts_calib.sensitivity import kl_divergence
 from alvts_calib.shapes_task import split_records
 
 UPDATES = ("none", "mean", "linear", "exact")  # exact: a bound, what stale states cost
@@ -140,7 +141,7 @@ class Sweeper:
         """Mean KL(full || routed) of the answer distribution."""
         routed = self.answer_log_probs(plan, update, selector)
         reference = self.reference_logits
-        return float((reference.exp() * (reference - routed)).sum(-1).mean())
+        return float(kl_divergence(reference, routed).mean())
 
 
 def _fidelity_columns(fidelity: dict | None, suffix: str) -> dict[str, float]:

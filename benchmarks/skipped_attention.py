@@ -25,6 +25,7 @@ from rich.table import Table
 
 from alvts_calib.builtin import BUILTIN_NAME, builtin_model, builtin_processor
 from alvts_calib.data import build_labelled_items
+from alvts_calib.sensitivity import kl_divergence
 from alvts_calib.shapes_task import split_records
 
 VARIANTS = ("drop", "pool")
@@ -89,7 +90,7 @@ def measure(rows: int, tokens: int, batch_size: int = 50) -> dict:
                 view.variant = variant
                 with torch.no_grad():
                     routed = model(**inputs, logits_to_keep=1).logits[:, -1].log_softmax(-1)
-                kl = (reference.exp() * (reference - routed)).sum(-1)
+                kl = kl_divergence(reference, routed)
                 for kind, correct, divergence in zip(kinds, (routed.argmax(-1) == answers).tolist(), kl.tolist(),
                                                      strict=True):
                     results[variant][kind].append((correct, divergence))
