@@ -119,19 +119,21 @@ class SelectorPolicy(RatioPolicy):
 
 
 class BudgetSweepPolicy(LayerPolicy):
-    """The calibrated selector with a budget per row, for measuring sensitivity: row r processes
-    ceil(fractions[r] * n) of its n visual tokens, a pooled stand-in counting as one of them."""
+    """The calibrated selector at K budgets at once, for measuring sensitivity: the batch is K equal blocks of rows
+    (a sample repeated K times) and block j processes ceil(fractions[j] * n) of a row's n visual tokens, a pooled
+    stand-in counting as one of them."""
 
     def __init__(self, selector: LayerSelector, fractions: torch.Tensor, importance: Importance):
         self.selector = selector
-        self.fractions = fractions.double()  # (B,)
+        self.fractions = fractions.double()  # (K,)
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
         scores = selector_scores(self.selector, normed, context, cos, sin, self.importance)
         candidates = context.visual & context.valid
         count = candidates.sum(-1)
-        budget = keep_count(count, self.fractions.to(count.device))
+        per_row = self.fractions.to(count.device).repeat_interleave(count.shape[0] // self.fractions.numel())
+        budget = keep_count(count, per_row)
         return top_count_mask(scores, candidates, selected_beside_stand_in(budget, count))
 
     def to(self, device, dtype):

@@ -96,20 +96,19 @@ def measure_sensitivity(
     for index in track(todo, "measuring sensitivity", enabled=progress):
         total = torch.zeros(len(grid), dtype=torch.float64)
         count = 0
-        for inputs, mask, reference in prepared:
-            rows = reference.shape[0]
-            policy = BudgetSweepPolicy(selectors[index], fractions.repeat_interleave(rows), importance)
-            attach_policies(model, {index: policy}, skipped_keys=SkippedKeys.POOL)
-            try:
+        attach_policies(model, {index: BudgetSweepPolicy(selectors[index], fractions, importance)},
+                        skipped_keys=SkippedKeys.POOL)
+        try:
+            for inputs, mask, reference in prepared:
                 routing = nullcontext() if mask is None else visual_positions(model, mask.repeat(len(grid), 1))
                 with torch.no_grad(), routing:
                     routed = _last_log_probs(model, move(_repeated(inputs, len(grid)), device)).cpu()
-            finally:
-                detach(model)
-            reference = reference.repeat(len(grid), 1)
-            divergence = kl_divergence(reference, routed).clamp(min=0).double()
-            total += divergence.view(len(grid), rows).sum(1)
-            count += rows
+                rows = reference.shape[0]
+                divergence = kl_divergence(reference.repeat(len(grid), 1), routed).clamp(min=0).double()
+                total += divergence.view(len(grid), rows).sum(1)
+                count += rows
+        finally:
+            detach(model)
         damage[index] = total / max(count, 1)
         if on_layer is not None:
             on_layer(index, damage[index])
