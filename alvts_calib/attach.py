@@ -23,6 +23,7 @@ from .routing import (
     PassCounts,
     SkippedKeys,
     SkippedUpdate,
+    check_skipped_update,
     route_layer,
     unroute_layer,
 )
@@ -88,17 +89,18 @@ def attach(
     selector: Selector | str | Path,
     *,
     keep_ratio: float | None = None,
-    skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+    skipped_update: SkippedUpdate | str | None = None,
     skipped_keys: SkippedKeys | str | None = None,
 ) -> nn.Module:
     """Patch `model` in place so routed layers process only their selected visual tokens; returns `model`.
 
-    `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. `skipped_update` "mean" gives
-    visual tokens that skip a layer the mean update of the ones it processed, "linear" that mean plus the
-    artifact's fitted map of how each token differs from them (see `SkippedUpdate`). `skipped_keys` "pool" lets
-    the text attend to one stand-in per row for the skipped visual tokens, with their mean state and their
-    attention mass (one token per layer, which the exported budgets count; eager or SDPA attention); None takes
-    the artifact's own setting. The artifact must have been calibrated on this model (checked by fingerprint).
+    `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. `skipped_keys` "pool" lets
+    the text attend to one stand-in per row for the skipped visual tokens, with their mean key and value and their
+    attention mass (one token per layer, which the exported budgets count; eager or SDPA attention). What visual
+    tokens that skip a layer receive (`SkippedUpdate`): "stand-in" the update the layer gave that stand-in plus the
+    artifact's fitted map of how each token's input differs from the stand-in's, "mean" the mean update of the
+    tokens it processed, "linear" that mean plus the fitted map, "none" nothing. None, for either, takes the
+    artifact's own setting. The artifact must have been calibrated on this model (checked by fingerprint).
     """
     if not isinstance(selector, Selector):
         selector = load_selector(selector)
@@ -111,6 +113,12 @@ def attach(
     }
     if skipped_keys is None:
         skipped_keys = selector.metadata.get("skipped_keys", SkippedKeys.DROP)
+    if skipped_update is None:
+        skipped_update = selector.metadata.get("skipped_update", SkippedUpdate.NONE)
+    check_skipped_update(
+        parse_choice(SkippedUpdate, skipped_update, "skipped_update"),
+        parse_choice(SkippedKeys, skipped_keys, "skipped_keys"),
+    )
     return attach_policies(
         model, policies, selector=selector, skipped_update=skipped_update, skipped_keys=skipped_keys
     )
@@ -150,23 +158,25 @@ def attach_policies(
     return model
 
 
-def require_skip_updates(selector: Selector | None, layers: list[int]) -> None:
-    """Fail unless `selector` has fitted skip updates for `layers` (what skipped_update "linear" needs)."""
+def require_skip_updates(selector: Selector | None, layers: list[int], skipped_update: SkippedUpdate) -> None:
+    """Fail unless `selector` has fitted skip updates for `layers` (what "linear" and "stand-in" need)."""
     missing = sorted(set(layers) - set({} if selector is None else selector.skip_updates))
     if missing:
         raise AlvtsError(
-            f"skipped_update 'linear' needs fitted skip updates for layers {missing}, and the selector has none "
-            "there; calibrate with --skip-update-rank above 0 and export again, or use 'none' or 'mean'"
+            f"skipped_update '{skipped_update.value}' needs fitted skip updates for layers {missing}, and the "
+            "selector has none there; calibrate with --skip-update-rank above 0 and export again, or use 'none' "
+            "or 'mean'"
         )
 
 
 def _skip_modules(
     skipped_update: SkippedUpdate, selector: Selector | None, policies: dict[int, LayerPolicy]
 ) -> dict[int, nn.Module]:
-    """The fitted skip updates "linear" needs, for every layer that may skip visual tokens."""
-    if skipped_update is not SkippedUpdate.LINEAR:
+    """The fitted skip updates "linear" and "stand-in" need, for every layer that may skip visual tokens."""
+    if not skipped_update.fitted:
         return {}
-    require_skip_updates(selector, [index for index, policy in policies.items() if not policy.keeps_all])
+    require_skip_updates(selector, [index for index, policy in policies.items() if not policy.keeps_all],
+                         skipped_update)
     return {index: selector.skip_updates[index] for index in policies if index in selector.skip_updates}
 
 

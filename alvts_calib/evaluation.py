@@ -28,7 +28,7 @@ from .data import LabelledItem
 from .errors import AlvtsError
 from .export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
 from .fingerprint import check_fingerprint
-from .flops import layer_flops
+from .flops import layer_flops, skip_update_flops
 from .methods import (
     Plan,
     alvts_plan,
@@ -41,9 +41,9 @@ from .methods import (
     selector_plan,
 )
 from .options import DEFAULT_START_LAYER, parse_choice
-from .policies import KeepAllPolicy
+from .policies import KeepAllPolicy, LayerPolicy
 from .progress import track
-from .routing import SkippedKeys, SkippedUpdate
+from .routing import ForwardContext, SkippedKeys, SkippedUpdate, check_skipped_update, default_skipped_update
 
 METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
 DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")
@@ -88,6 +88,7 @@ class EvalReport:
     data_summary: str
     num_visual: int
     num_layers: int
+    skipped_update: str = SkippedUpdate.NONE.value  # what skipped visual tokens of the layer-wise methods get
     results: list[MethodResult] = field(default_factory=list)
     infeasible: list[tuple[str, float]] = field(default_factory=list)  # (method, compression) with no token to keep
     seconds: float = 0.0
@@ -137,7 +138,8 @@ class Harness:
         progress: bool = True,
         selector: Selector | None = None,
     ):
-        """`selector` supplies the fitted skip updates when `skipped_update` is "linear" (for every method)."""
+        """`selector` supplies the fitted skip updates when `skipped_update` is "linear" or "stand-in" (for every
+        method)."""
         if batch_size < 1:
             raise AlvtsError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
@@ -162,6 +164,7 @@ class Harness:
         skipped_keys = SkippedKeys.DROP if plan is None else plan.skipped_keys
         attach_policies(self.model, policies, selector=self.selector, skipped_update=self.skipped_update,
                         skipped_keys=skipped_keys)
+        update_ranks = self._update_ranks(policies, skipped_keys)
         try:
             correct, tokens, flops, selection = 0, [], [], []
             correct_by_kind: Counter[str] = Counter()
@@ -174,7 +177,7 @@ class Harness:
                     if item.kind is not None:
                         total_by_kind[item.kind] += 1
                         correct_by_kind[item.kind] += right
-                batch_tokens, batch_flops, batch_selection = self._costs(context, policies)
+                batch_tokens, batch_flops, batch_selection = self._costs(context, policies, update_ranks)
                 tokens.append(batch_tokens)
                 flops.extend(batch_flops)
                 selection.extend(batch_selection)
@@ -200,22 +203,48 @@ class Harness:
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), context
 
-    def _costs(self, context, policies) -> tuple[torch.Tensor, list[float], list[float]]:
-        """(B, layers) processed visual tokens, and per row the prefill FLOPs and the selection FLOPs."""
+    def _update_ranks(self, policies: dict[int, LayerPolicy], skipped_keys: SkippedKeys) -> dict[int, int]:
+        """Per layer that applies a fitted skip update to its skipped visual tokens, the update's rank."""
+        update = self.skipped_update
+        if not update.fitted or (update is SkippedUpdate.STAND_IN and skipped_keys is not SkippedKeys.POOL):
+            return {}
+        return {
+            index: self.selector.skip_updates[index].down.out_features
+            for index, policy in policies.items() if not policy.keeps_all
+        }
+
+    def _costs(self, context, policies, update_ranks) -> tuple[torch.Tensor, list[float], list[float]]:
+        """(B, layers) processed visual tokens, and per row the prefill FLOPs (with the fitted skip updates' on
+        `update_ranks`' layers) and the selection FLOPs."""
         processed = context.processed_counts()
         tokens = torch.stack([processed[i].cpu() for i in range(self.geometry.num_layers)], dim=1)
         text = (context.valid & ~context.visual).sum(-1).cpu()
         length = context.valid.sum(-1).cpu()
+        skipped = {index: updated_tokens(context, index).cpu() for index in update_ranks}
         flops, selection = [], []
         for row in range(tokens.shape[0]):
             positions = (tokens[row] + text[row]).tolist()
             flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in positions)
+            flops_row += sum(
+                skip_update_flops(int(skipped[index][row]), self.geometry.hidden_size, rank)
+                for index, rank in update_ranks.items()
+            )
             selection_row = sum(
                 p.selection_flops(int(length[row]), self.geometry) for p in policies.values() if not p.keeps_all
             )
             flops.append(flops_row + selection_row)
             selection.append(selection_row)
         return tokens, flops, selection
+
+
+def updated_tokens(context: ForwardContext, index: int) -> torch.Tensor:
+    """(B,) skipped visual tokens layer `index` gave an update in the last pass: those of rows where it processed
+    some of the visual tokens (the others have no update to take)."""
+    keep = context.selected.get(index)
+    if keep is None:
+        return torch.zeros(context.visual.shape[0], dtype=torch.long)
+    visual = context.visual & context.valid
+    return ((visual & ~keep).sum(-1) * (visual & keep).any(-1)).long()
 
 
 def reference_visual_count(result: MethodResult) -> int:
@@ -306,7 +335,7 @@ def evaluate(
     methods: tuple[str, ...] = DEFAULT_METHODS,
     compressions: tuple[float, ...] = DEFAULT_COMPRESSIONS,
     batch_size: int = 32,
-    skipped_update: SkippedUpdate | str = SkippedUpdate.NONE,
+    skipped_update: SkippedUpdate | str | None = None,
     skipped_keys: SkippedKeys | str = DEFAULT_SKIPPED_KEYS,
     budget: Budget | str = DEFAULT_ADAPTIVE_BUDGET,
     progress: bool = True,
@@ -315,18 +344,27 @@ def evaluate(
     data_summary: str = "",
 ) -> EvalReport:
     """Evaluate the full model, then every method at every compression, on `items` (see `build_plans` for
-    `skipped_keys` and `budget`)."""
+    `skipped_keys` and `budget`). `skipped_update` applies to the layer-wise methods; None takes the toolkit's
+    default for `skipped_keys` and the selector (`routing.default_skipped_update`)."""
     check_methods(methods, selector, calibration)
     if selector is not None:
         check_fingerprint(selector.fingerprint, model)
-    if parse_choice(SkippedUpdate, skipped_update, "skipped_update") is SkippedUpdate.LINEAR:
-        require_skip_updates(selector, sorted(selector.layers) if selector is not None else [1])
+    keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
+    layers = sorted(selector.layers) if selector is not None else [1]
+    if skipped_update is None:
+        fitted = selector is not None and set(layers) <= set(selector.skip_updates)
+        skipped_update = default_skipped_update(keys, fitted)
+    skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
+    check_skipped_update(skipped_update, keys)
+    if skipped_update.fitted:
+        require_skip_updates(selector, layers, skipped_update)
     started = time.perf_counter()
     harness = Harness(model, processor, items, batch_size, skipped_update, progress, selector)
     full = harness.run(None, "full", None)
     num_visual = reference_visual_count(full)
     report = EvalReport(
-        model_name, data_name, len(items), data_summary, num_visual, harness.geometry.num_layers, [full]
+        model_name, data_name, len(items), data_summary, num_visual, harness.geometry.num_layers,
+        skipped_update.value, [full],
     )
     for compression in compressions:
         for method in methods:

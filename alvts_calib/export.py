@@ -11,7 +11,7 @@ from .calibration import Calibration
 from .errors import AlvtsError
 from .importance import keep_count_host
 from .options import check_keep_ratio, parse_choice, torch_dtype
-from .routing import SkippedKeys, selected_beside_stand_in
+from .routing import SkippedKeys, default_skipped_update, selected_beside_stand_in
 from .skip_update import SkipUpdate
 
 DEFAULT_BUDGET = Budget.SENSITIVITY  # measured on the demo (docs/DESIGN.md)
@@ -35,7 +35,8 @@ def build_selector(
     layer over layers by calibration statistics (see `budgets`); a layer may get 0 or all of them. With
     `skipped_keys` "pool" (what `attach` then uses), a layer's pooled stand-in for its skipped tokens is one of its
     tokens: at the calibration's reference visual count it selects one token fewer than its budget, or every token
-    if the budget is all of them (`routing.selected_beside_stand_in`).
+    if the budget is all of them (`routing.selected_beside_stand_in`), and the artifact's runtime passes the
+    stand-in's update on to the skipped tokens when it carries fitted skip updates (`routing.default_skipped_update`).
     """
     check_keep_ratio(keep_ratio)
     budget = parse_budget(budget)
@@ -72,6 +73,7 @@ def build_selector(
         "keep_ratio": keep_ratio,
         "budget": budget.value,
         "skipped_keys": skipped_keys.value,
+        "skipped_update": default_skipped_update(skipped_keys, set(indices) <= set(skip_updates)).value,
         **allocation,
         "start_layer": indices[0],
         "calibration": {

@@ -14,3 +14,8 @@ def layer_flops(num_tokens: float, geometry: AttentionGeometry, intermediate_siz
     attention_width = head_dim * (2 * geometry.num_heads + 2 * geometry.num_kv_heads)  # q and o, k and v
     projections = hidden * attention_width + 3 * hidden * intermediate_size
     return 2.0 * num_tokens * projections + 2.0 * geometry.num_heads * head_dim * num_tokens * (num_tokens + 1)
+
+
+def skip_update_flops(num_tokens: float, hidden_size: int, rank: int) -> float:
+    """FLOPs of a fitted skip update (`skip_update.SkipUpdate`, hidden -> rank -> hidden) on `num_tokens` tokens."""
+    return 2.0 * num_tokens * 2 * hidden_size * rank

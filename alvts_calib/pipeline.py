@@ -25,11 +25,13 @@ from .calibration import Calibration, LayerResult, load_calibration
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
 from .devices import execution_device, materialized
 from .errors import AlvtsError
+from .export import calibrated_layers
 from .fingerprint import model_fingerprint
 from .importance import Importance, attention_parts, importance_from_parts
 from .layer_attention import layer_queries_keys
 from .options import DEFAULT_START_LAYER, check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
 from .progress import track
+from .routing import SkippedKeys, default_skipped_update
 from .selector import LayerSelector
 from .sensitivity import SENSITIVITY_SAMPLES, budget_grid, measure_sensitivity
 from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
@@ -300,5 +302,7 @@ def _measure_sensitivity(
         if checkpoint is not None:
             calibration.save(checkpoint)
 
-    selectors = {index: calibration.selector(index) for index in layers}
-    measure_sensitivity(model, samples, selectors, calibration.importance, grid, visual_tokens, progress, done, record)
+    selector = calibrated_layers(calibration)
+    skipped_update = default_skipped_update(SkippedKeys.POOL, set(layers) <= set(selector.skip_updates))
+    calibration.metadata["summary"]["sensitivity_update"] = skipped_update.value
+    measure_sensitivity(model, samples, selector, grid, visual_tokens, skipped_update, progress, done, record)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .devices import align_tensors, execution_device, follow_class_forward
+from .errors import AlvtsError
 from .masks import routed_attention_mask
 from .routed_cache import existing_routed_layer, routed_cache_layer
 
@@ -133,14 +134,16 @@ class Pool:
     """One stand-in per row for the visual tokens that skip a layer (SkippedKeys.POOL).
 
     What the layer's attention reads of it is exactly the mean of their keys and values before rotation: the layer's
-    input norm gives it the mean of their normed inputs (`stand_in_norm_hook`; its hidden state is only a
-    placeholder, that same vector, since its own output is discarded). Its rotary embedding is their mean rotary
-    embedding, and its attention logits get log(count), so the processed tokens attend to it with about the mass the
-    skipped keys would have drawn. It is appended at slot L of the sequence and sorted right after the row's last
+    input norm gives it the mean of their normed inputs (`stand_in_norm_hook`); its hidden state, the residual the
+    layer adds to, is the mean of theirs, so its output less that mean is the update the layer gives their average
+    (what SkippedUpdate.STAND_IN passes on to them). Its rotary embedding is their mean rotary embedding, and its
+    attention logits get log(count), so the processed tokens attend to it with about the mass the skipped keys would
+    have drawn. It is appended at slot L of the sequence and sorted right after the row's last
     visual token, so causal attention lets only the tokens after the image (the text) see it. A row whose layer
     processes none of its visual tokens gets no stand-in: such a layer skips the image entirely.
     """
 
+    state: torch.Tensor  # (B, 1, D) mean hidden state: the residual its update is added to
     normed: torch.Tensor  # (B, 1, D) mean normed input: what the layer's projections read
     cos: torch.Tensor  # (B, 1, d)
     sin: torch.Tensor
@@ -150,7 +153,8 @@ class Pool:
 
     @classmethod
     def of(
-        cls, normed: torch.Tensor, context: ForwardContext, keep: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cls, hidden_states: torch.Tensor, normed: torch.Tensor, context: ForwardContext, keep: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor,
     ) -> Pool:
         """The stand-in of the visual tokens outside `keep` (B, L) in each row; `normed` is the layer's normed input."""
         visual = context.visual & context.valid
@@ -166,6 +170,7 @@ class Pool:
             return (values.expand(batch, -1, -1).float() * share).sum(1, keepdim=True).to(values.dtype)
 
         return cls(
+            state=mean(hidden_states),
             normed=mean(normed),
             cos=mean(cos),
             sin=mean(sin),
@@ -178,7 +183,7 @@ class Pool:
         """(states, keep, cos, sin) with the stand-in appended at slot L."""
         batch = hidden_states.shape[0]
         return (
-            torch.cat([hidden_states, self.normed.to(hidden_states.dtype)], 1),
+            torch.cat([hidden_states, self.state.to(hidden_states.dtype)], 1),
             torch.cat([keep, self.present[:, None]], 1),
             torch.cat([cos.expand(batch, -1, -1), self.cos], 1),
             torch.cat([sin.expand(batch, -1, -1), self.sin], 1),
@@ -205,7 +210,7 @@ class RoutedLayerMixin:
 
     alvts_policy: LayerPolicy
     alvts_skipped_update: SkippedUpdate
-    alvts_skip_module: nn.Module | None  # the fitted update for SkippedUpdate.LINEAR
+    alvts_skip_module: nn.Module | None  # the fitted map for SkippedUpdate.LINEAR and STAND_IN
     alvts_skipped_keys: SkippedKeys
     alvts_stand_in: tuple[torch.Tensor, torch.Tensor] | None  # (B, L_c, 1) stand-in slots and their normed input
     alvts_norm_hook: RemovableHandle
@@ -259,7 +264,7 @@ class RoutedLayerMixin:
             states, extended_keep, pool, key_bias = hidden_states, keep, None, None
             if not dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
                 normed = self.input_layernorm(hidden_states) if normed is None else normed
-                pool = Pool.of(normed, context, keep, cos, sin)
+                pool = Pool.of(hidden_states, normed, context, keep, cos, sin)
                 context.pooled[layer_idx] = pool.present
                 states, extended_keep, cos, sin = pool.extend(hidden_states, keep, cos, sin)
                 rows = None if rows is None else _with_pool(rows, context.host_counts())
@@ -302,15 +307,21 @@ class RoutedLayerMixin:
         if dense:
             return output
         with record_function(SCATTER_RANGE):
-            merged = compaction.scatter(states, output)[:, :length]
+            scattered = compaction.scatter(states, output)
+            merged = scattered[:, :length]
             if exact is not None:
                 return torch.where((context.visual & context.valid & ~keep)[..., None], exact, merged)
-            if self.alvts_skipped_update is SkippedUpdate.NONE:
+            update = self.alvts_skipped_update
+            if update is SkippedUpdate.NONE or (update is SkippedUpdate.STAND_IN and pool is None):
                 return merged
-            skip_module = self.alvts_skip_module if self.alvts_skipped_update is SkippedUpdate.LINEAR else None
+            skip_module = self.alvts_skip_module if update is not SkippedUpdate.MEAN else None
             if skip_module is not None and normed is None:
                 normed = self.input_layernorm(hidden_states)
-            return compensate_skipped(merged, hidden_states, keep, context, skip_module, normed)
+            if update is SkippedUpdate.STAND_IN:
+                anchor = Anchor.of_stand_in(scattered[:, length:] - pool.state, pool)
+            else:
+                anchor = Anchor.of_processed(merged, hidden_states, keep, context, normed)
+            return compensate_skipped(merged, keep, context, anchor, skip_module, normed)
 
 
 def with_stand_in(selected: int, num_visual: int) -> int:
@@ -349,29 +360,75 @@ class SkippedUpdate(str, Enum):
     NONE = "none"  # nothing: they keep their hidden state (the paper)
     MEAN = "mean"  # the mean residual update of the visual tokens the layer processed in the same row
     LINEAR = "linear"  # mean plus the layer's fitted map of their own deviation from those tokens (see skip_update)
+    STAND_IN = "stand-in"  # the update the layer gives their pooled stand-in plus the fitted map (SkippedKeys.POOL)
     EXACT = "exact"  # diagnostic bound: the update the layer gives them unrouted (it also runs on every token)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether it adds each layer's fitted map (`skip_update`), which the selector must then carry."""
+        return self in (SkippedUpdate.LINEAR, SkippedUpdate.STAND_IN)
+
+
+def default_skipped_update(skipped_keys: SkippedKeys, has_fitted_maps: bool) -> SkippedUpdate:
+    """The toolkit's skipped update for a runtime: the stand-in's update and the fitted map when skipped keys are
+    pooled and the selector carries the maps (measured on the demo: docs/DESIGN.md), otherwise none."""
+    if skipped_keys is SkippedKeys.POOL and has_fitted_maps:
+        return SkippedUpdate.STAND_IN
+    return SkippedUpdate.NONE
+
+
+def check_skipped_update(skipped_update: SkippedUpdate, skipped_keys: SkippedKeys) -> None:
+    """Fail when `skipped_update` needs something `skipped_keys` does not give (the stand-in needs pooling)."""
+    if skipped_update is SkippedUpdate.STAND_IN and skipped_keys is not SkippedKeys.POOL:
+        raise AlvtsError(
+            "skipped_update 'stand-in' passes on the update of the pooled stand-in, which skipped_keys "
+            f"'{skipped_keys.value}' does not have; use skipped_keys 'pool', or skipped_update 'linear' or 'none'"
+        )
+
+
+@dataclass
+class Anchor:
+    """Per row, the update a layer's skipped visual tokens start from, and the normed input it belongs to."""
+
+    update: torch.Tensor  # (B, 1, D)
+    normed: torch.Tensor | None  # (B, 1, D); None when no fitted map reads it
+    rows: torch.Tensor  # (B,) bool: rows that have an anchor (the others' skipped tokens stay as they are)
+
+    @classmethod
+    def of_processed(
+        cls, merged: torch.Tensor, before: torch.Tensor, keep: torch.Tensor, context: ForwardContext,
+        normed: torch.Tensor | None,
+    ) -> Anchor:
+        """The mean update (output - input) and mean normed input of each row's processed visual tokens."""
+        visual = context.visual & context.valid
+        processed = (visual & keep)[..., None].to(merged.dtype)
+        count = processed.sum(1, keepdim=True).clamp(min=1)
+        update = ((merged - before) * processed).sum(1, keepdim=True) / count
+        mean_normed = None if normed is None else (normed * processed).sum(1, keepdim=True) / count
+        return cls(update, mean_normed, (visual & keep).any(-1))
+
+    @classmethod
+    def of_stand_in(cls, update: torch.Tensor, pool: Pool) -> Anchor:
+        """The update the layer gave each row's pooled stand-in, whose input is the skipped tokens' mean."""
+        return cls(update, pool.normed, pool.present)
 
 
 def compensate_skipped(
     merged: torch.Tensor,
-    before: torch.Tensor,
     keep: torch.Tensor,
     context: ForwardContext,
+    anchor: Anchor,
     skip_module: nn.Module | None = None,
     normed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Add to each skipped visual token the mean update (output - input) of its row's processed visual tokens;
-    with `skip_module` (and the layer's `normed` input) also the module's map of the token's normed input minus
-    the processed tokens' mean normed input. A row whose layer processed none of its visual tokens has nothing to
-    take the update from: its skipped tokens stay as they are."""
+    """Add to each skipped visual token its row's anchor update; with `skip_module` (and the layer's `normed`
+    input) also the module's map of the token's normed input minus the anchor's. Rows without an anchor (the
+    layer processed none of their visual tokens, or skipped none for a stand-in) stay as they are."""
     visual = context.visual & context.valid
-    processed = (visual & keep)[..., None].to(merged.dtype)
-    skipped = (visual & ~keep & (visual & keep).any(-1, keepdim=True))[..., None].to(merged.dtype)
-    count = processed.sum(1, keepdim=True).clamp(min=1)
-    update = ((merged - before) * processed).sum(1, keepdim=True) / count
+    skipped = (visual & ~keep & anchor.rows[:, None])[..., None].to(merged.dtype)
+    update = anchor.update.to(merged.dtype)
     if skip_module is not None:
-        mean_normed = (normed * processed).sum(1, keepdim=True) / count
-        update = update + skip_module(normed) - skip_module(mean_normed)
+        update = update + skip_module(normed) - skip_module(anchor.normed.to(normed.dtype))
     return merged + skipped * update
 
 
@@ -411,9 +468,9 @@ def route_layer(
     device = execution_device(layer)
     layer.alvts_policy = policy.to(device=device, dtype=weight.dtype)
     skipped_update = SkippedUpdate(skipped_update)
-    if skipped_update is SkippedUpdate.LINEAR and skip_module is None:
+    if skipped_update.fitted and skip_module is None:
         if not policy.keeps_all:
-            raise ValueError("SkippedUpdate.LINEAR needs the layer's fitted skip module")
+            raise ValueError(f"SkippedUpdate.{skipped_update.name} needs the layer's fitted skip module")
         skipped_update = SkippedUpdate.NONE  # the layer keeps every visual token: none skips it
     layer.alvts_skipped_update = skipped_update
     layer.alvts_skip_module = None if skip_module is None else copy.deepcopy(skip_module).to(device, weight.dtype)

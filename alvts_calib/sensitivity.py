@@ -1,10 +1,10 @@
 """How much the model's answer moves when one layer is routed: the measurement behind the "sensitivity" budget.
 
 After the selectors are solved, calibration routes one layer at a time, with the toolkit's runtime (the layer's
-selector, the pooled stand-in counted in the budget), at a grid of budgets, and records the mean KL divergence of
-the next-token distribution at each sample's last position from the unrouted model's. The grid's budgets run as
-the rows of one batch: each sample is repeated once per budget. `budgets.min_damage` then spreads a total over
-layers so that the summed divergence is smallest.
+selector, the pooled stand-in counted in the budget, the default skipped update), at a grid of budgets, and
+records the mean KL divergence of the next-token distribution at each sample's last position from the unrouted
+model's. The grid's budgets run as the rows of one batch: each sample is repeated once per budget.
+`budgets.min_damage` then spreads a total over layers so that the summed divergence is smallest.
 
 What a layer's update statistics cannot show, this sees directly: on the demo model the copies of a trained layer
 barely change the hidden states, yet together they read the image's rows (docs/DESIGN.md).
@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifact import Selector
 from .attach import attach_policies, detach
 from .capture import input_device, move
-from .importance import Importance
 from .policies import BudgetSweepPolicy
 from .progress import track
-from .routing import SkippedKeys
-from .selector import LayerSelector
+from .routing import SkippedKeys, SkippedUpdate
 from .visual import visual_positions
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the measurement uses by default (0: do not measure)
@@ -66,22 +65,23 @@ def _last_log_probs(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
 def measure_sensitivity(
     model: nn.Module,
     samples: list[Mapping[str, Any]],
-    selectors: Mapping[int, LayerSelector],
-    importance: Importance,
+    selector: Selector,
     grid: list[int],
     visual_tokens: int,
+    skipped_update: SkippedUpdate = SkippedUpdate.NONE,
     progress: bool = True,
     done: Mapping[int, torch.Tensor] | None = None,
     on_layer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Per layer, the (len(grid),) float64 mean KL(unrouted || routed) of the next token when only that layer is
-    routed at each budget of `grid` (tokens at the reference count `visual_tokens`; other counts scale).
+    """Per layer of `selector`, the (len(grid),) float64 mean KL(unrouted || routed) of the next token when only
+    that layer is routed, with pooled skipped keys and `skipped_update`, at each budget of `grid` (tokens at the
+    reference count `visual_tokens`; other counts scale).
 
     Layers in `done` are not measured again; `on_layer(index, damage)` is called after each measured layer (for
     checkpoints).
     """
     damage = dict(done or {})
-    todo = [index for index in sorted(selectors) if index not in damage]
+    todo = [index for index in sorted(selector.layers) if index not in damage]
     if not todo:
         return damage
     fractions = torch.tensor(grid, dtype=torch.float64) / visual_tokens
@@ -96,7 +96,8 @@ def measure_sensitivity(
     for index in track(todo, "measuring sensitivity", enabled=progress):
         total = torch.zeros(len(grid), dtype=torch.float64)
         count = 0
-        attach_policies(model, {index: BudgetSweepPolicy(selectors[index], fractions, importance)},
+        policy = BudgetSweepPolicy(selector.layers[index], fractions, selector.importance)
+        attach_policies(model, {index: policy}, selector=selector, skipped_update=skipped_update,
                         skipped_keys=SkippedKeys.POOL)
         try:
             for inputs, mask, reference in prepared:

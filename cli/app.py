@@ -298,11 +298,12 @@ def eval_command(
         help="Comma-separated compressions: 1 - (visual tokens processed per layer / visual tokens).")] = ",".join(
         str(c) for c in DEFAULT_COMPRESSIONS),
     batch_size: Annotated[int, typer.Option(help="Rows per generate() call.")] = 32,
-    skipped_update: Annotated[SkippedUpdate, typer.Option(
-        help="What visual tokens that skip a layer get: none (the paper), mean (processed tokens' mean update), "
-        "linear (mean plus the calibrated map of each token's deviation; needs a calibration with skip updates) or "
-        "exact (a diagnostic bound: the unrouted layer's update, at the cost of running it on every token).")
-    ] = SkippedUpdate.NONE,
+    skipped_update: Annotated[SkippedUpdate | None, typer.Option(
+        help="What visual tokens that skip a layer get: stand-in (the update of their pooled stand-in plus the "
+        "calibrated map of each token's deviation; the default with pooled keys and fitted maps), none (the paper), "
+        "mean (processed tokens' mean update), linear (that mean plus the calibrated map) or exact (a diagnostic "
+        "bound: the unrouted layer's update, at the cost of running it on every token).", show_default=False)
+    ] = None,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="For alvts, alvts-adaptive, oracle and random: pool (one stand-in for the skipped visual tokens, "
         "counted in the budget) or drop (the paper). FastV, PyramidDrop and DART run as published.")
@@ -348,7 +349,10 @@ def eval_command(
     if json_output:
         print_json(payload)
         return
-    console.print(eval_table(report.rows(), f"{name}: {len(items)} rows, {report.num_visual} visual tokens"))
+    console.print(eval_table(
+        report.rows(),
+        f"{name}: {len(items)} rows, {report.num_visual} visual tokens, skipped update {report.skipped_update}",
+    ))
     by_kind = kind_table(report.rows(), "accuracy by kind of row (the data's kind column)")
     if by_kind is not None:
         console.print(by_kind)

@@ -68,6 +68,8 @@ def budget_description(metadata: dict[str, Any]) -> str:
     """One line on how a selector artifact spreads visual tokens over its routed layers."""
     allocation = metadata.get("allocation")
     pooled = ", skipped tokens pooled into one stand-in" if metadata.get("skipped_keys") == "pool" else ""
+    if metadata.get("skipped_update", "none") != "none":
+        pooled += f", skipped update {metadata['skipped_update']}"
     if metadata["budget"] == "uniform" or allocation is None:
         return f"uniform keep ratio {metadata['keep_ratio']}{pooled}"
     return (

@@ -15,6 +15,7 @@ from alvts_calib.attach import RUNTIME_ATTRIBUTE, attach, detach, last_visual_pa
 from alvts_calib.errors import AlvtsError, ModelMismatchError
 from alvts_calib.routed_cache import RoutedCacheLayer
 from alvts_calib.routing import CONTEXT_KWARG, RoutedLayerMixin, processed_positions
+from alvts_calib.skip_update import SkipUpdate
 from alvts_calib.tiny_models import TINY_MODELS
 from alvts_calib.visual import TRACKER_ATTRIBUTE, visual_positions
 
@@ -95,7 +96,7 @@ def causal_mask(length: int, backend: str) -> torch.Tensor:
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def reference_routed_logits(case, selector, ratio: float, pooled: bool = False) -> torch.Tensor:
+def reference_routed_logits(case, selector, ratio: float, pooled: bool = False, stand_in_update=None) -> torch.Tensor:
     """Slow reference on the *unpatched* model: hooks replace each routed layer's output, row by row.
 
     For each row: keep every valid text token, the last position and the top-k valid visual tokens by the selector's
@@ -103,7 +104,9 @@ def reference_routed_logits(case, selector, ratio: float, pooled: bool = False) 
     causal mask, no cache) and leave every other position exactly as it came in. With `pooled`, one more token
     right after the last visual token stands for the skipped ones: the layer's input norm gives it the mean of their
     normed inputs (so its key and value are the mean of theirs before rotation), it has their mean RoPE angles, and
-    it is attended to with log(number skipped) added to its logits.
+    it is attended to with log(number skipped) added to its logits. With `stand_in_update` (layer -> fitted map W),
+    each skipped token then gets the stand-in's output less its input (their mean hidden state), plus W of its own
+    normed input less W of the stand-in's.
     """
     model = case.model
     assert getattr(model, RUNTIME_ATTRIBUTE, None) is None
@@ -162,6 +165,10 @@ def reference_routed_logits(case, selector, ratio: float, pooled: bool = False) 
                     if stand_in is not None:
                         stand_in.remove()
                 result[row, index_kept] = torch.cat([out[0][:at], out[0][at + 1 :]]) if pooled else out[0]
+                if stand_in_update is not None:
+                    fitted = stand_in_update[index]
+                    update = out[0][at] - states[at] + fitted(module.input_layernorm(hidden[row][skipped]))
+                    result[row, skipped] = hidden[row][skipped] + update - fitted(mean_normed)
             return result
 
         return hook
@@ -429,6 +436,25 @@ def test_routed_forward_matches_slow_reference(tiny_case, make_selector, family,
     torch.testing.assert_close(routed[valid], reference[valid], atol=1e-4, rtol=0)
     stand_in = int(skipped_keys == "pool")  # the stand-in counts as a processed visual token
     assert torch.equal(counts[1], kept_counts(case, RATIO) - (valid & ~case.visual).sum(1) + stand_in)
+
+
+@FAMILY
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_stand_in_update_matches_slow_reference(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    model = case.model
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    selector = make_selector(model, RATIO)
+    torch.manual_seed(0)
+    selector.skip_updates = {index: SkipUpdate(hidden, 4) for index in selector.layers}
+    pooled = reference_routed_logits(case, selector, RATIO, pooled=True)
+    reference = reference_routed_logits(case, selector, RATIO, pooled=True, stand_in_update=selector.skip_updates)
+    attach(model, selector, skipped_keys="pool", skipped_update="stand-in")
+    with case.routing():
+        routed = model(**forward_inputs(case, case.inputs)).logits
+    valid = case.valid
+    assert (reference[valid] - pooled[valid]).abs().max() > 1e-3, "the update must change the result"
+    torch.testing.assert_close(routed[valid], reference[valid], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- 6. sampling and beams

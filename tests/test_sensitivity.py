@@ -10,10 +10,14 @@ import torch
 
 import alvts_calib.sensitivity as sensitivity_module
 from alvts_calib import AlvtsError, calibrate, export, load_calibration
+from alvts_calib.adapters import decoder_layers
+from alvts_calib.attach import attach, detach
 from alvts_calib.budgets import damage_curve, min_damage
 from alvts_calib.demo import demo_model, demo_samples
+from alvts_calib.export import calibrated_layers
 from alvts_calib.importance import keep_count_host
-from alvts_calib.sensitivity import budget_grid
+from alvts_calib.routing import SkippedUpdate
+from alvts_calib.sensitivity import budget_grid, measure_sensitivity
 
 
 def test_budget_grid_doubles_with_half_steps_and_ends_at_every_token():
@@ -60,6 +64,7 @@ def test_calibration_measures_every_layer_from_no_token_to_all(measured):
     _, path = measured
     calibration = load_calibration(path)
     assert calibration.metadata["summary"]["sensitivity_samples"] == 2
+    assert calibration.metadata["summary"]["sensitivity_update"] == "stand-in"  # the runtime's default
     visual_tokens = calibration.metadata["summary"]["visual_tokens"]
     for index, result in calibration.layers.items():
         assert result.budget.damage_budgets.tolist() == budget_grid(visual_tokens), index
@@ -80,6 +85,34 @@ def test_sensitivity_export_spends_exactly_the_average_budget(measured, tmp_path
     assert sum(tokens.values()) == len(calibration.layers) * keep_count_host(visual_tokens, 0.25)
     with pytest.raises(AlvtsError, match="pooled skipped keys"):
         export(calibration, tmp_path / "d.safetensors", keep_ratio=0.25, skipped_keys="drop")
+
+
+def test_exported_runtime_passes_the_stand_ins_update_on_by_default(measured, tmp_path):
+    model, path = measured
+    calibration = load_calibration(path)
+    pooled = export(calibration, tmp_path / "s.safetensors", keep_ratio=0.25)
+    dropped = export(calibration, tmp_path / "d.safetensors", keep_ratio=0.25, budget="uniform", skipped_keys="drop")
+    assert (pooled.metadata["skipped_update"], dropped.metadata["skipped_update"]) == ("stand-in", "none")
+    for artifact, expected in ((tmp_path / "s.safetensors", "stand-in"), (tmp_path / "d.safetensors", "none")):
+        attach(model, artifact)
+        try:
+            assert {layer.alvts_skipped_update.value for layer in decoder_layers(model)} == {expected}
+        finally:
+            detach(model)
+
+
+def test_the_measurement_routes_with_the_skipped_update_it_is_given(measured):
+    model, path = measured
+    selector = calibrated_layers(load_calibration(path))
+    grid = budget_grid(int(selector.metadata["calibration"]["visual_tokens"]))
+    samples = demo_samples(model, 2)
+    done = {index: torch.zeros(len(grid)) for index in selector.layers if index != 2}
+    damage = {
+        update: measure_sensitivity(model, samples, selector, grid, grid[-1], update, progress=False, done=done)[2]
+        for update in (SkippedUpdate.NONE, SkippedUpdate.STAND_IN)
+    }
+    assert not torch.allclose(damage[SkippedUpdate.NONE], damage[SkippedUpdate.STAND_IN])
+    assert float(damage[SkippedUpdate.STAND_IN][-1]) < 1e-6  # every token kept: nothing to update
 
 
 def test_sensitivity_budget_needs_the_measurement(tmp_path):
@@ -114,10 +147,10 @@ def test_interrupted_measurement_resumes_without_measuring_finished_layers(tmp_p
     reference_selectors: dict = {}
     real_measure = sensitivity_module.measure_sensitivity
 
-    def tracking_measure(model, samples, selectors, *args, **kwargs):
+    def tracking_measure(model, samples, selector, *args, **kwargs):
         reference_selectors.clear()
-        reference_selectors.update(selectors)
-        return real_measure(model, samples, selectors, *args, **kwargs)
+        reference_selectors.update(selector.layers)
+        return real_measure(model, samples, selector, *args, **kwargs)
 
     monkeypatch.setattr(sensitivity_module, "BudgetSweepPolicy", crash_at_layer_2)
     monkeypatch.setattr("alvts_calib.pipeline.measure_sensitivity", tracking_measure)

@@ -13,10 +13,10 @@ from alvts_calib.skip_update import SkipUpdate
 RATIO = 0.25
 
 
-def _layer_io(case, selector, skipped_update):
+def _layer_io(case, selector, skipped_update, skipped_keys="drop"):
     """Input and output of layer 1 (the first routed layer) in one routed prefill."""
     model = case.model
-    attach(model, selector, skipped_update=skipped_update)
+    attach(model, selector, skipped_update=skipped_update, skipped_keys=skipped_keys)
     seen = {}
 
     def hook(module, args, kwargs, output):
@@ -50,8 +50,12 @@ def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(ti
         torch.testing.assert_close(compensated[row][skipped[row]], before[row][skipped[row]] + mean)
 
 
-@pytest.mark.parametrize("skipped_update", ["mean", "linear"])
-def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(tiny_case, make_selector, skipped_update):
+@pytest.mark.parametrize(
+    ("skipped_update", "skipped_keys"), [("mean", "drop"), ("linear", "drop"), ("stand-in", "pool")]
+)
+def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(
+    tiny_case, make_selector, skipped_update, skipped_keys
+):
     case = tiny_case("llava", "sdpa")
     selector = make_selector(case.model, RATIO, start_layer=1)
     selector.keep_ratios[1] = 0.0
@@ -60,9 +64,9 @@ def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(tiny_case,
     for module in selector.skip_updates.values():
         torch.nn.init.normal_(module.down.weight)
         torch.nn.init.normal_(module.up.weight)
-    before, after, _ = _layer_io(case, selector, skipped_update)
+    before, after, _ = _layer_io(case, selector, skipped_update, skipped_keys)
     visual = case.visual & case.valid
-    assert torch.equal(after[visual], before[visual])  # no processed token to take an update from
+    assert torch.equal(after[visual], before[visual])  # no processed token (or stand-in) to take an update from
 
 
 def test_mean_update_is_exact_at_keep_ratio_one(tiny_case, make_selector):
@@ -107,20 +111,45 @@ def test_linear_update_adds_the_mean_and_the_fitted_map_of_each_tokens_deviation
         torch.testing.assert_close(compensated[row][skipped[row]], expected[skipped[row]])
 
 
-def test_linear_update_is_exact_at_keep_ratio_one(tiny_case, make_selector):
-    case = tiny_case("llava", "eager")
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize(("skipped_update", "skipped_keys"), [("linear", "drop"), ("stand-in", "pool")])
+def test_fitted_updates_are_exact_at_keep_ratio_one(tiny_case, make_selector, backend, skipped_update, skipped_keys):
+    case = tiny_case("llava", backend)
     reference = case.model(**case.inputs).logits
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
     selector = _with_random_skip_updates(make_selector(case.model, 1.0), hidden)
-    _, _, logits = _layer_io(case, selector, "linear")
+    _, _, logits = _layer_io(case, selector, skipped_update, skipped_keys)
     assert torch.equal(logits, reference)
 
 
-def test_linear_update_needs_a_selector_with_fitted_updates(tiny_case, make_selector):
+@pytest.mark.parametrize(("skipped_update", "skipped_keys"), [("linear", "drop"), ("stand-in", "pool")])
+def test_fitted_updates_need_a_selector_with_fitted_updates(tiny_case, make_selector, skipped_update, skipped_keys):
     case = tiny_case("llava", "eager")
-    with pytest.raises(AlvtsError, match="needs fitted skip updates for layers"):
-        attach(case.model, make_selector(case.model, RATIO), skipped_update="linear")
+    with pytest.raises(AlvtsError, match=f"'{skipped_update}' needs fitted skip updates for layers"):
+        attach(case.model, make_selector(case.model, RATIO), skipped_update=skipped_update, skipped_keys=skipped_keys)
     assert not hasattr(case.model, "_alvts_runtime")
+
+
+def test_stand_in_update_needs_pooled_keys(tiny_case, make_selector):
+    case = tiny_case("llava", "eager")
+    hidden = case.model.config.get_text_config(decoder=True).hidden_size
+    selector = _with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    with pytest.raises(AlvtsError, match="skipped_keys 'drop' does not have; use skipped_keys 'pool'"):
+        attach(case.model, selector, skipped_update="stand-in", skipped_keys="drop")
+    assert not hasattr(case.model, "_alvts_runtime")
+
+
+def test_stand_in_update_changes_only_skipped_tokens(tiny_case, make_selector):
+    case = tiny_case("llava", "sdpa")
+    hidden = case.model.config.get_text_config(decoder=True).hidden_size
+    selector = _with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    before, plain, _ = _layer_io(case, selector, "none", "pool")
+    _, updated, _ = _layer_io(case, selector, "stand-in", "pool")
+    visual = case.visual & case.valid
+    skipped = visual & (plain == before).all(-1)
+    assert bool(skipped.any())
+    torch.testing.assert_close(updated[~skipped], plain[~skipped])
+    assert not torch.allclose(updated[skipped], before[skipped])  # (the exact values: tests/test_routing.py)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
