@@ -178,6 +178,7 @@ class Allocation:
     keep_ratio: float  # the target average, as asked
     visual_tokens: int  # reference visual count n
     tokens: dict[int, int]  # layer -> tokens kept out of n
+    refined: bool = False  # the sensitivity split as refined jointly at calibration (`joint_search`)
 
     @property
     def ratios(self) -> dict[int, float]:
@@ -188,7 +189,7 @@ class Allocation:
         """JSON-ready description for artifact metadata."""
         tokens = list(self.tokens.values())
         return {
-            "method": self.budget.method,
+            "method": self.budget.method + (", refined jointly" if self.refined else ""),
             "target_keep_ratio": self.keep_ratio,
             "visual_tokens": self.visual_tokens,
             "mean_tokens_per_layer": sum(tokens) / len(tokens),
@@ -273,17 +274,23 @@ def allocate(
     visual_tokens: int,
     budget: Budget,
     pooled: bool = False,
+    refined: Mapping[int, int] | None = None,
 ) -> Allocation:
     """Adaptive per-layer budgets averaging keep_count(visual_tokens, keep_ratio) tokens over the layers.
 
     `pooled`: skipped tokens are seen through a pooled stand-in, so `adaptive-update` values a layer's tokens by
-    `pooled_coverage` (what pooling gets wrong) instead of the importance mass they hold."""
+    `pooled_coverage` (what pooling gets wrong) instead of the importance mass they hold. `refined`: the
+    calibration's jointly refined split for this total (layer -> tokens), which "sensitivity" then uses."""
     indices = sorted(statistics)
     if budget is Budget.UNIFORM or visual_tokens <= 0 or not indices:
         raise AlvtsError("adaptive allocation needs an adaptive budget, routed layers and visual tokens")
     total = int(keep_count(torch.tensor(visual_tokens), keep_ratio)) * len(indices)
     curves = token_curves(np.stack([statistics[i].coverage.double().numpy() for i in indices]), visual_tokens)
-    if budget is Budget.SENSITIVITY:
+    if budget is Budget.SENSITIVITY and refined is not None:
+        tokens = [int(refined[index]) for index in indices]
+        if sum(tokens) != total:
+            raise AlvtsError(f"the refined split spends {sum(tokens)} tokens, not {total}; re-run `alvts calibrate`")
+    elif budget is Budget.SENSITIVITY:
         tokens = min_damage(_damage_curves(statistics, indices, visual_tokens, pooled), total)
     elif budget is Budget.ADAPTIVE:
         tokens = equal_coverage(curves, total)
@@ -294,7 +301,7 @@ def allocate(
     else:
         weights = np.array([max(statistics[i].visual_share, 0.0) for i in indices])
         tokens = water_filling(curves, weights if weights.sum() > 0 else np.ones(len(indices)), total)
-    return Allocation(budget, keep_ratio, visual_tokens, dict(zip(indices, tokens, strict=True)))
+    return Allocation(budget, keep_ratio, visual_tokens, dict(zip(indices, tokens, strict=True)), refined is not None)
 
 
 def damage_curve(budgets: np.ndarray, damage: np.ndarray, visual_tokens: int) -> np.ndarray:

@@ -67,6 +67,11 @@ class Calibration:
             )
         return statistics, int(visual_tokens)
 
+    def refined_budget(self, tokens_per_layer: int) -> dict[int, int] | None:
+        """The sensitivity split jointly refined at calibration for this average (layer -> tokens), if any."""
+        entry = self.metadata.get("refined_budgets", {}).get(str(tokens_per_layer))
+        return None if entry is None else {int(index): int(k) for index, k in entry["tokens"].items()}
+
     def selector(self, index: int, rank: int | None = None) -> LayerSelector:
         """The solved selector of layer `index`, optionally keeping only its leading `rank` dimensions."""
         selector = LayerSelector.from_tensors(self.layers[index].selector, self.head_dim)

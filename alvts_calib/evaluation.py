@@ -146,7 +146,7 @@ class Harness:
         self.processor = processor
         self.items = items
         self.batch_size = batch_size
-        self.skipped_update = skipped_update
+        self.skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
         self.progress = progress
         self.selector = selector
         self.geometry = AttentionGeometry.of(model)

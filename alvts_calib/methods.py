@@ -50,7 +50,7 @@ class Plan:
     skipped_keys: SkippedKeys = SkippedKeys.DROP  # what processed tokens see of skipped ones (the runtime setting)
 
 
-def _per_layer_count(fraction: float, num_layers: int, num_visual: int, full_layers: int) -> int | None:
+def per_layer_count(fraction: float, num_layers: int, num_visual: int, full_layers: int) -> int | None:
     """Largest k with (full_layers * n + k * (L - full_layers)) / L <= fraction * n, or None if k < 0."""
     spare = fraction * num_layers * num_visual - full_layers * num_visual
     count = math.floor(spare / (num_layers - full_layers) + 1e-9) if spare >= -1e-9 else -1
@@ -61,7 +61,7 @@ def _uniform_plan(
     method: str, fraction: float, num_layers: int, num_visual: int, start_layer: int,
     make: Callable[[int, float], LayerPolicy], skipped_keys: SkippedKeys = SkippedKeys.DROP,
 ) -> Plan | None:
-    count = _per_layer_count(fraction, num_layers, num_visual, start_layer)
+    count = per_layer_count(fraction, num_layers, num_visual, start_layer)
     if count is None:
         return None
     selected = selected_beside_stand_in(count, num_visual) if skipped_keys is SkippedKeys.POOL else count
@@ -136,7 +136,7 @@ def _static_plan(
 
 def fastv_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None:
     """FastV (K=2): layer 1's last-position attention keeps T tokens for layers 2 and up."""
-    count = _per_layer_count(fraction, num_layers, num_visual, STATIC_PRUNE_LAYER)
+    count = per_layer_count(fraction, num_layers, num_visual, STATIC_PRUNE_LAYER)
     if not count:
         return None
     return _static_plan("fastv", count, num_layers, num_visual, True, last_attention_choice)
@@ -144,7 +144,7 @@ def fastv_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None
 
 def dart_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None:
     """DART (K=2): the T least duplicated tokens at layer 2's input, for layers 2 and up."""
-    count = _per_layer_count(fraction, num_layers, num_visual, STATIC_PRUNE_LAYER)
+    count = per_layer_count(fraction, num_layers, num_visual, STATIC_PRUNE_LAYER)
     if not count:
         return None
     return _static_plan("dart", count, num_layers, num_visual, False, dart_choice, DART_PIVOTS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import AttentionGeometry, decoder_layers, get_adapter
-from .budgets import LayerStatistics, UpdateTally, coverage_curves, visual_attention_share
+from .budgets import Budget, LayerStatistics, UpdateTally, allocate, coverage_curves, visual_attention_share
 from .calibration import Calibration, LayerResult, load_calibration
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
 from .devices import execution_device, materialized
@@ -28,10 +28,12 @@ from .errors import AlvtsError
 from .export import calibrated_layers
 from .fingerprint import model_fingerprint
 from .importance import Importance, attention_parts, importance_from_parts
+from .joint_search import REFINE_EVALUATIONS, refine_budget
 from .layer_attention import layer_queries_keys
+from .methods import check_compression, per_layer_count
 from .options import DEFAULT_START_LAYER, check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
 from .progress import track
-from .routing import SkippedKeys, default_skipped_update
+from .routing import SkippedKeys, SkippedUpdate, default_skipped_update
 from .selector import LayerSelector
 from .sensitivity import SENSITIVITY_SAMPLES, budget_grid, measure_sensitivity
 from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
@@ -166,16 +168,17 @@ def _heldout_indices(count: int, fraction: float) -> list[int]:
     return list(range(count - held, count))
 
 
-def _resume(checkpoint: Path | None, identity: dict[str, Any]) -> dict[int, LayerResult]:
+def _resume(checkpoint: Path | None, identity: dict[str, Any]) -> tuple[dict[int, LayerResult], dict[str, Any]]:
+    """The finished layers and refined splits of a checkpoint made with the same identity (none without one)."""
     if checkpoint is None or not checkpoint.exists():
-        return {}
+        return {}, {}
     previous = load_calibration(checkpoint)
     for key, value in identity.items():
         if previous.metadata.get(key) != value:
             raise AlvtsError(
                 f"checkpoint {checkpoint} was made with a different {key}; delete it or choose another output path"
             )
-    return previous.layers
+    return previous.layers, previous.metadata.get("refined_budgets", {})
 
 
 def calibrate(
@@ -192,6 +195,8 @@ def calibrate(
     seed: int = 0,
     skip_update_rank: int = SKIP_UPDATE_RANK,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
+    refine_compressions: Sequence[float] = (),
+    refine_evaluations: int = REFINE_EVALUATIONS,
     checkpoint: str | Path | None = None,
     storage: torch.device | str = "cpu",
     progress: bool = True,
@@ -202,8 +207,11 @@ def calibrate(
     may carry a bool `visual_mask` (B, L). `rank` defaults to two heads (2 x head_dim). `skip_update_rank` is the
     rank of each layer's fitted update for skipped visual tokens (0: none; see `skip_update`). Then, on the first
     `sensitivity_samples` samples, each layer's effect on the answer is measured at a grid of budgets (0: skip; see
-    `sensitivity`), for the "sensitivity" budget. With `checkpoint`, finished layers and measurements are saved
-    there and a rerun with the same model, data and options resumes from them.
+    `sensitivity`), for the "sensitivity" budget; at each of `refine_compressions` its split is then refined with
+    every layer routed at once, on the same samples, in up to `refine_evaluations` evaluated splits (see
+    `joint_search`; export uses a refined split when its keep ratio gives the same tokens per layer). With
+    `checkpoint`, finished layers, measurements and refined splits are saved there and a rerun with the same model,
+    data and options resumes from them.
     """
     adapter = get_adapter(model)
     geometry = AttentionGeometry.of(model)
@@ -214,6 +222,12 @@ def calibrate(
     check_skip_update_rank(skip_update_rank, model.config.get_text_config(decoder=True).hidden_size)
     if sensitivity_samples < 0:
         raise AlvtsError(f"sensitivity samples must be 0 (do not measure) or more, got {sensitivity_samples}")
+    for compression in refine_compressions:
+        check_compression(compression)
+    if refine_compressions and not sensitivity_samples:
+        raise AlvtsError("refining the split needs the sensitivity measurement; give --sensitivity-samples above 0")
+    if refine_evaluations < 1:
+        raise AlvtsError(f"refine evaluations must be at least 1, got {refine_evaluations}")
     options = CalibrationOptions(
         rank=rank, start_layer=start_layer, importance=Importance(importance).value, init=Init(init).value,
         refine_steps=refine_steps, heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio,
@@ -243,7 +257,7 @@ def calibrate(
         "options": asdict(options),
     }
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    results = _resume(checkpoint, identity)
+    results, refined = _resume(checkpoint, identity)
     heldout = _heldout_indices(len(captured), heldout_fraction)
     counts = [int(row.sum()) for i in heldout for row in captured[i].visual]
     metadata = {
@@ -260,6 +274,7 @@ def calibrate(
             ),
         },
         "toolkit_version": __version__,
+        **({"refined_budgets": refined} if refined else {}),
     }
     layers = decoder_layers(model)
     last = geometry.num_layers - 1
@@ -280,6 +295,8 @@ def calibrate(
         used = [samples[i] for i in keep][:sensitivity_samples]
         metadata["summary"]["sensitivity_samples"] = len(used)
         _measure_sensitivity(model, used, calibration, checkpoint, progress)
+        for compression in refine_compressions:
+            _refine_budget(model, used, calibration, compression, refine_evaluations, checkpoint, progress)
     metadata["summary"]["seconds"] = time.perf_counter() - started
     return calibration
 
@@ -306,3 +323,35 @@ def _measure_sensitivity(
     skipped_update = default_skipped_update(SkippedKeys.POOL, set(layers) <= set(selector.skip_updates))
     calibration.metadata["summary"]["sensitivity_update"] = skipped_update.value
     measure_sensitivity(model, samples, selector, grid, visual_tokens, skipped_update, progress, done, record)
+
+
+def _refine_budget(
+    model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, compression: float,
+    evaluations: int, checkpoint: Path | None, progress: bool,
+) -> None:
+    """Refine the sensitivity split at `compression` jointly (see `joint_search`) and record it in the calibration's
+    metadata under its tokens per routed layer, then checkpoint; a split already refined (a resumed run) is kept."""
+    statistics, visual_tokens = calibration.budget_statistics()
+    options, fingerprint = calibration.metadata["options"], calibration.metadata["fingerprint"]
+    count = per_layer_count(
+        check_compression(compression), int(fingerprint["num_layers"]), visual_tokens, int(options["start_layer"])
+    )
+    if not count:
+        raise AlvtsError(f"compression {compression} leaves no visual token to the routed layers; choose a lower one")
+    refined = calibration.metadata.setdefault("refined_budgets", {})
+    if str(count) in refined:
+        return
+    start = allocate(statistics, count / visual_tokens, visual_tokens, Budget.SENSITIVITY, pooled=True).tokens
+    update = SkippedUpdate(calibration.metadata["summary"]["sensitivity_update"])
+    tokens, result = refine_budget(model, samples, calibrated_layers(calibration), start, visual_tokens, update,
+                                   evaluations, progress)
+    refined[str(count)] = {
+        "compression": compression,
+        "tokens": {str(index): k for index, k in tokens.items()},
+        "divergence_before": result.divergence_before,
+        "divergence_after": result.divergence_after,
+        "evaluations": result.evaluations,
+        "samples": len(samples),
+    }
+    if checkpoint is not None:
+        calibration.save(checkpoint)

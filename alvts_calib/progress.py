@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -16,8 +17,23 @@ def track(items: Iterable[T], description: str, total: int | None = None, enable
     if not enabled:
         yield from items
         return
+    with _progress() as progress:
+        yield from progress.track(items, total=total, description=description)
+
+
+@contextmanager
+def counting(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A progress bar of `total` steps advanced by hand: yields a function that advances it by one."""
+    if not enabled:
+        yield lambda: None
+        return
+    with _progress() as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+def _progress() -> Progress:
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
     )
-    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
-        yield from progress.track(items, total=total, description=description)
+    return Progress(*columns, transient=False, console=Console(stderr=True))

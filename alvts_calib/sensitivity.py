@@ -85,14 +85,7 @@ def measure_sensitivity(
     if not todo:
         return damage
     fractions = torch.tensor(grid, dtype=torch.float64) / visual_tokens
-    device = input_device(model)
-    prepared = []  # per sample: its inputs, explicit visual mask and unrouted log-probabilities (kept on the CPU)
-    with torch.no_grad():
-        for sample in samples:
-            inputs = dict(sample)
-            explicit = inputs.pop("visual_mask", None)
-            mask = None if explicit is None else torch.as_tensor(explicit).bool()
-            prepared.append((inputs, mask, _last_log_probs(model, move(inputs, device)).cpu()))
+    prepared = prepare_samples(model, samples)
     for index in track(todo, "measuring sensitivity", enabled=progress):
         total = torch.zeros(len(grid), dtype=torch.float64)
         count = 0
@@ -101,9 +94,7 @@ def measure_sensitivity(
                         skipped_keys=SkippedKeys.POOL)
         try:
             for inputs, mask, reference in prepared:
-                routing = nullcontext() if mask is None else visual_positions(model, mask.repeat(len(grid), 1))
-                with torch.no_grad(), routing:
-                    routed = _last_log_probs(model, move(_repeated(inputs, len(grid)), device)).cpu()
+                routed = routed_log_probs(model, inputs, mask, len(grid))
                 rows = reference.shape[0]
                 divergence = kl_divergence(reference.repeat(len(grid), 1), routed).clamp(min=0).double()
                 total += divergence.view(len(grid), rows).sum(1)
@@ -114,3 +105,30 @@ def measure_sensitivity(
         if on_layer is not None:
             on_layer(index, damage[index])
     return damage
+
+
+PreparedSample = tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]
+
+
+def prepare_samples(model: nn.Module, samples: list[Mapping[str, Any]]) -> list[PreparedSample]:
+    """Per sample: its model inputs, its explicit visual mask (or None) and the unrouted model's next-token
+    log-probabilities (kept on the CPU), for comparing routed runs against."""
+    device = input_device(model)
+    prepared = []
+    with torch.no_grad():
+        for sample in samples:
+            inputs = dict(sample)
+            explicit = inputs.pop("visual_mask", None)
+            mask = None if explicit is None else torch.as_tensor(explicit).bool()
+            prepared.append((inputs, mask, _last_log_probs(model, move(inputs, device)).cpu()))
+    return prepared
+
+
+def routed_log_probs(
+    model: nn.Module, inputs: dict[str, Any], mask: torch.Tensor | None, times: int = 1
+) -> torch.Tensor:
+    """The attached model's next-token log-probabilities (on the CPU) for a prepared sample's inputs, repeated
+    `times` times along the batch (one copy per row of a budget sweep)."""
+    routing = nullcontext() if mask is None else visual_positions(model, mask.repeat(times, 1))
+    with torch.no_grad(), routing:
+        return _last_log_probs(model, move(_repeated(inputs, times), input_device(model))).cpu()

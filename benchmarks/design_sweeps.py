@@ -4,10 +4,12 @@ Three tables, printed and written as JSON:
 1. stale states: for each runtime (budget x what processed tokens see of skipped ones) and each skipped-token
    update, retention and the KL divergence of the answer distribution from the full model's, with the selector
    and, for uniform budgets, the exact (oracle) selection;
-2. budgets: uniform vs the adaptive allocations at every compression, with skipped keys dropped or pooled;
+2. budgets: uniform vs the adaptive allocations at every compression, with skipped keys dropped or pooled (each
+   with the toolkit's skipped update for it: none when dropped, the stand-in's when pooled);
 3. settings: each row calibrates with one setting changed from the defaults and reports the selector's held-out
    fidelity (mean top-k recall and importance mass kept over routed layers at the uniform budget), the skip
-   update's R², the calibration time, and retention with the paper's runtime and with the toolkit's defaults.
+   update's R², the calibration time, and retention with the paper's runtime and with the toolkit's defaults
+   (sensitivity budget, pooled keys, the stand-in update when the setting fits skip maps).
 
     python benchmarks/design_sweeps.py --out docs/design-sweeps.json --markdown docs/design-sweeps.md
 
@@ -35,18 +37,20 @@ from alvts_calib.export import calibrated_layers
 from alvts_calib.methods import Plan
 from alvts_calib.pipeline import calibrate
 from alvts_calib.policies import KeepAllPolicy
+from alvts_calib.routing import SkippedKeys, SkippedUpdate, default_skipped_update
 from alvts_calib.sensitivity import kl_divergence
 from alvts_calib.shapes_task import split_records
 
-UPDATES = ("none", "mean", "linear", "exact")  # exact: a bound, what stale states cost
+UPDATES = ("none", "mean", "linear", "stand-in", "exact")  # exact: a bound, what stale states cost
+POOLED_UPDATES = ("stand-in",)  # passes on the pooled stand-in's update, so not offered with dropped keys
 KEYS = ("drop", "pool")
 BUDGETS = ("uniform", "adaptive", "adaptive-mass", "adaptive-update", "sensitivity")
 POOLED_ONLY = ("sensitivity",)  # measured with the pooled stand-in, so not offered with dropped keys
 PAPER = ("uniform", "drop")  # the paper's runtime: one keep ratio, skipped tokens invisible
-DEFAULT_RUNTIME = ("sensitivity", "pool")  # the toolkit's export defaults
+DEFAULT_RUNTIME = ("sensitivity", "pool")  # the toolkit's export defaults (with its default skipped update)
 RUNTIMES = (PAPER, ("uniform", "pool"), ("adaptive-update", "pool"), DEFAULT_RUNTIME)
 DEFAULTS = {"rank": None, "init": "weight_svd", "refine_steps": 200, "importance": "text", "start_layer": 0,
-            "samples": 64, "skip_update_rank": 16}
+            "samples": 64, "skip_update_rank": 16, "refine_compressions": []}
 SWEEPS = [
     ("defaults", {}),
     ("rank 16 (1 head)", {"rank": 16}),
@@ -60,8 +64,10 @@ SWEEPS = [
     ("start layer 2", {"start_layer": 2}),
     ("16 calibration samples", {"samples": 16}),
     ("256 calibration samples", {"samples": 256}),
+    ("skip-update rank 0 (no fitted map: update none)", {"skip_update_rank": 0}),
     ("skip-update rank 4", {"skip_update_rank": 4}),
     ("skip-update rank 64 (full)", {"skip_update_rank": 64}),
+    ("split refined jointly at 89%", {"refine_compressions": [0.89]}),
 ]
 
 
@@ -98,7 +104,8 @@ class Sweeper:
         calibration = calibrate(
             self.model, samples, rank=settings["rank"], init=settings["init"], refine_steps=settings["refine_steps"],
             importance=settings["importance"], start_layer=settings["start_layer"],
-            skip_update_rank=settings["skip_update_rank"], progress=False,
+            skip_update_rank=settings["skip_update_rank"], refine_compressions=settings["refine_compressions"],
+            progress=False,
         )
         return calibration, time.perf_counter() - started
 
@@ -106,7 +113,7 @@ class Sweeper:
         """Accuracy / full accuracy under `plan` (NaN for a budget the plan cannot meet)."""
         if plan is None:
             return float("nan")
-        self.harness.skipped_update, self.harness.selector = update, selector
+        self.harness.skipped_update, self.harness.selector = SkippedUpdate(update), selector
         return self.harness.run(plan, plan.method, None).accuracy / self.full.accuracy
 
     def plan(self, method: str, compression: float, selector, calibration, runtime: tuple[str, str] = PAPER):
@@ -144,6 +151,11 @@ class Sweeper:
         return float(kl_divergence(reference, routed).mean())
 
 
+def default_update(keys: str, selector) -> str:
+    """The skipped update the toolkit uses with `keys` and `selector` (`routing.default_skipped_update`)."""
+    return default_skipped_update(SkippedKeys(keys), set(selector.layers) <= set(selector.skip_updates)).value
+
+
 def _fidelity_columns(fidelity: dict | None, suffix: str) -> dict[str, float]:
     """Recall, mass kept and skip-update R² (NaN where the budget cannot be met)."""
     fidelity = fidelity or {}
@@ -161,7 +173,8 @@ def settings_table(sweeper: Sweeper, compression: float, quick: bool) -> list[di
         row = {"setting": name, **settings, "calibration_seconds": seconds, **_fidelity_columns(fidelity, ""),
                **_fidelity_columns(default_fidelity, "_defaults"),
                "retention_paper": sweeper.retention(plan, "none", selector),
-               "retention_defaults": sweeper.retention(default_plan, "none", selector)}
+               "retention_defaults": sweeper.retention(
+                   default_plan, default_update(DEFAULT_RUNTIME[1], selector), selector)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -178,7 +191,7 @@ def budgets_table(sweeper: Sweeper, compressions: tuple[float, ...]) -> list[dic
                 if keys == "drop" and budget in POOLED_ONLY:
                     continue
                 plan, _ = sweeper.plan("alvts", compression, selector, calibration, (budget, keys))
-                row[f"retention_{budget}"] = sweeper.retention(plan, "none", selector)
+                row[f"retention_{budget}"] = sweeper.retention(plan, default_update(keys, selector), selector)
                 row[f"tokens_{budget}"] = statistics.fmean(plan.planned_tokens)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -193,6 +206,8 @@ def stale_table(sweeper: Sweeper, compression: float) -> list[dict]:
     for method, runtime in cases:
         plan, _ = sweeper.plan(method, compression, selector, calibration, runtime)
         for update in UPDATES:
+            if runtime[1] == "drop" and update in POOLED_UPDATES:
+                continue
             row = {"selection": method, "runtime": _runtime_name(runtime), "update": update,
                    "retention": sweeper.retention(plan, update, selector), "kl": sweeper.kl(plan, update, selector)}
             rows.append(row)

@@ -27,6 +27,7 @@ from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
 from alvts_calib.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
 from alvts_calib.importance import Importance
+from alvts_calib.joint_search import REFINE_EVALUATIONS
 from alvts_calib.methods import check_compression
 from alvts_calib.options import DEFAULT_START_LAYER
 from alvts_calib.routing import SkippedKeys, SkippedUpdate
@@ -128,6 +129,11 @@ def calibrate_command(
     sensitivity_samples: Annotated[int, typer.Option(
         help="Samples on which each layer's effect on the answer is measured, for --budget sensitivity at export "
         "(0: do not measure).")] = SENSITIVITY_SAMPLES,
+    refine_compressions: Annotated[str, typer.Option(
+        help="Comma-separated compressions, e.g. 0.89, at which to refine the sensitivity split with every layer "
+        "routed at once (on the sensitivity samples); export at the keep ratio it prints to use it.")] = "",
+    refine_evaluations: Annotated[int, typer.Option(
+        help="Most splits evaluated per refined compression.")] = REFINE_EVALUATIONS,
     seed: Annotated[int, typer.Option(help="Random seed (results are deterministic for a seed).")] = 0,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
@@ -136,6 +142,7 @@ def calibrate_command(
     json_output: JsonOption = False,
 ) -> None:
     """Run the model over a calibration set and solve a selector for every routed decoder layer."""
+    refined_at = _compressions(refine_compressions, "--refine-compressions") if refine_compressions else ()
     loaded, name = _load(model, dtype, attn_implementation, device)
     samples = _samples(model, data, num_samples)
     checkpoint = out.with_name(out.name + ".partial.safetensors")
@@ -144,7 +151,7 @@ def calibrate_command(
     result = calibrate(
         loaded, samples, rank=rank, start_layer=start_layer, importance=importance, init=init,
         refine_steps=refine_steps, skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
-        seed=seed, checkpoint=checkpoint,
+        refine_compressions=refined_at, refine_evaluations=refine_evaluations, seed=seed, checkpoint=checkpoint,
         progress=not json_output,
     )
     result.metadata["model"] = name
@@ -153,10 +160,18 @@ def calibrate_command(
     ratio = result.metadata["options"]["report_keep_ratio"]
     fidelity = {str(i): result.fidelity(i, ratio) for i in sorted(result.layers)}
     if json_output:
-        print_json({"out": str(out), "model": name, "summary": result.metadata["summary"], "fidelity": fidelity})
+        print_json({"out": str(out), "model": name, "summary": result.metadata["summary"], "fidelity": fidelity,
+                    "refined_budgets": result.metadata.get("refined_budgets", {})})
         return
     console.print(fidelity_table(fidelity))
     summary = result.metadata["summary"]
+    visual_tokens = summary["visual_tokens"]
+    for count, entry in sorted(result.metadata.get("refined_budgets", {}).items(), key=lambda item: int(item[0])):
+        console.print(
+            f"refined the split at {entry['compression']:.0%} compression ({count} of {visual_tokens} tokens per "
+            f"layer; export with --keep-ratio {int(count) / visual_tokens:g}): next-token KL "
+            f"{entry['divergence_before']:.4f} -> {entry['divergence_after']:.4f} in {entry['evaluations']} splits"
+        )
     console.print(
         f"calibrated {len(result.layers)} layers of {name} on {summary['samples']} samples "
         f"in {summary['seconds']:.1f} s (fidelity at keep ratio {ratio}) -> {out}"
@@ -361,11 +376,11 @@ def eval_command(
     console.print(f"evaluated in {report.seconds:.0f} s" + (f" -> {out}" if out else ""))
 
 
-def _compressions(value: str) -> tuple[float, ...]:
+def _compressions(value: str, option: str = "--compression") -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in value.split(","))
     except ValueError:
-        message = f"--compression takes comma-separated numbers in [0, 1) such as 0.67,0.89, got {value!r}"
+        message = f"{option} takes comma-separated numbers in [0, 1) such as 0.67,0.89, got {value!r}"
         raise AlvtsError(message) from None
     for item in values:
         check_compression(item)

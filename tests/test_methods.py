@@ -11,12 +11,12 @@ from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation import build_plans
 from alvts_calib.importance import Importance
 from alvts_calib.methods import (
-    _per_layer_count,
     alvts_plan,
     check_compression,
     dart_plan,
     fastv_plan,
     oracle_plan,
+    per_layer_count,
     pyramid_plan,
     random_plan,
 )
@@ -49,7 +49,7 @@ def test_plans_use_the_largest_token_counts_within_the_budget(num_layers, num_vi
     for name, build in {"random": lambda f, n_l, n: random_plan(f, n_l, n, 1), **STATIC_PLANS}.items():
         plan = build(fraction, num_layers, num_visual)
         if plan is None:
-            assert name in STATIC_PLANS and _per_layer_count(fraction, num_layers, num_visual, 2) in (None, 0)
+            assert name in STATIC_PLANS and per_layer_count(fraction, num_layers, num_visual, 2) in (None, 0)
             continue
         assert len(plan.planned_tokens) == num_layers
         assert sum(plan.planned_tokens) <= budget + 1e-6, name
@@ -61,7 +61,7 @@ def test_plans_use_the_largest_token_counts_within_the_budget(num_layers, num_vi
 @pytest.mark.parametrize(("compression", "num_layers", "num_visual", "full", "expected"),
                          [(0.8, 24, 10, 0, 2), (0.8, 24, 5, 0, 1), (0.67, 24, 575, 1, 173)])
 def test_per_layer_counts_are_not_lost_to_float_rounding(compression, num_layers, num_visual, full, expected):
-    assert _per_layer_count(check_compression(compression), num_layers, num_visual, full) == expected
+    assert per_layer_count(check_compression(compression), num_layers, num_visual, full) == expected
 
 
 def test_pyramiddrop_halves_at_quarter_depths():
