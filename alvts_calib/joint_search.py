@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from .artifact import Selector
-from .attach import attach_policies, detach
 from .policies import BudgetSweepPolicy
 from .progress import counting
-from .routing import SkippedKeys, SkippedUpdate
-from .sensitivity import kl_divergence, prepare_samples, routed_log_probs
+from .routing import SkippedUpdate
+from .sensitivity import prepare_samples, swept_divergence
 
 REFINE_EVALUATIONS = 400  # default cap on joint evaluations per refined budget
 FIRST_STEP = 4  # tokens moved per pair at first
@@ -75,7 +74,7 @@ def refine_split(
             return [cache[split] for split in splits]
 
         current = tuple(start)
-        (best,) = first = measure([current])
+        best = first = measure([current])[0]
         step = FIRST_STEP
         while step >= 1 and len(cache) < max_evaluations:
             probes = {
@@ -103,7 +102,7 @@ def refine_split(
                 current = candidates[values.index(best)]
             else:
                 step //= 2
-    return SearchResult(list(current), first[0], best, len(cache))
+    return SearchResult(list(current), first, best, len(cache))
 
 
 def joint_divergences(
@@ -126,19 +125,7 @@ def joint_divergences(
             index: BudgetSweepPolicy(selector.layers[index], fractions[position], selector.importance)
             for position, index in enumerate(layers)
         }
-        attach_policies(model, policies, selector=selector, skipped_update=skipped_update,
-                        skipped_keys=SkippedKeys.POOL)
-        total, count = torch.zeros(len(splits), dtype=torch.float64), 0
-        try:
-            for inputs, mask, reference in prepared:
-                routed = routed_log_probs(model, inputs, mask, len(splits))
-                rows = reference.shape[0]
-                divergence = kl_divergence(reference.repeat(len(splits), 1), routed).clamp(min=0).double()
-                total += divergence.view(len(splits), rows).sum(1)
-                count += rows
-        finally:
-            detach(model)
-        return (total / max(count, 1)).tolist()
+        return swept_divergence(model, prepared, policies, len(splits), selector, skipped_update).tolist()
 
     return divergences
 

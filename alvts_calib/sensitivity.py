@@ -22,7 +22,7 @@ from torch import nn
 from .artifact import Selector
 from .attach import attach_policies, detach
 from .capture import input_device, move
-from .policies import BudgetSweepPolicy
+from .policies import BudgetSweepPolicy, LayerPolicy
 from .progress import track
 from .routing import SkippedKeys, SkippedUpdate
 from .visual import visual_positions
@@ -87,21 +87,8 @@ def measure_sensitivity(
     fractions = torch.tensor(grid, dtype=torch.float64) / visual_tokens
     prepared = prepare_samples(model, samples)
     for index in track(todo, "measuring sensitivity", enabled=progress):
-        total = torch.zeros(len(grid), dtype=torch.float64)
-        count = 0
         policy = BudgetSweepPolicy(selector.layers[index], fractions, selector.importance)
-        attach_policies(model, {index: policy}, selector=selector, skipped_update=skipped_update,
-                        skipped_keys=SkippedKeys.POOL)
-        try:
-            for inputs, mask, reference in prepared:
-                routed = routed_log_probs(model, inputs, mask, len(grid))
-                rows = reference.shape[0]
-                divergence = kl_divergence(reference.repeat(len(grid), 1), routed).clamp(min=0).double()
-                total += divergence.view(len(grid), rows).sum(1)
-                count += rows
-        finally:
-            detach(model)
-        damage[index] = total / max(count, 1)
+        damage[index] = swept_divergence(model, prepared, {index: policy}, len(grid), selector, skipped_update)
         if on_layer is not None:
             on_layer(index, damage[index])
     return damage
@@ -122,6 +109,32 @@ def prepare_samples(model: nn.Module, samples: list[Mapping[str, Any]]) -> list[
             mask = None if explicit is None else torch.as_tensor(explicit).bool()
             prepared.append((inputs, mask, _last_log_probs(model, move(inputs, device)).cpu()))
     return prepared
+
+
+def swept_divergence(
+    model: nn.Module,
+    prepared: list[PreparedSample],
+    policies: Mapping[int, LayerPolicy],
+    blocks: int,
+    selector: Selector,
+    skipped_update: SkippedUpdate,
+) -> torch.Tensor:
+    """(blocks,) float64 mean KL(unrouted || routed) of the next token over `prepared` samples, each repeated once
+    per block, with `policies` attached (pooled skipped keys, `skipped_update`); sweep policies
+    (`BudgetSweepPolicy`) give each block of rows its own budget."""
+    attach_policies(model, dict(policies), selector=selector, skipped_update=skipped_update,
+                    skipped_keys=SkippedKeys.POOL)
+    total, count = torch.zeros(blocks, dtype=torch.float64), 0
+    try:
+        for inputs, mask, reference in prepared:
+            routed = routed_log_probs(model, inputs, mask, blocks)
+            rows = reference.shape[0]
+            divergence = kl_divergence(reference.repeat(blocks, 1), routed).clamp(min=0).double()
+            total += divergence.view(blocks, rows).sum(1)
+            count += rows
+    finally:
+        detach(model)
+    return total / max(count, 1)
 
 
 def routed_log_probs(

@@ -64,6 +64,16 @@ def test_nonsense_keep_ratio_is_rejected(tmp_path):
     assert process.returncode == 1 and "keep ratio must be in (0, 1]" in process.stderr
 
 
+def test_calibrate_rejects_nonsense_refinement_before_loading_anything(tmp_path):
+    for value, message in (("abc", "--refine-compressions takes"), ("1.2", "compression must be in [0, 1)")):
+        process = subprocess.run(
+            [sys.executable, "-m", "alvts_cli.app", "calibrate", "--out", str(tmp_path / "c.safetensors"),
+             "--refine-compressions", value], capture_output=True, text=True,
+        )
+        assert process.returncode == 1 and message in process.stderr, process.stderr
+        assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+
+
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
