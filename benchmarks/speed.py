@@ -41,6 +41,7 @@ from speed_models import FULL, SMALL, ModelSpec, build_inputs, build_model, visu
 
 import alvts_calib
 from alvts_calib.adapters import AttentionGeometry
+from alvts_calib.artifact import Selector
 from alvts_calib.attach import attach_policies, detach
 
 
@@ -82,11 +83,13 @@ def _flash_available(device: torch.device) -> bool:
 
 
 def measure_variant(model: torch.nn.Module, inputs: dict[str, torch.Tensor], decoder, variant: Variant,
-                    settings: Settings) -> dict[str, Any]:
-    """Every measure of one variant; the model is patched for the duration and restored after."""
+                    settings: Settings, selector: Selector) -> dict[str, Any]:
+    """Every measure of one variant; the model is patched for the duration and restored after (`selector`
+    supplies the skip-update maps)."""
     routed = variant.policies is not None
     if routed:
-        attach_policies(model, variant.policies, skipped_keys=variant.skipped_keys)
+        attach_policies(model, variant.policies, selector=selector, skipped_keys=variant.skipped_keys,
+                        skipped_update=variant.skipped_update)
     try:
         device = settings.device
         row: dict[str, Any] = {
@@ -145,7 +148,7 @@ def benchmark_model(spec: ModelSpec, settings: Settings, console: Console | None
                 row = {"method": variant.method, "compression": variant.compression,
                        "planned_tokens": variant.planned_tokens, "routed_layers": sorted(variant.policies or ()),
                        "selection_flops": selection_flops(variant.policies, length, geometry)}
-                row.update(measure_variant(model, inputs, decoder, variant, settings))
+                row.update(measure_variant(model, inputs, decoder, variant, settings, selector))
                 rows.append(row)
             _compare(rows, geometry, spec.intermediate, num_visual, length - num_visual)
             results["runs"].append({"backend": backend, "batch": batch, "visual_tokens": num_visual,

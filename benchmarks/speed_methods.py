@@ -19,8 +19,9 @@ from alvts_calib.flops import layer_flops
 from alvts_calib.importance import Importance
 from alvts_calib.methods import alvts_plan, fastv_plan, pyramid_plan
 from alvts_calib.policies import LayerPolicy, SelectorPolicy
-from alvts_calib.routing import SkippedKeys
+from alvts_calib.routing import SkippedKeys, SkippedUpdate
 from alvts_calib.selector import LayerSelector
+from alvts_calib.skip_update import SKIP_UPDATE_RANK, SkipUpdate
 from alvts_calib.solver import rope_svd_init
 
 COMPRESSIONS = (0.67, 0.78, 0.89)
@@ -36,10 +37,12 @@ class Variant:
     policies: dict[int, LayerPolicy] | None
     planned_tokens: list[int]  # visual tokens processed per decoder layer
     skipped_keys: SkippedKeys = SkippedKeys.DROP
+    skipped_update: SkippedUpdate = SkippedUpdate.NONE
 
 
 def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
-    """A Selector from each layer's RoPE-aware weight SVD (no calibration data), for layers start_layer and up."""
+    """A Selector from each layer's RoPE-aware weight SVD (no calibration data), for layers start_layer and up,
+    with randomly initialised skip-update maps of the default rank (for speed only their shapes matter)."""
     geometry = AttentionGeometry.of(model)
     layers = decoder_layers(model)
     selectors = {}
@@ -49,7 +52,9 @@ def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
                                 SELECTOR_HEADS)
         weight = attention.q_proj.weight
         selectors[index] = LayerSelector.from_tensors(tensors, geometry.head_dim).to(weight.device, weight.dtype)
-    return Selector(selectors, dict.fromkeys(selectors, 1.0), Importance.PAPER, model_fingerprint(model))
+    skip_updates = {index: SkipUpdate(geometry.hidden_size, SKIP_UPDATE_RANK) for index in selectors}
+    return Selector(selectors, dict.fromkeys(selectors, 1.0), Importance.PAPER, model_fingerprint(model),
+                    skip_updates=skip_updates)
 
 
 def _alternating(selector: Selector, uniform: dict[int, LayerPolicy], num_visual: int) -> dict[int, int]:
@@ -64,8 +69,8 @@ def _alternating(selector: Selector, uniform: dict[int, LayerPolicy], num_visual
 
 
 def variants(selector: Selector, num_layers: int, num_visual: int) -> list[Variant]:
-    """Unpatched, ALVTS keep-all, then ALVTS pooled (the default runtime)/uniform/adaptive, FastV and PyramidDrop
-    at each compression."""
+    """Unpatched, ALVTS keep-all, then ALVTS default (pooled keys and the stand-in update)/pooled (no update)/
+    uniform/adaptive, FastV and PyramidDrop at each compression."""
     full = [num_visual] * num_layers
     keep_all = {index: SelectorPolicy(layer, 1.0, selector.importance) for index, layer in selector.layers.items()}
     rows = [Variant("unpatched", None, None, full), Variant("alvts-keep-all", 0.0, keep_all, full)]
@@ -73,7 +78,9 @@ def variants(selector: Selector, num_layers: int, num_visual: int) -> list[Varia
         fraction = 1.0 - compression
         uniform = alvts_plan(selector, fraction, num_layers, num_visual)
         pooled = alvts_plan(selector, fraction, num_layers, num_visual, SkippedKeys.POOL)
-        if pooled is not None:  # the toolkit's default runtime: k - 1 tokens and the stand-in
+        if pooled is not None:  # the toolkit's default runtime: k - 1 tokens, the stand-in and its update
+            rows.append(Variant("alvts-default", compression, pooled.policies, pooled.planned_tokens, SkippedKeys.POOL,
+                                SkippedUpdate.STAND_IN))
             rows.append(Variant("alvts-pooled", compression, pooled.policies, pooled.planned_tokens, SkippedKeys.POOL))
         if uniform is not None:
             rows.append(Variant("alvts-uniform", compression, uniform.policies, uniform.planned_tokens))

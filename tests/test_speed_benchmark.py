@@ -44,8 +44,8 @@ def test_report_structure(report):
     methods = {(row["method"], row["compression"]) for row in run["rows"]}
     assert {("unpatched", None), ("alvts-keep-all", 0.0)} <= methods
     for compression in (0.67, 0.78, 0.89):
-        assert {("alvts-uniform", compression), ("alvts-adaptive*", compression), ("fastv", compression),
-                ("pyramiddrop", compression)} <= methods
+        assert {("alvts-default", compression), ("alvts-pooled", compression), ("alvts-uniform", compression),
+                ("alvts-adaptive*", compression), ("fastv", compression), ("pyramiddrop", compression)} <= methods
     for row in run["rows"]:
         assert ROW_KEYS <= set(row), row["method"]
         assert len(row["kv_bytes_per_layer"]) == TINY.layers
