@@ -280,13 +280,15 @@ def allocate(
 
     `pooled`: skipped tokens are seen through a pooled stand-in, so `adaptive-update` values a layer's tokens by
     `pooled_coverage` (what pooling gets wrong) instead of the importance mass they hold. `refined`: the
-    calibration's jointly refined split for this total (layer -> tokens), which "sensitivity" then uses."""
+    calibration's jointly refined split for this total (layer -> tokens), which "sensitivity" then uses (the other
+    budgets ignore it)."""
     indices = sorted(statistics)
     if budget is Budget.UNIFORM or visual_tokens <= 0 or not indices:
         raise AlvtsError("adaptive allocation needs an adaptive budget, routed layers and visual tokens")
     total = int(keep_count(torch.tensor(visual_tokens), keep_ratio)) * len(indices)
     curves = token_curves(np.stack([statistics[i].coverage.double().numpy() for i in indices]), visual_tokens)
-    if budget is Budget.SENSITIVITY and refined is not None:
+    refined = refined if budget is Budget.SENSITIVITY else None
+    if refined is not None:
         tokens = [int(refined[index]) for index in indices]
         if sum(tokens) != total:
             raise AlvtsError(f"the refined split spends {sum(tokens)} tokens, not {total}; re-run `alvts calibrate`")

@@ -63,8 +63,7 @@ def build_selector(
         statistics, visual_tokens = calibration.budget_statistics()
         pooled = skipped_keys is SkippedKeys.POOL
         refined = calibration.refined_budget(keep_count_host(visual_tokens, keep_ratio)) if pooled else None
-        result = allocate(statistics, keep_ratio, visual_tokens, budget, pooled=pooled,
-                          refined=refined if budget is Budget.SENSITIVITY else None)
+        result = allocate(statistics, keep_ratio, visual_tokens, budget, pooled=pooled, refined=refined)
         ratios, allocation = result.ratios, {"allocation": result.summary()}
     if skipped_keys is SkippedKeys.POOL:
         ratios = _leave_room_for_pool(ratios, int(calibration.metadata["summary"].get("visual_tokens") or 0))
