@@ -112,6 +112,8 @@ def test_calibration_records_the_refined_split_and_export_uses_it_at_its_keep_ra
     assert allocation["tokens"] == entry["tokens"]
     other = export(calibration, tmp_path / "o.safetensors", keep_ratio=6 / VISUAL)
     assert other.metadata["allocation"]["method"] == "measured sensitivity"  # no refined split for 6 tokens
+    updates = export(calibration, tmp_path / "u.safetensors", keep_ratio=4 / VISUAL, budget="adaptive-update")
+    assert updates.metadata["allocation"]["method"] == "update-weighted water-filling"  # refined only sensitivity
 
 
 def test_a_resumed_calibration_keeps_its_refined_split(refined, monkeypatch):
