@@ -10,6 +10,7 @@ from .budgets import Budget, allocate, parse_budget
 from .calibration import Calibration
 from .errors import AlvtsError
 from .importance import keep_count_host
+from .methods import check_compression, per_layer_count
 from .options import check_keep_ratio, parse_choice, torch_dtype
 from .routing import SkippedKeys, default_skipped_update, selected_beside_stand_in
 from .skip_update import SkipUpdate
@@ -112,6 +113,25 @@ def export(
     )
     selector.save(path)
     return selector
+
+
+def tokens_per_layer_at(calibration: Calibration, compression: float) -> int:
+    """Visual tokens per routed layer that `compression` leaves on average at the calibration's reference count n,
+    counted as `alvts eval` counts them (whole tokens, at most the budget): 7 of 64 at 89% over 24 routed layers."""
+    metadata = calibration.metadata
+    count = per_layer_count(
+        check_compression(compression), int(metadata["fingerprint"]["num_layers"]),
+        int(metadata["summary"].get("visual_tokens") or 0), int(metadata["options"]["start_layer"]),
+    )
+    if not count:
+        raise AlvtsError(f"compression {compression} leaves no visual token to the routed layers; choose a lower one")
+    return count
+
+
+def keep_ratio_at(calibration: Calibration, compression: float) -> float:
+    """The keep ratio whose exported budget is `tokens_per_layer_at(compression)` (where a split refined at that
+    compression applies)."""
+    return tokens_per_layer_at(calibration, compression) / int(calibration.metadata["summary"]["visual_tokens"])
 
 
 def _leave_room_for_pool(ratios: dict[int, float], visual_tokens: int) -> dict[int, float]:

@@ -25,12 +25,12 @@ from .calibration import Calibration, LayerResult, load_calibration
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
 from .devices import execution_device, materialized
 from .errors import AlvtsError
-from .export import calibrated_layers
+from .export import calibrated_layers, tokens_per_layer_at
 from .fingerprint import model_fingerprint
 from .importance import Importance, attention_parts, importance_from_parts
 from .joint_search import REFINE_EVALUATIONS, refine_budget
 from .layer_attention import layer_queries_keys
-from .methods import check_compression, per_layer_count
+from .methods import check_compression
 from .options import DEFAULT_START_LAYER, check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
 from .progress import track
 from .routing import SkippedKeys, SkippedUpdate, default_skipped_update
@@ -332,12 +332,7 @@ def _refine_budget(
     """Refine the sensitivity split at `compression` jointly (see `joint_search`) and record it in the calibration's
     metadata under its tokens per routed layer, then checkpoint; a split already refined (a resumed run) is kept."""
     statistics, visual_tokens = calibration.budget_statistics()
-    options, fingerprint = calibration.metadata["options"], calibration.metadata["fingerprint"]
-    count = per_layer_count(
-        check_compression(compression), int(fingerprint["num_layers"]), visual_tokens, int(options["start_layer"])
-    )
-    if not count:
-        raise AlvtsError(f"compression {compression} leaves no visual token to the routed layers; choose a lower one")
+    count = tokens_per_layer_at(calibration, compression)
     refined = calibration.metadata.setdefault("refined_budgets", {})
     if str(count) in refined:
         return

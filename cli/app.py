@@ -25,7 +25,13 @@ from alvts_calib.capture import input_device, move
 from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
-from alvts_calib.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
+from alvts_calib.export import (
+    DEFAULT_ADAPTIVE_BUDGET,
+    DEFAULT_BUDGET,
+    DEFAULT_SKIPPED_KEYS,
+    calibrated_layers,
+    keep_ratio_at,
+)
 from alvts_calib.importance import Importance
 from alvts_calib.joint_search import REFINE_EVALUATIONS
 from alvts_calib.methods import check_compression
@@ -131,7 +137,7 @@ def calibrate_command(
         "(0: do not measure).")] = SENSITIVITY_SAMPLES,
     refine_compressions: Annotated[str, typer.Option(
         help="Comma-separated compressions, e.g. 0.89, at which to refine the sensitivity split with every layer "
-        "routed at once (on the sensitivity samples); export at the keep ratio it prints to use it.")] = "",
+        "routed at once (on the sensitivity samples); export with the same --compression to use it.")] = "",
     refine_evaluations: Annotated[int, typer.Option(
         help="Most splits evaluated per refined compression.")] = REFINE_EVALUATIONS,
     seed: Annotated[int, typer.Option(help="Random seed (results are deterministic for a seed).")] = 0,
@@ -169,7 +175,7 @@ def calibrate_command(
     for count, entry in sorted(result.metadata.get("refined_budgets", {}).items(), key=lambda item: int(item[0])):
         console.print(
             f"refined the split at {entry['compression']:.0%} compression ({count} of {visual_tokens} tokens per "
-            f"layer; export with --keep-ratio {int(count) / visual_tokens:g}): next-token KL "
+            f"layer; export with --compression {entry['compression']:g}): next-token KL "
             f"{entry['divergence_before']:.4f} -> {entry['divergence_after']:.4f} in {entry['evaluations']} splits"
         )
     console.print(
@@ -181,7 +187,11 @@ def calibrate_command(
 @app.command("export")
 def export_command(
     calibration: Annotated[Path, typer.Argument(help="Calibration file written by `alvts calibrate`.")],
-    keep_ratio: Annotated[float, typer.Option(help="Share of visual tokens each routed layer keeps, in (0, 1].")],
+    keep_ratio: Annotated[float | None, typer.Option(
+        help="Share of visual tokens each routed layer keeps, in (0, 1]; or give --compression.")] = None,
+    compression: Annotated[float | None, typer.Option(
+        help="Instead of --keep-ratio: the compression (e.g. 0.89) as `alvts eval` counts it, whose split "
+        "`--refine-compressions` refined.")] = None,
     out: Annotated[Path, typer.Option(help="Selector artifact to write (.safetensors).")] = Path(
         "alvts-selector.safetensors"
     ),
@@ -197,8 +207,13 @@ def export_command(
     json_output: JsonOption = False,
 ) -> None:
     """Write a selector artifact (safetensors + metadata) from a calibration."""
-    selector = export(load_calibration(calibration), out, keep_ratio=keep_ratio, rank=rank, dtype=dtype,
-                      budget=budget, skipped_keys=skipped_keys)
+    if (keep_ratio is None) == (compression is None):
+        raise AlvtsError("give exactly one of --keep-ratio (e.g. 0.11) and --compression (e.g. 0.89)")
+    loaded = load_calibration(calibration)
+    if compression is not None:
+        keep_ratio = keep_ratio_at(loaded, compression)
+    selector = export(loaded, out, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget,
+                      skipped_keys=skipped_keys)
     keep_ratios = {str(index): ratio for index, ratio in selector.keep_ratios.items()}
     if json_output:
         print_json({"out": str(out), **selector.metadata, "keep_ratios": keep_ratios})

@@ -59,9 +59,22 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 def test_nonsense_keep_ratio_is_rejected(tmp_path):
     calibration = tmp_path / "calib.safetensors"
     _ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0", "--json"])
-    process = subprocess.run([sys.executable, "-m", "alvts_cli.app", "export", str(calibration), "--keep-ratio", "1.5"],
-                             capture_output=True, text=True)
-    assert process.returncode == 1 and "keep ratio must be in (0, 1]" in process.stderr
+    for args, message in ((["--keep-ratio", "1.5"], "keep ratio must be in (0, 1]"),
+                          ([], "give exactly one of --keep-ratio"),
+                          (["--keep-ratio", "0.2", "--compression", "0.8"], "give exactly one of --keep-ratio"),
+                          (["--compression", "1.5"], "compression must be in [0, 1)")):
+        process = subprocess.run([sys.executable, "-m", "alvts_cli.app", "export", str(calibration), *args],
+                                 capture_output=True, text=True)
+        assert process.returncode == 1 and message in process.stderr, process.stderr
+
+
+def test_export_at_a_compression_counts_tokens_as_eval_does(tmp_path):
+    calibration = tmp_path / "calib.safetensors"
+    _ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0", "--json"])
+    exported = json.loads(_ok(["export", str(calibration), "--compression", "0.89", "--out",
+                               str(tmp_path / "s.safetensors"), "--json"]))
+    assert exported["calibration"]["visual_tokens"] == 64
+    assert exported["keep_ratio"] == 7 / 64  # alvts eval's 89%: 7 whole tokens per layer, not ceil(0.11 x 64) = 8
 
 
 def test_calibrate_rejects_nonsense_refinement_before_loading_anything(tmp_path):

@@ -12,7 +12,7 @@ import alvts_calib.pipeline as pipeline_module
 from alvts_calib import AlvtsError, calibrate, export, load_calibration
 from alvts_calib.attach import attach_policies, detach
 from alvts_calib.demo import demo_model, demo_samples
-from alvts_calib.export import calibrated_layers
+from alvts_calib.export import calibrated_layers, keep_ratio_at
 from alvts_calib.joint_search import joint_divergences, refine_split
 from alvts_calib.policies import SelectorPolicy
 from alvts_calib.routing import SkippedKeys, SkippedUpdate, selected_beside_stand_in
@@ -106,7 +106,8 @@ def test_calibration_records_the_refined_split_and_export_uses_it_at_its_keep_ra
     assert int(count) == 4 and entry["compression"] == 0.75  # 25% of 16 visual tokens per layer
     assert entry["divergence_after"] <= entry["divergence_before"]
     assert sum(entry["tokens"].values()) == 4 * num_layers and entry["samples"] == 2
-    selector = export(calibration, tmp_path / "s.safetensors", keep_ratio=4 / VISUAL)
+    assert keep_ratio_at(calibration, 0.75) == 4 / VISUAL  # what `alvts export --compression 0.75` exports at
+    selector = export(calibration, tmp_path / "s.safetensors", keep_ratio=keep_ratio_at(calibration, 0.75))
     allocation = selector.metadata["allocation"]
     assert allocation["method"] == "measured sensitivity, refined jointly"
     assert allocation["tokens"] == entry["tokens"]
