@@ -92,6 +92,11 @@ class Selector:
     def start_layer(self) -> int:
         return min(self.layers)
 
+    @property
+    def has_skip_updates(self) -> bool:
+        """Whether every routed layer carries a fitted skip update (what "linear" and "stand-in" need)."""
+        return set(self.layers) <= set(self.skip_updates)
+
     def save(self, path: str | Path) -> Path:
         """Write the artifact (atomic)."""
         tensors = {

@@ -352,8 +352,7 @@ def evaluate(
     keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
     layers = sorted(selector.layers) if selector is not None else [1]
     if skipped_update is None:
-        fitted = selector is not None and set(layers) <= set(selector.skip_updates)
-        skipped_update = default_skipped_update(keys, fitted)
+        skipped_update = default_skipped_update(keys, selector is not None and selector.has_skip_updates)
     skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
     check_skipped_update(skipped_update, keys)
     if skipped_update.fitted:

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import AttentionGeometry, decoder_layers, get_adapter
+from .artifact import Selector
 from .budgets import Budget, LayerStatistics, UpdateTally, allocate, coverage_curves, visual_attention_share
 from .calibration import Calibration, LayerResult, load_calibration
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
@@ -293,20 +294,24 @@ def calibrate(
     calibration = Calibration(results, counts, metadata)
     if sensitivity_samples:
         used = [samples[i] for i in keep][:sensitivity_samples]
-        metadata["summary"]["sensitivity_samples"] = len(used)
-        _measure_sensitivity(model, used, calibration, checkpoint, progress)
+        selector = calibrated_layers(calibration)
+        skipped_update = default_skipped_update(SkippedKeys.POOL, selector.has_skip_updates)
+        metadata["summary"].update(sensitivity_samples=len(used), sensitivity_update=skipped_update.value)
+        _measure_sensitivity(model, used, calibration, selector, skipped_update, checkpoint, progress)
         for compression in refine_compressions:
-            _refine_budget(model, used, calibration, compression, refine_evaluations, checkpoint, progress)
+            _refine_budget(model, used, calibration, selector, skipped_update, compression, refine_evaluations,
+                           checkpoint, progress)
     metadata["summary"]["seconds"] = time.perf_counter() - started
     return calibration
 
 
 def _measure_sensitivity(
-    model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, checkpoint: Path | None,
-    progress: bool,
+    model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, selector: Selector,
+    skipped_update: SkippedUpdate, checkpoint: Path | None, progress: bool,
 ) -> None:
-    """Record each layer's measured sensitivity in its budget statistics (see `sensitivity`), checkpointing after
-    every layer; layers that already have it (a resumed run) are kept."""
+    """Record each layer's measured sensitivity (with `selector`, the calibration's layers, and `skipped_update`)
+    in its budget statistics (see `sensitivity`), checkpointing after every layer; layers that already have it (a
+    resumed run) are kept."""
     visual_tokens = int(calibration.metadata["summary"]["visual_tokens"])
     grid = budget_grid(visual_tokens)
     layers = calibration.layers
@@ -319,27 +324,24 @@ def _measure_sensitivity(
         if checkpoint is not None:
             calibration.save(checkpoint)
 
-    selector = calibrated_layers(calibration)
-    skipped_update = default_skipped_update(SkippedKeys.POOL, set(layers) <= set(selector.skip_updates))
-    calibration.metadata["summary"]["sensitivity_update"] = skipped_update.value
     measure_sensitivity(model, samples, selector, grid, visual_tokens, skipped_update, progress, done, record)
 
 
 def _refine_budget(
-    model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, compression: float,
-    evaluations: int, checkpoint: Path | None, progress: bool,
+    model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, selector: Selector,
+    skipped_update: SkippedUpdate, compression: float, evaluations: int, checkpoint: Path | None, progress: bool,
 ) -> None:
-    """Refine the sensitivity split at `compression` jointly (see `joint_search`) and record it in the calibration's
-    metadata under its tokens per routed layer, then checkpoint; a split already refined (a resumed run) is kept."""
+    """Refine the sensitivity split at `compression` jointly (see `joint_search`; `selector` and `skipped_update` as
+    the measurement used) and record it in the calibration's metadata under its tokens per routed layer, then
+    checkpoint; a split already refined (a resumed run) is kept."""
     statistics, visual_tokens = calibration.budget_statistics()
     count = tokens_per_layer_at(calibration, compression)
     refined = calibration.metadata.setdefault("refined_budgets", {})
     if str(count) in refined:
         return
     start = allocate(statistics, count / visual_tokens, visual_tokens, Budget.SENSITIVITY, pooled=True).tokens
-    update = SkippedUpdate(calibration.metadata["summary"]["sensitivity_update"])
-    tokens, result = refine_budget(model, samples, calibrated_layers(calibration), start, visual_tokens, update,
-                                   evaluations, progress)
+    tokens, result = refine_budget(model, samples, selector, start, visual_tokens, skipped_update, evaluations,
+                                   progress)
     refined[str(count)] = {
         "compression": compression,
         "tokens": {str(index): k for index, k in tokens.items()},

@@ -138,9 +138,9 @@ class Pool:
     layer adds to, is the mean of theirs, so its output less that mean is the update the layer gives their average
     (what SkippedUpdate.STAND_IN passes on to them). Its rotary embedding is their mean rotary embedding, and its
     attention logits get log(count), so the processed tokens attend to it with about the mass the skipped keys would
-    have drawn. It is appended at slot L of the sequence and sorted right after the row's last
-    visual token, so causal attention lets only the tokens after the image (the text) see it. A row whose layer
-    processes none of its visual tokens gets no stand-in: such a layer skips the image entirely.
+    have drawn. It is appended at slot L of the sequence and sorted right after the row's last visual token, so
+    causal attention lets only the tokens after the image (the text) see it. A row whose layer processes none of its
+    visual tokens gets no stand-in: such a layer skips the image entirely.
     """
 
     state: torch.Tensor  # (B, 1, D) mean hidden state: the residual its update is added to

@@ -13,7 +13,7 @@ Three tables, printed and written as JSON:
 
     python benchmarks/design_sweeps.py --out docs/design-sweeps.json --markdown docs/design-sweeps.md
 
-(about 22 minutes on 2 CPU cores; `--render docs/design-sweeps.json` re-prints an earlier report).
+(about 35 minutes on 2 CPU cores; `--render docs/design-sweeps.json` re-prints an earlier report).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class Sweeper:
 
 def default_update(keys: str, selector) -> str:
     """The skipped update the toolkit uses with `keys` and `selector` (`routing.default_skipped_update`)."""
-    return default_skipped_update(SkippedKeys(keys), set(selector.layers) <= set(selector.skip_updates)).value
+    return default_skipped_update(SkippedKeys(keys), selector.has_skip_updates).value
 
 
 def _fidelity_columns(fidelity: dict | None, suffix: str) -> dict[str, float]:
