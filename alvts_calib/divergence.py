@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .attach import attach_policies, detach, last_visual_pass
-from .capture import input_device, move
+from .capture import input_device
 from .errors import AlvtsError
 from .methods import Plan
 from .policies import KeepAllPolicy

@@ -19,13 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import decoder_layers, get_adapter
 from .artifact import Selector
 from .attach import attach_policies, detach
-from .capture import input_device, move
+from .capture import CapturedBatch, capture_layer_inputs, input_device, move
+from .devices import execution_device
 from .policies import BudgetSweepPolicy, LayerPolicy
-from .progress import track
-from .routing import SkippedKeys, SkippedUpdate
-from .visual import visual_positions
+from .progress import counting
+from .routing import CONTEXT_KWARG, ForwardContext, PassCounts, RoutedLayerMixin, SkippedKeys, SkippedUpdate
+from .visual import VisualTracker, visual_positions
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the measurement uses by default (0: do not measure)
 
@@ -77,21 +79,102 @@ def measure_sensitivity(
     that layer is routed, with pooled skipped keys and `skipped_update`, at each budget of `grid` (tokens at the
     reference count `visual_tokens`; other counts scale).
 
-    Layers in `done` are not measured again; `on_layer(index, damage)` is called after each measured layer (for
-    checkpoints).
+    Layer i's routing cannot change what layers before it compute, so each sample's input to decoder layer 0 is
+    captured once (the vision tower runs once per sample), pushed through the unrouted layers one at a time, and
+    layer i's sweep runs only layers i onward. Layers in `done` are not measured again; `on_layer(index, damage)` is
+    called after each measured layer (for checkpoints).
     """
     damage = dict(done or {})
     todo = [index for index in sorted(selector.layers) if index not in damage]
     if not todo:
         return damage
     fractions = torch.tensor(grid, dtype=torch.float64) / visual_tokens
-    prepared = prepare_samples(model, samples)
-    for index in track(todo, "measuring sensitivity", enabled=progress):
-        policy = BudgetSweepPolicy(selector.layers[index], fractions, selector.importance)
-        damage[index] = swept_divergence(model, prepared, {index: policy}, len(grid), selector, skipped_update)
-        if on_layer is not None:
-            on_layer(index, damage[index])
+    captured = capture_samples(model, samples)
+    references = [tail_log_probs(model, batch, 0).cpu() for batch in captured]
+    layers = decoder_layers(model)
+    with counting("measuring sensitivity", todo[-1] + 1, enabled=progress) as advance:
+        for index in range(todo[-1] + 1):
+            if index in todo:
+                policy = BudgetSweepPolicy(selector.layers[index], fractions, selector.importance)
+                attach_policies(model, {index: policy}, selector=selector, skipped_update=skipped_update,
+                                skipped_keys=SkippedKeys.POOL)
+                try:
+                    damage[index] = _tail_divergence(model, captured, references, index, len(grid))
+                finally:
+                    detach(model)
+                if on_layer is not None:
+                    on_layer(index, damage[index])
+            if index < todo[-1]:
+                for batch in captured:
+                    batch.hidden = run_layer(layers[index], batch.hidden, batch.layer_kwargs)
+            advance()
     return damage
+
+
+def capture_samples(model: nn.Module, samples: list[Mapping[str, Any]]) -> list[CapturedBatch]:
+    """What decoder layer 0 receives for each sample (its explicit visual mask included), kept on the CPU."""
+    tracker = VisualTracker(model, get_adapter(model))
+    tracker.install()
+    try:
+        return [capture_layer_inputs(model, sample, tracker, "cpu") for sample in samples]
+    finally:
+        tracker.remove()
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict[str, Any], **extra: Any) -> torch.Tensor:
+    """`layer`'s output for `hidden` (moved to its device), with the captured keyword arguments and `extra`."""
+    device = execution_device(layer)
+    output = layer(hidden.to(device), **move(layer_kwargs, device), **extra)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _repeat_batch(value: Any, batch: int, times: int) -> Any:
+    """`value` with every tensor whose first dimension is the batch repeated `times` times along it (tensors that
+    broadcast over the batch stay as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(times, *([1] * (value.dim() - 1))) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, tuple | list):
+        return type(value)(_repeat_batch(item, batch, times) for item in value)
+    if isinstance(value, dict):
+        return {key: _repeat_batch(item, batch, times) for key, item in value.items()}
+    return value
+
+
+def tail_log_probs(model: nn.Module, batch: CapturedBatch, start: int, times: int = 1) -> torch.Tensor:
+    """(B x times, V) float32 next-token log-probabilities after each row's last valid position, running decoder
+    layers `start` onward on `batch`'s input to layer `start`, repeated `times` times along the batch (one copy per
+    block of a budget sweep). A routed layer `start` gets its routing context here."""
+    rows = batch.hidden.shape[0]
+    kwargs = _repeat_batch(batch.layer_kwargs, rows, times)
+    hidden = batch.hidden.repeat(times, 1, 1)
+    visual, valid = batch.visual.repeat(times, 1), batch.valid.repeat(times, 1)
+    context = ForwardContext(visual=visual, valid=valid, counts=PassCounts.of(visual, valid))
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        for index in range(start, len(layers)):
+            extra = {CONTEXT_KWARG: context} if isinstance(layers[index], RoutedLayerMixin) else {}
+            hidden = run_layer(layers[index], hidden, kwargs, **extra)
+        last = valid.shape[1] - 1 - valid.flip(1).long().argmax(1)
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+        norm = get_adapter(model).text_model(model).norm
+        final = norm(final.to(execution_device(norm)))
+        head = model.get_output_embeddings()
+        return head(final.to(execution_device(head))).float().log_softmax(-1)
+
+
+def _tail_divergence(
+    model: nn.Module, captured: list[CapturedBatch], references: list[torch.Tensor], index: int, blocks: int
+) -> torch.Tensor:
+    """(blocks,) float64 mean KL(unrouted || routed) over the captured samples, each repeated once per block, with
+    layer `index` routed by the attached sweep policy and layers from `index` on run."""
+    total, count = torch.zeros(blocks, dtype=torch.float64), 0
+    for batch, reference in zip(captured, references, strict=True):
+        routed = tail_log_probs(model, batch, index, blocks).cpu()
+        rows = reference.shape[0]
+        divergence = kl_divergence(reference.repeat(blocks, 1), routed).clamp(min=0).double()
+        total += divergence.view(blocks, rows).sum(1)
+        count += rows
+    return total / max(count, 1)
 
 
 PreparedSample = tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]

