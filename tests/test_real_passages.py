@@ -40,7 +40,8 @@ def test_prompts_hold_exact_windows_marked_as_the_span():
         texts.append("".join(chr(int(token)) for token in ids[span]))
         assert "".join(chr(int(token)) for token in ids[~span]).startswith("<user>Read the following text.")
     assert texts == ["0123456789", "ABCDEFGHIJ", "abcdefghij"]  # round-robin over documents
-    assert all(torch.equal(s["visual_mask"][0].nonzero()[:, 0], torch.arange(32, 42)) for s in samples)  # after "<user>Read ... text.\n\n"
+    start = len("<user>Read the following text.\n\n")
+    assert all(torch.equal(s["visual_mask"][0].nonzero()[:, 0], torch.arange(start, start + 10)) for s in samples)
 
 
 def test_calibration_and_evaluation_never_share_a_document():
