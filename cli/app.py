@@ -14,6 +14,7 @@ import typer
 from alvts_calib import attach, calibrate, export, load_calibration
 from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
 from alvts_calib.builtin import (
+    BUILTIN_MODEL_DIR,
     BUILTIN_NAME,
     CALIBRATION_SAMPLES,
     EVALUATION_SAMPLES,
@@ -59,6 +60,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _state = {"debug": False}
+DEMO_TASK = "alvts_shapes"
 
 ModelOption = Annotated[
     Path | None,
@@ -451,6 +453,32 @@ def demo_data_command(
         print_json({"metadata": str(metadata), "rows": count, "split": split})
         return
     console.print(f"wrote {count} rows -> {metadata}")
+
+
+@app.command("lmms-eval-task")
+def lmms_eval_task_command(
+    out: Annotated[Path, typer.Argument(help="Folder to write the task into (pass it to lmms-eval --include_path).")],
+    count: Annotated[int, typer.Option(
+        help="Rows of the demo's test split: the first COUNT, as alvts eval --num-samples COUNT takes them.")
+    ] = EVALUATION_SAMPLES,
+    json_output: JsonOption = False,
+) -> None:
+    """Write the demo's held-out split as a local lmms-eval task, alvts_shapes (no Hub access)."""
+    from alvts_calib.answers import answer_token_budget
+    from alvts_calib.integrations.lmms_eval.task import write_task
+    from alvts_calib.shapes_task import split_records
+
+    if count < 1:
+        raise AlvtsError(f"count must be at least 1, got {count}")
+    records = split_records("test", count)
+    budget = answer_token_budget(builtin_processor().tokenizer, records["answer"])
+    task = write_task(out, records, name=DEMO_TASK, max_new_tokens=budget)
+    if json_output:
+        print_json({"task": DEMO_TASK, "yaml": str(task), "rows": count})
+        return
+    console.print(f"wrote the lmms-eval task {DEMO_TASK} ({count} rows) -> {task}; run it with lmms-eval --model "
+                  f"alvts_llava_hf --model_args pretrained={BUILTIN_MODEL_DIR},selector=SELECTOR,device=cpu --tasks "
+                  f"{DEMO_TASK} --include_path {out}")
 
 
 @app.command("doctor")
