@@ -92,10 +92,12 @@ def test_selector_arg_is_required_and_checked_before_the_checkpoint_loads(tmp_pa
             model(pretrained=str(tmp_path / "no-checkpoint"), selector=str(tmp_path / "none.safetensors"))
 
 
-def test_a_task_needs_labelled_records(tmp_path):
+def test_a_task_needs_labelled_records_with_images(tmp_path):
+    rows = {"image": ["a.png"], "prompt": ["what?"]}
     with pytest.raises(AlvtsError, match=r"needs columns image, prompt, answer; the records lack answer"):
-        write_task(tmp_path, datasets.Dataset.from_dict({"image": ["a.png"], "prompt": ["what?"]}), name="t",
-                   max_new_tokens=2)
+        write_task(tmp_path, datasets.Dataset.from_dict(rows), name="t", max_new_tokens=2)
+    with pytest.raises(AlvtsError, match=r"must be a datasets.Image column"):
+        write_task(tmp_path, datasets.Dataset.from_dict({**rows, "answer": ["red"]}), name="t", max_new_tokens=2)
 
 
 def test_lmms_eval_accuracy_is_alvts_eval_accuracy_in_batches(run, harness):

@@ -22,11 +22,14 @@ SHIM = "from alvts_calib.integrations.lmms_eval.task import doc_to_text, doc_to_
 
 
 def write_task(folder: str | Path, records: datasets.Dataset, *, name: str, max_new_tokens: int) -> Path:
-    """Write the task `name` over `records` into `folder` (run it with `lmms-eval --include_path FOLDER --tasks
-    NAME`); returns the YAML's path. Generation is greedy, at most `max_new_tokens` tokens."""
+    """Write the task `name` over `records` (images in a `datasets.Image` column, stored in the parquet file) into
+    `folder`; run it with `lmms-eval --include_path FOLDER --tasks NAME`. Returns the YAML's path. Generation is
+    greedy, at most `max_new_tokens` tokens."""
     missing = [column for column in COLUMNS if column not in records.column_names]
     if missing:
         raise AlvtsError(f"an lmms-eval task needs columns {', '.join(COLUMNS)}; the records lack {', '.join(missing)}")
+    if not isinstance(records.features["image"], datasets.Image):
+        raise AlvtsError("an lmms-eval task stores its images: the image column must be a datasets.Image column")
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.parquet"
