@@ -20,8 +20,12 @@ from PIL import Image
 from alvts_calib.answers import normalise_answer
 from alvts_calib.errors import AlvtsError
 
-ACCEPTED_KINDS = "a .jsonl file, a folder with metadata.jsonl, or a folder written by Dataset.save_to_disk"
+ACCEPTED_KINDS = (
+    "a .jsonl file, a folder with metadata.jsonl, a folder written by Dataset.save_to_disk, a .parquet/.csv/.json "
+    "file or a folder of them, or a dataset name that datasets.load_dataset understands"
+)
 REQUIRED_COLUMNS = ("image", "prompt")
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
 
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
@@ -46,24 +50,97 @@ class DataReport:
         return f"{self.used} samples used, {sum(self.skipped.values())} rows skipped ({reasons})"
 
 
-def load_records(path: str | Path) -> datasets.Dataset:
-    """Load image/prompt records from `path`, one of the kinds in `ACCEPTED_KINDS`.
+def load_records(
+    source: str | Path,
+    *,
+    split: str | None = None,
+    image_column: str = "image",
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+) -> datasets.Dataset:
+    """Load image/prompt records from `source`, one of the kinds in `ACCEPTED_KINDS`.
 
-    Relative image paths are resolved against the folder holding the data (the JSONL file's folder, the
-    metadata.jsonl folder, or the save_to_disk folder); imagefolder-style `file_name` is accepted for `image`.
+    The toolkit's own formats (JSONL, metadata.jsonl folders) and save_to_disk folders are read directly; anything
+    else goes to `datasets.load_dataset`, a local file through its builder (parquet, csv, json, arrow). `split`
+    picks one split of a source with several (required when there are several); the column options name the
+    source's columns holding the image, the prompt and (for evaluation) the answer. Relative image paths of local
+    sources are resolved against the folder holding the data; imagefolder-style `file_name` is accepted for `image`.
     """
-    path = Path(path)
+    path = Path(source)
     if path.is_file() and path.suffix == ".jsonl":
-        dataset = _read_jsonl(path)
+        dataset = _single_table(_read_jsonl(path), split, path)
     elif (path / "metadata.jsonl").is_file():
-        dataset = _read_jsonl(path / "metadata.jsonl")
-    elif (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
-        dataset = datasets.load_from_disk(str(path))
-    else:
+        dataset = _single_table(_read_jsonl(path / "metadata.jsonl"), split, path)
+    elif any((path / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json")):
+        dataset = _choose_split(datasets.load_from_disk(str(path)), split, str(path))
+    elif path.is_file() and path.suffix not in DATA_FILE_BUILDERS:
         raise AlvtsError(f"cannot load data from {path}: expected {ACCEPTED_KINDS}")
-    dataset = _resolve_images(dataset, path.parent if path.is_file() else path)
-    _check_columns(dataset, str(path))
+    else:
+        dataset = _load_dataset(str(source), split)
+    dataset = _rename_columns(dataset, str(source), image=image_column, prompt=prompt_column, answer=answer_column)
+    if path.exists():
+        dataset = _resolve_images(dataset, path.parent if path.is_file() else path)
+    _check_columns(dataset, str(source))
     return dataset
+
+
+def _load_dataset(source: str, split: str | None) -> datasets.Dataset:
+    """One split of `source` through `datasets.load_dataset`: a Hub name, a local folder, or a local data file."""
+    builder, options = source, {}
+    if Path(source).is_file():
+        builder, options = DATA_FILE_BUILDERS[Path(source).suffix], {"data_files": source}
+    try:
+        split = _pick_split(datasets.get_dataset_split_names(builder, **options), split, source)
+        return datasets.load_dataset(builder, split=split, **options)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise AlvtsError(f"cannot load data from {source} ({reason}); expected {ACCEPTED_KINDS}") from error
+
+
+def _choose_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str | None, source: str) -> datasets.Dataset:
+    """The requested split of a saved dataset (a single saved table has no named splits)."""
+    if isinstance(loaded, datasets.DatasetDict):
+        return loaded[_pick_split(list(loaded), split, source)]
+    return _single_table(loaded, split, source)
+
+
+def _pick_split(names: list[str], split: str | None, source: str) -> str:
+    """`split` if `source` has it; the only split when none is asked for; otherwise a one-line error."""
+    if split is None and len(names) == 1:
+        return names[0]
+    if split is None:
+        raise AlvtsError(f"{source} has splits {', '.join(names)}: choose one with --split (split=)")
+    if split not in names:
+        raise AlvtsError(f"{source} has no split {split!r}; it has {', '.join(names)}: pass one of them to --split")
+    return split
+
+
+def _single_table(dataset: datasets.Dataset, split: str | None, source: str | Path) -> datasets.Dataset:
+    """A source without named splits; asking it for a split is a mistake worth reporting."""
+    if split is not None:
+        raise AlvtsError(f"{source} is a single table without named splits; drop --split {split}")
+    return dataset
+
+
+def _rename_columns(dataset: datasets.Dataset, source: str, **columns: str) -> datasets.Dataset:
+    """Give the chosen columns the toolkit's names (image, prompt, answer), replacing columns already so named.
+
+    A column chosen explicitly (not its default name) must exist; a default one may be absent (calibration data
+    has no answer, and `_check_columns` reports a missing image or prompt).
+    """
+    renames = {}
+    for name, column in columns.items():
+        if column in dataset.column_names:
+            renames[column] = name
+        elif column != name:
+            raise AlvtsError(
+                f"{source} has no column {column!r} for the {name}; it has {', '.join(dataset.column_names)}"
+            )
+    renames = {column: name for column, name in renames.items() if column != name}
+    if not renames:
+        return dataset
+    replaced = [name for name in renames.values() if name in dataset.column_names and name not in renames]
+    return dataset.remove_columns(replaced).rename_columns(renames)
 
 
 def build_samples(
@@ -108,7 +185,10 @@ def build_labelled_items(
 ) -> tuple[list[LabelledItem], DataReport]:
     """Usable rows of a labelled set (an `answer` column is required), with the same skip rules as `build_samples`."""
     if "answer" not in records.column_names:
-        raise AlvtsError(f"the evaluation data needs an answer column; it has {', '.join(records.column_names)}")
+        raise AlvtsError(
+            f"the evaluation data needs an answer column; it has {', '.join(records.column_names)}: name it with "
+            "--answer-column (answer_column=)"
+        )
     token, records = _prepare(records, processor, num_samples, image_token, "the evaluation data")
     items: list[LabelledItem] = []
     skipped: Counter[str] = Counter()
@@ -171,7 +251,10 @@ def _resolve_images(dataset: datasets.Dataset, root: Path) -> datasets.Dataset:
 def _check_columns(dataset: datasets.Dataset, source: str) -> None:
     missing = [name for name in REQUIRED_COLUMNS if name not in dataset.column_names]
     if missing:
-        raise AlvtsError(f"{source} lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.column_names)}")
+        raise AlvtsError(
+            f"{source} lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.column_names)}: name the "
+            "columns to use with --image-column and --prompt-column (image_column=, prompt_column=)"
+        )
 
 
 def _build_sample(row: dict[str, Any], processor: Any, token: str | None) -> dict[str, torch.Tensor] | str:

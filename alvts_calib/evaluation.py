@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import AttentionGeometry
-from .answers import answer_matches
+from .answers import answer_matches, answer_token_budget
 from .artifact import Selector
 from .attach import attach_policies, detach, last_visual_pass, require_skip_updates
 from .budgets import Budget, parse_budget
@@ -153,8 +153,7 @@ class Harness:
         self.intermediate_size = model.config.get_text_config(decoder=True).intermediate_size
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
-        longest = max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in items)
-        self.max_new_tokens = longest + 1
+        self.max_new_tokens = answer_token_budget(tokenizer, [item.answer for item in items])
 
     def run(self, plan: Plan | None, label: str, compression: float | None) -> MethodResult:
         """Accuracy and measured budgets with `plan` attached (None: every layer keeps every token)."""

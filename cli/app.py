@@ -14,6 +14,7 @@ import typer
 from alvts_calib import attach, calibrate, export, load_calibration
 from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
 from alvts_calib.builtin import (
+    BUILTIN_MODEL_DIR,
     BUILTIN_NAME,
     CALIBRATION_SAMPLES,
     EVALUATION_SAMPLES,
@@ -59,12 +60,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _state = {"debug": False}
+DEMO_TASK = "alvts_shapes"
 
 ModelOption = Annotated[
     Path | None,
     typer.Option(help="Local transformers model directory (from_pretrained). Default: the built-in shapes demo model."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+SplitOption = Annotated[str | None, typer.Option(
+    help="The split of --data to use, for a source with several (a dataset folder or name).")]
+ImageColumnOption = Annotated[str, typer.Option(help="The column of --data holding the image (an image or a path).")]
+PromptColumnOption = Annotated[str, typer.Option(help="The column of --data holding the prompt.")]
+ChatTemplateOption = Annotated[Path | None, typer.Option(
+    help="A Jinja chat template file for the processor (for processors without one, or to replace theirs): each "
+    "prompt becomes a user turn after its image. Without one, prompts must hold the image token.")]
 
 
 @app.callback()
@@ -80,34 +89,44 @@ def _load(model_path: Path | None, dtype: str, attn: str, device: str | None) ->
     return load_model(model_path, dtype=dtype, attn_implementation=attn, device=device), str(model_path)
 
 
-def _processor(model_path: Path | None) -> Any:
+def _processor(model_path: Path | None, chat_template: Path | None = None) -> Any:
+    """The model's processor, with `chat_template` (a Jinja file) replacing its chat template when given."""
     if model_path is None:
-        return builtin_processor()
-    from alvts_calib.loading import load_processor
+        processor = builtin_processor()
+    else:
+        from alvts_calib.loading import load_processor
 
-    return load_processor(model_path)
+        processor = load_processor(model_path)
+    if chat_template is not None:
+        if not chat_template.is_file():
+            raise AlvtsError(f"--chat-template {chat_template}: no such file; pass a Jinja chat template file")
+        processor.chat_template = chat_template.read_text(encoding="utf-8")
+    return processor
 
 
-def _records(model_path: Path | None, data: Path | None, split: str, count: int) -> Any:
-    """The user's records, or the built-in demo split when neither --model nor --data is given."""
+def _records(model_path: Path | None, data: str | None, demo_split: str, count: int, **source: Any) -> Any:
+    """The user's records (`source`: the split and column options of `load_records`), or the built-in demo's
+    `demo_split` when neither --model nor --data is given."""
     if data is not None:
         from alvts_calib.data import load_records
 
-        return load_records(data)
+        return load_records(data, **source)
     if model_path is not None:
         raise AlvtsError(
-            "--data is required with --model: a JSONL of {image, prompt}, an image folder or a saved dataset"
+            "--data is required with --model: a JSONL of {image, prompt}, an image folder, a saved dataset, a "
+            "parquet file or a dataset name"
         )
     from alvts_calib.shapes_task import split_records
 
-    return split_records(split, count)
+    return split_records(demo_split, count)
 
 
-def _samples(model_path: Path | None, data: Path | None, num_samples: int | None) -> list[dict]:
+def _samples(model_path: Path | None, data: str | None, num_samples: int | None, chat_template: Path | None,
+             **source: Any) -> list[dict]:
     from alvts_calib.data import build_samples
 
-    records = _records(model_path, data, "calibration", num_samples or CALIBRATION_SAMPLES)
-    samples, report = build_samples(records, _processor(model_path), num_samples=num_samples)
+    records = _records(model_path, data, "calibration", num_samples or CALIBRATION_SAMPLES, **source)
+    samples, report = build_samples(records, _processor(model_path, chat_template), num_samples=num_samples)
     print(f"data: {report.summary()}", file=sys.stderr)
     return samples
 
@@ -118,7 +137,13 @@ def calibrate_command(
         "alvts-calibration.safetensors"
     ),
     model: ModelOption = None,
-    data: Annotated[Path | None, typer.Option(help="Calibration data: JSONL, image folder or saved dataset.")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="Calibration data {image, prompt}: a JSONL file, an image folder with metadata.jsonl, a saved dataset, "
+        "a parquet/csv/json file or folder, or a dataset name for datasets.load_dataset.")] = None,
+    split: SplitOption = None,
+    image_column: ImageColumnOption = "image",
+    prompt_column: PromptColumnOption = "prompt",
+    chat_template: ChatTemplateOption = None,
     num_samples: Annotated[
         int | None, typer.Option(help=f"Use the first N samples (default: all; demo: {CALIBRATION_SAMPLES}).")
     ] = None,
@@ -149,8 +174,9 @@ def calibrate_command(
 ) -> None:
     """Run the model over a calibration set and solve a selector for every routed decoder layer."""
     refined_at = _compressions(refine_compressions, "--refine-compressions") if refine_compressions else ()
+    samples = _samples(model, data, num_samples, chat_template, split=split, image_column=image_column,
+                       prompt_column=prompt_column)  # before the model, so bad data fails fast
     loaded, name = _load(model, dtype, attn_implementation, device)
-    samples = _samples(model, data, num_samples)
     checkpoint = out.with_name(out.name + ".partial.safetensors")
     if not resume and checkpoint.exists():
         checkpoint.unlink()
@@ -317,9 +343,14 @@ def eval_command(
     selector: Annotated[Path, typer.Argument(
         help="A selector artifact (ALVTS at each budget), or a calibration file (also enables alvts-adaptive).")],
     model: ModelOption = None,
-    data: Annotated[Path | None, typer.Option(
-        help="Labelled data {image, prompt, answer}: JSONL, image folder or saved dataset (demo: its test split).")
+    data: Annotated[str | None, typer.Option(
+        help="Labelled data {image, prompt, answer}, in any form calibrate --data takes (demo: its test split).")
     ] = None,
+    split: SplitOption = None,
+    image_column: ImageColumnOption = "image",
+    prompt_column: PromptColumnOption = "prompt",
+    answer_column: Annotated[str, typer.Option(help="The column of --data holding the answer.")] = "answer",
+    chat_template: ChatTemplateOption = None,
     num_samples: Annotated[int | None, typer.Option(
         help=f"Evaluate the first N usable rows (default: all; demo: {EVALUATION_SAMPLES}).")] = None,
     methods: Annotated[str, typer.Option(help=f"Comma-separated, from {', '.join(METHODS)}.")] = ",".join(
@@ -359,11 +390,12 @@ def eval_command(
     calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
     artifact = calibrated_layers(calibration) if calibration is not None else load_selector(selector)
     check_methods(method_names, artifact, calibration)
-    loaded, name = _load(model, dtype, attn_implementation, device)
-    processor = _processor(model)
-    records = _records(model, data, "test", num_samples or EVALUATION_SAMPLES)
+    processor = _processor(model, chat_template)
+    records = _records(model, data, "test", num_samples or EVALUATION_SAMPLES, split=split, image_column=image_column,
+                       prompt_column=prompt_column, answer_column=answer_column)
     items, data_report = build_labelled_items(records, processor, num_samples=num_samples)
     print(f"data: {data_report.summary()}", file=sys.stderr)
+    loaded, name = _load(model, dtype, attn_implementation, device)
     report = evaluate(
         loaded, processor, items, selector=artifact, calibration=calibration,
         methods=method_names, compressions=compressions,
@@ -421,6 +453,32 @@ def demo_data_command(
         print_json({"metadata": str(metadata), "rows": count, "split": split})
         return
     console.print(f"wrote {count} rows -> {metadata}")
+
+
+@app.command("lmms-eval-task")
+def lmms_eval_task_command(
+    out: Annotated[Path, typer.Argument(help="Folder to write the task into (pass it to lmms-eval --include_path).")],
+    count: Annotated[int, typer.Option(
+        help="Rows of the demo's test split: the first COUNT, as alvts eval --num-samples COUNT takes them.")
+    ] = EVALUATION_SAMPLES,
+    json_output: JsonOption = False,
+) -> None:
+    """Write the demo's held-out split as a local lmms-eval task, alvts_shapes (no Hub access)."""
+    from alvts_calib.answers import answer_token_budget
+    from alvts_calib.integrations.lmms_eval.task import write_task
+    from alvts_calib.shapes_task import split_records
+
+    if count < 1:
+        raise AlvtsError(f"count must be at least 1, got {count}")
+    records = split_records("test", count)
+    budget = answer_token_budget(builtin_processor().tokenizer, records["answer"])
+    task = write_task(out, records, name=DEMO_TASK, max_new_tokens=budget)
+    if json_output:
+        print_json({"task": DEMO_TASK, "yaml": str(task), "rows": count})
+        return
+    console.print(f"wrote the lmms-eval task {DEMO_TASK} ({count} rows) -> {task}; run it with lmms-eval --model "
+                  f"alvts_llava_hf --model_args pretrained={BUILTIN_MODEL_DIR},selector=SELECTOR,device=cpu --tasks "
+                  f"{DEMO_TASK} --include_path {out}")
 
 
 @app.command("doctor")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from alvts_cli.app import app
 from typer.testing import CliRunner
+
+from alvts_calib.errors import AlvtsError
 
 runner = CliRunner()
 
@@ -164,3 +167,54 @@ def test_eval_rejects_nonsense_options_in_one_line(tmp_path):
                                   "--num-samples", "2"], capture_output=True, text=True)
         assert process.returncode == 1 and message in process.stderr, process.stderr
         assert len(process.stderr.strip().splitlines()) == 1, process.stderr
+
+
+def _checkpoint_without_chat_template(folder):
+    """The tiny LLaVA saved as a checkpoint whose processor has no chat template."""
+    from alvts_calib.demo import demo_model
+    from alvts_calib.tiny_processor import tiny_llava_processor
+
+    processor = tiny_llava_processor()
+    processor.chat_template = None
+    processor.tokenizer.chat_template = None
+    demo_model("eager").save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_calibrate_on_a_parquet_dataset_with_splits_columns_and_a_chat_template(tmp_path):
+    """--data takes a folder of parquet splits (as datasets.load_dataset reads a Hub name), with --split and the
+    column options; a processor without a chat template gets one from --chat-template."""
+    import datasets
+    from PIL import Image
+
+    from alvts_calib.tiny_processor import CHAT_TEMPLATE
+
+    checkpoint = _checkpoint_without_chat_template(tmp_path / "tiny-llava")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, colors in (("train", ["red", "green", "blue"]), ("test", ["white"])):
+        images = [Image.new("RGB", (28, 28), color) for color in colors]
+        table = datasets.Dataset.from_dict({"picture": images, "question": [f"which {c}?" for c in colors]},
+                                           features=datasets.Features(picture=datasets.Image(),
+                                                                      question=datasets.Value("string")))
+        table.to_parquet(data / f"{split}.parquet")
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    base = ["calibrate", "--model", str(checkpoint), "--data", str(data), "--rank", "16", "--refine-steps", "0",
+            "--sensitivity-samples", "0", "--out", str(tmp_path / "c.safetensors"), "--json"]
+    columns = ["--image-column", "picture", "--prompt-column", "question"]
+    for args, message in (([], "has splits train, test: choose one with --split"),
+                          (["--split", "validation"], "has no split 'validation'; it has train, test"),
+                          (["--split", "train"], "lacks column(s) image, prompt"),
+                          (["--split", "train", *columns], "3 prompt without image token"),
+                          (["--split", "train", *columns, "--chat-template", str(tmp_path / "none.jinja")],
+                           "no such file")):
+        result = runner.invoke(app, [*base, *args])
+        assert isinstance(result.exception, AlvtsError) and message in str(result.exception), result.output
+    process = subprocess.run([sys.executable, "-m", "alvts_cli.app", *base], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert process.returncode == 1 and process.stderr.startswith("error: "), process.stderr
+    assert len(process.stderr.strip().splitlines()) == 1, process.stderr  # before the model is loaded
+    summary = json.loads(_ok([*base, "--split", "train", *columns, "--chat-template", str(template)]))
+    assert summary["summary"]["samples"] == 3

@@ -216,3 +216,68 @@ def test_unknown_path_kind_is_an_error(kind, tmp_path):
 def test_missing_columns_is_an_error(tmp_path):
     with pytest.raises(AlvtsError, match="lacks column.*prompt"):
         load_records(_write_jsonl(tmp_path / "data.jsonl", [{"image": "a.png", "question": "what?"}]))
+
+
+def _table(images: Path, count: int = 3) -> datasets.Dataset:
+    """Rows with embedded images (PIL images without a file name are stored as bytes) under columns named as on the
+    Hub (`img`, `question`, `label`), plus an `image` caption that is not the image."""
+    colors = list(COLORS)[:count]
+    pictures = [Image.open(images / f"{color}.png").convert("RGB") for color in colors]
+    rows = {"img": pictures, "question": ["what color?"] * count, "image": ["a caption, not an image"] * count,
+            "label": colors}
+    return datasets.Dataset.from_dict(rows, features=datasets.Features(
+        img=datasets.Image(), question=datasets.Value("string"), image=datasets.Value("string"),
+        label=datasets.Value("string"),
+    ))
+
+
+def test_parquet_file_with_named_columns(processor, images, tmp_path):
+    path = tmp_path / "calib.parquet"
+    _table(images).to_parquet(path)
+    for image in images.iterdir():  # the images are embedded in the parquet file
+        image.unlink()
+    records = load_records(path, image_column="img", prompt_column="question", answer_column="label")
+    assert set(records.column_names) == {"image", "prompt", "answer"} and records["answer"] == ["red", "green", "blue"]
+    samples, report = build_samples(records, processor)
+    assert report == DataReport(used=3)
+    for sample in samples:
+        _check_sample(sample)
+
+
+def test_dataset_folders_with_splits_go_through_load_dataset(processor, images, tmp_path):
+    """A folder of parquet splits (what a Hub name gives) and a saved DatasetDict: one split by name, with errors
+    naming the splits there are."""
+    parquet, saved = tmp_path / "parquet", tmp_path / "saved"
+    parquet.mkdir()
+    splits = {"train": _table(images, 3), "test": _table(images, 2)}
+    for name, table in splits.items():
+        table.to_parquet(parquet / f"{name}.parquet")
+    datasets.DatasetDict(splits).save_to_disk(saved)
+    for source in (parquet, saved):
+        records = load_records(source, split="test", image_column="img", prompt_column="question")
+        assert len(records) == 2 and build_samples(records, processor)[1].used == 2
+        for split, message in ((None, r"has splits train, test: choose one with --split"),
+                               ("validation", r"has no split 'validation'; it has train, test")):
+            with pytest.raises(AlvtsError, match=message):
+                load_records(source, split=split, image_column="img", prompt_column="question")
+
+
+def test_missing_columns_and_splits_name_what_there_is(images, tmp_path):
+    path = tmp_path / "calib.parquet"
+    _table(images).to_parquet(path)
+    with pytest.raises(AlvtsError, match=r"no column 'picture' for the image; it has img, question, image, label"):
+        load_records(path, image_column="picture")
+    with pytest.raises(AlvtsError, match=r"lacks column\(s\) prompt; .*--prompt-column"):
+        load_records(path, image_column="img")
+    with pytest.raises(AlvtsError, match=r"single table without named splits; drop --split train"):
+        load_records(_write_jsonl(tmp_path / "data.jsonl", [{"image": "a.png", "prompt": "what?"}]), split="train")
+
+
+def test_unreachable_dataset_name_is_a_one_line_error(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(AlvtsError, match=r"cannot load data from someone/no-such-dataset \(.*\); expected") as raised:
+        load_records("someone/no-such-dataset", split="train")
+    assert "\n" not in str(raised.value)
