@@ -47,6 +47,9 @@ from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centre
 from .solver import Init, LayerBatch, refine, rope_svd_init, second_moment
 from .visual import VisualTracker
 
+HELDOUT_FRACTION = 0.125  # share of samples kept out of the fit to measure fidelity
+REPORT_KEEP_RATIO = 0.11  # the keep ratio at which calibration reports fidelity
+
 
 @dataclass(frozen=True)
 class CalibrationOptions:
@@ -217,6 +220,39 @@ def _capture(
     return captured
 
 
+def calibration_options(
+    config: Any, *, rank: int | None, start_layer: int, importance: str | Importance, init: str | Init,
+    refine_steps: int, heldout_fraction: float, report_keep_ratio: float, seed: int, skip_update_rank: int,
+    sensitivity_samples: int, refine_compressions: Sequence[float], refine_evaluations: int,
+) -> CalibrationOptions:
+    """The options (see `calibrate`) for a model with this transformers `config`, each checked with a one-line error;
+    needs no weights, so a command can check them before it loads the model."""
+    geometry = AttentionGeometry.of_config(config)
+    rank = rank if rank is not None else min(2 * geometry.head_dim, geometry.num_heads * geometry.head_dim)
+    check_rank(rank, geometry)
+    check_start_layer(start_layer, geometry)
+    check_keep_ratio(report_keep_ratio)
+    check_skip_update_rank(skip_update_rank, geometry.hidden_size)
+    if sensitivity_samples < 0:
+        raise AlvtsError(f"sensitivity samples must be 0 (do not measure) or more, got {sensitivity_samples}")
+    for compression in refine_compressions:
+        check_compression(compression)
+    if refine_compressions and not sensitivity_samples:
+        raise AlvtsError("refining the split needs the sensitivity measurement; give --sensitivity-samples above 0")
+    if refine_evaluations < 1:
+        raise AlvtsError(f"refine evaluations must be at least 1, got {refine_evaluations}")
+    if refine_steps < 0:
+        raise AlvtsError(f"refine steps must be 0 (no refinement) or more, got {refine_steps}")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise AlvtsError(f"held-out fraction must be in [0, 1), got {heldout_fraction}")
+    return CalibrationOptions(
+        rank=rank, start_layer=start_layer, importance=parse_choice(Importance, importance, "importance").value,
+        init=parse_choice(Init, init, "init").value, refine_steps=refine_steps, heldout_fraction=heldout_fraction,
+        report_keep_ratio=report_keep_ratio, seed=seed, skip_update_rank=skip_update_rank,
+        sensitivity_samples=sensitivity_samples,
+    )
+
+
 def calibrate(
     model: nn.Module,
     samples: Iterable[Mapping[str, Any]],
@@ -226,8 +262,8 @@ def calibrate(
     importance: str | Importance = Importance.TEXT,  # measured on the demo: docs/DESIGN.md
     init: str | Init = Init.WEIGHT_SVD,
     refine_steps: int = 200,
-    heldout_fraction: float = 0.125,
-    report_keep_ratio: float = 0.11,
+    heldout_fraction: float = HELDOUT_FRACTION,
+    report_keep_ratio: float = REPORT_KEEP_RATIO,
     seed: int = 0,
     skip_update_rank: int = SKIP_UPDATE_RANK,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
@@ -249,31 +285,14 @@ def calibrate(
     `checkpoint`, finished layers, measurements and refined splits are saved there and a rerun with the same model,
     data and options resumes from them.
     """
+    options = calibration_options(
+        model.config, rank=rank, start_layer=start_layer, importance=importance, init=init, refine_steps=refine_steps,
+        heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio, seed=seed,
+        skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
+        refine_compressions=refine_compressions, refine_evaluations=refine_evaluations,
+    )
     adapter = get_adapter(model)
     geometry = AttentionGeometry.of(model)
-    rank = rank if rank is not None else min(2 * geometry.head_dim, geometry.num_heads * geometry.head_dim)
-    check_rank(rank, geometry)
-    check_start_layer(start_layer, geometry)
-    check_keep_ratio(report_keep_ratio)
-    check_skip_update_rank(skip_update_rank, model.config.get_text_config(decoder=True).hidden_size)
-    if sensitivity_samples < 0:
-        raise AlvtsError(f"sensitivity samples must be 0 (do not measure) or more, got {sensitivity_samples}")
-    for compression in refine_compressions:
-        check_compression(compression)
-    if refine_compressions and not sensitivity_samples:
-        raise AlvtsError("refining the split needs the sensitivity measurement; give --sensitivity-samples above 0")
-    if refine_evaluations < 1:
-        raise AlvtsError(f"refine evaluations must be at least 1, got {refine_evaluations}")
-    if refine_steps < 0:
-        raise AlvtsError(f"refine steps must be 0 (no refinement) or more, got {refine_steps}")
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise AlvtsError(f"held-out fraction must be in [0, 1), got {heldout_fraction}")
-    options = CalibrationOptions(
-        rank=rank, start_layer=start_layer, importance=parse_choice(Importance, importance, "importance").value,
-        init=parse_choice(Init, init, "init").value,
-        refine_steps=refine_steps, heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio,
-        seed=seed, skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
-    )
     samples = list(samples)
     if not samples:
         raise AlvtsError("the calibration set is empty; give at least one sample")
