@@ -52,8 +52,22 @@ class Calibration:
 
     @property
     def complete(self) -> bool:
-        expected = range(int(self.metadata["options"]["start_layer"]), int(self.metadata["fingerprint"]["num_layers"]))
-        return set(expected) <= set(self.layers)
+        return set(self._expected_layers) <= set(self.layers)
+
+    @property
+    def _expected_layers(self) -> range:
+        return range(int(self.metadata["options"]["start_layer"]), int(self.metadata["fingerprint"]["num_layers"]))
+
+    def unfinished(self) -> str | None:
+        """What an interrupted run's checkpoint still lacks, in words; None when the calibration is complete."""
+        expected = self._expected_layers
+        done = len(set(expected) & set(self.layers))
+        if done < len(expected):
+            return f"{done} of {len(expected)} layers calibrated"
+        measured = all(self.layers[i].budget is not None and self.layers[i].budget.damage is not None for i in expected)
+        if self.metadata["options"]["sensitivity_samples"] and not measured:
+            return "every layer calibrated, the sensitivity measurement unfinished"
+        return None
 
     def budget_statistics(self) -> tuple[dict[int, LayerStatistics], int]:
         """Per-layer budget statistics and the reference visual token count (median per calibration row)."""
