@@ -177,7 +177,7 @@ def _heldout_indices(count: int, fraction: float) -> list[int]:
     return list(range(count - held, count))
 
 
-IDENTITY_NAMES = {"fingerprint": "model", "data_sha256": "calibration data"}
+IDENTITY_NAMES = {"fingerprint": "a different model", "data_sha256": "different calibration data"}
 
 
 def _resume(
@@ -192,7 +192,7 @@ def _resume(
         if stored != value:
             changed = [f"{name} {stored[name]!r} there, {value[name]!r} now" for name in value
                        if stored.get(name) != value[name]] if key == "options" else []
-            what = f"different options ({'; '.join(changed)})" if changed else f"a different {IDENTITY_NAMES[key]}"
+            what = f"different options ({'; '.join(changed)})" if changed else IDENTITY_NAMES[key]
             raise AlvtsError(
                 f"checkpoint {checkpoint} was made with {what}; to start over delete it (`alvts calibrate "
                 "--no-resume` does), or choose another output path"

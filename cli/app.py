@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -78,8 +79,9 @@ def _main(debug: Annotated[bool, typer.Option(help="Show full tracebacks on erro
     _state["debug"] = debug
 
 
-class Interrupted(AlvtsError):
-    """Ctrl-C: the command stopped; it says what was kept."""
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) in the console script: the command stops and says what was kept. Like KeyboardInterrupt it is
+    no Exception, so no library swallows it; unlike it, click does not turn it into a bare "Aborted!"."""
 
     exit_code = 130
 
@@ -211,7 +213,7 @@ def calibrate_command(
         except SampleError as error:
             raise AlvtsError(f"{data or 'the demo data'} row {report.rows[error.index] + 1}: {error.reason}; fix or "
                              "remove that row") from error
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             saved = f"what was finished is saved in {checkpoint}" if checkpoint.exists() else "nothing was saved yet"
             raise Interrupted(f"interrupted; {saved}: rerun the same command to resume") from None
         seconds = time.perf_counter() - started
@@ -517,20 +519,25 @@ for _command in app.registered_commands:  # plain help would otherwise cut each 
     _command.short_help = _command.callback.__doc__.strip().splitlines()[0]
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted("interrupted")
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 1 (Ctrl-C: 130) unless --debug."""
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
-    except KeyboardInterrupt:
+    except Interrupted as error:
         if _state["debug"]:
             raise
-        print("error: interrupted", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(Interrupted.exit_code)
     except (AlvtsError, OSError, ValueError) as error:
         if _state["debug"]:
             raise
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(getattr(error, "exit_code", 1))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
