@@ -117,15 +117,16 @@ def items(check: Check, minimum: int = 0) -> Check:
     return checked
 
 
-def mapping(check: Check, *, layer_keys: bool = False, minimum: int = 0) -> Check:
-    """An object whose every value passes `check`; with `layer_keys`, keys are layer indices ("0", "12")."""
+def mapping(check: Check, *, numbered: str | None = None, minimum: int = 0) -> Check:
+    """An object whose every value passes `check`; with `numbered` (what its keys count, e.g. "a layer index"), keys
+    are whole numbers written plainly ("0", "12")."""
     def checked(value: Any, where: str) -> None:
         _type(value, dict, "an object", where)
         if len(value) < minimum:
             _fail(where, "must not be empty")
         for key, item in value.items():
-            if layer_keys and not INDEX.fullmatch(key):
-                _fail(where, f"has key {key[:20]!r}, which is not a layer index (0, 1, 2, ...)")
+            if numbered and not INDEX.fullmatch(key):
+                _fail(where, f"has key {key[:20]!r}, which is not {numbered} (0, 1, 2, ...)")
             check(item, f"{where}[{key!r}]")
     return checked
 
@@ -185,20 +186,20 @@ SUMMARY_FIELDS = {
 }
 SUMMARY_EXTRA = {"sensitivity_samples": _count, "sensitivity_update": choice(SkippedUpdate)}
 REFINED = fields({
-    "compression": number(0.0, 1.0, high_open=True), "tokens": mapping(_count, layer_keys=True),
+    "compression": number(0.0, 1.0, high_open=True), "tokens": mapping(_count, numbered="a layer index"),
     "divergence_before": number(0.0), "divergence_after": number(0.0), "evaluations": _positive,
     "samples": _positive,
 })
 ALLOCATION = fields({
     "method": text(), "target_keep_ratio": number(0.0, 1.0, low_open=True), "visual_tokens": _positive,
     "mean_tokens_per_layer": number(0.0), "uniform_tokens_per_layer": _count, "mean_keep_ratio": _ratio,
-    "tokens": mapping(_count, layer_keys=True),
+    "tokens": mapping(_count, numbered="a layer index"),
 })
 SELECTOR = fields(
     {
         "format": text(SELECTOR_FORMAT), "format_version": integer(FORMAT_VERSION, FORMAT_VERSION),
         "importance": choice(Importance), "fingerprint": FINGERPRINT,
-        "keep_ratios": mapping(_ratio, layer_keys=True, minimum=1),
+        "keep_ratios": mapping(_ratio, numbered="a layer index", minimum=1),
     },
     {
         "family": text(*SUPPORTED_FAMILIES), "rank": _positive, "dtype": text(*TORCH_DTYPES),
@@ -207,7 +208,7 @@ SELECTOR = fields(
         "allocation": ALLOCATION, "start_layer": _count,
         "calibration": fields({**SUMMARY_FIELDS, "data_sha256": text(pattern="[0-9a-f]{64}"), "options": OPTIONS},
                               SUMMARY_EXTRA),
-        "fidelity": mapping(mapping(_measure), layer_keys=True), "toolkit_version": text(),
+        "fidelity": mapping(mapping(_measure), numbered="a layer index"), "toolkit_version": text(),
     },
 )
 CALIBRATION = fields(
@@ -215,9 +216,9 @@ CALIBRATION = fields(
         "format": text(CALIBRATION_FORMAT), "format_version": integer(FORMAT_VERSION, FORMAT_VERSION),
         "fingerprint": FINGERPRINT, "data_sha256": text(pattern="[0-9a-f]{64}"), "options": OPTIONS,
         "family": text(*SUPPORTED_FAMILIES), "summary": fields(SUMMARY_FIELDS, SUMMARY_EXTRA),
-        "toolkit_version": text(), "layer_stats": mapping(mapping(_measure), layer_keys=True),
+        "toolkit_version": text(), "layer_stats": mapping(mapping(_measure), numbered="a layer index"),
     },
-    {"refined_budgets": mapping(REFINED, layer_keys=True), "model": text()},
+    {"refined_budgets": mapping(REFINED, numbered="a token count"), "model": text()},
 )
 SCHEMAS = {SELECTOR_FORMAT: SELECTOR, CALIBRATION_FORMAT: CALIBRATION}
 

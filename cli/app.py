@@ -453,11 +453,9 @@ def eval_command(
         )
         payload = report.to_dict()
         if out is not None:
-            atomic_write(out, lambda temporary: Path(temporary).write_text(json.dumps(payload, indent=1),
-                                                                          encoding="utf-8"))
+            _write_text(out, json.dumps(payload, indent=1))
         if markdown is not None:
-            atomic_write(markdown, lambda temporary: Path(temporary).write_text(eval_markdown(report.rows()),
-                                                                               encoding="utf-8"))
+            _write_text(markdown, eval_markdown(report.rows()))
     if json_output:
         print_json(payload)
         return
@@ -471,6 +469,10 @@ def eval_command(
     for method, target in report.infeasible:
         console.print(f"{method} at {target:.0%}: infeasible (its full layers alone exceed the budget)")
     console.print(f"evaluated in {report.seconds:.0f} s" + (f" -> {out}" if out else ""))
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def _compressions(value: str, option: str = "--compression") -> tuple[float, ...]:

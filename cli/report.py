@@ -71,7 +71,7 @@ def budget_description(metadata: dict[str, Any]) -> str:
     if metadata.get("skipped_update", "none") != "none":
         pooled += f", skipped update {metadata['skipped_update']}"
     if metadata["budget"] == "uniform" or allocation is None:
-        return f"uniform keep ratio {metadata['keep_ratio']}{pooled}"
+        return f"uniform keep ratio {metadata.get('keep_ratio')}{pooled}"
     return (
         f"adaptive ({allocation['method']}): mean {allocation['mean_tokens_per_layer']:.2f} of "
         f"{allocation['visual_tokens']} visual tokens per routed layer (uniform keep ratio "
