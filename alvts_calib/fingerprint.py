@@ -82,7 +82,8 @@ def _sampled(matrices: list[tuple[str, torch.Tensor]], count: int) -> list[float
     picks = []
     for _, matrix in matrices:
         flat = matrix.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, count).round().long().to(flat.device)
+        last = flat.numel() - 1  # whole-number positions: a float32 linspace would round past the end of large matrices
+        positions = torch.tensor([step * last // (count - 1) for step in range(count)], device=flat.device)
         picks.append(flat[positions].float().cpu())
     return [float(f"{value:.6g}") for value in torch.cat(picks).tolist()]
 

@@ -251,3 +251,10 @@ def test_a_failure_while_patching_undoes_every_patched_layer(artifact, monkeypat
     assert not [name for name, _ in model.named_parameters() if "alvts" in name]
     monkeypatch.setattr(attach_module, "route_layer", original)
     attach(model, artifact)  # and a later attach works
+
+
+def test_fingerprint_samples_stay_inside_large_matrices():
+    from alvts_calib.fingerprint import SAMPLES_PER_MATRIX, _sampled
+
+    large = torch.ones(1).expand(4096 * 11008)  # a 7B model's MLP matrix, without the memory: float32 positions
+    assert _sampled([("mlp", large)], SAMPLES_PER_MATRIX) == [1.0] * SAMPLES_PER_MATRIX  # would round past its end
