@@ -138,7 +138,12 @@ class AttentionGeometry:
 
     @classmethod
     def of(cls, model: nn.Module) -> AttentionGeometry:
-        config = model.config.get_text_config(decoder=True)
+        return cls.of_config(model.config)
+
+    @classmethod
+    def of_config(cls, model_config: Any) -> AttentionGeometry:
+        """The geometry a model config describes (no weights needed)."""
+        config = model_config.get_text_config(decoder=True)
         heads = config.num_attention_heads
         return cls(
             num_layers=config.num_hidden_layers,

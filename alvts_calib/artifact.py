@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,37 +13,29 @@ from safetensors.torch import save_file
 
 from .errors import ArtifactError
 from .importance import Importance
+from .outputs import atomic_write
+from .schema import FORMAT_VERSION, SELECTOR_FORMAT, check_metadata, check_selector_tensors
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
 from .skip_update import SkipUpdate, stored_skip_update
 
-SELECTOR_FORMAT = "alvts-selector"
-FORMAT_VERSION = 1
 METADATA_KEY = "alvts"
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write tensors and JSON metadata atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in sorted(tensors.items())}
-        save_file(contiguous, temporary, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    """Write tensors and JSON metadata atomically (see `outputs.atomic_write`)."""
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in sorted(tensors.items())}
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    return atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=header))
 
 
 def _read(
     path: str | Path, formats: tuple[str, ...], load_tensors: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read metadata (and tensors if asked), checking the file is a readable artifact of one of `formats`."""
+    """Read metadata (and tensors if asked), checking the file is a readable artifact of one of `formats` whose
+    metadata fits the schema (`schema.check_metadata`)."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: no such file")
+        raise ArtifactError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -56,15 +46,9 @@ def _read(
         metadata = json.loads(header[METADATA_KEY])
     except (KeyError, json.JSONDecodeError, TypeError):
         raise ArtifactError(f"{path}: has no ALVTS metadata; is it an ALVTS artifact?") from None
-    if not isinstance(metadata, dict) or metadata.get("format") not in formats:
-        found = metadata.get("format") if isinstance(metadata, dict) else None
-        raise ArtifactError(f"{path}: expected a {' or '.join(formats)} file, found format {found!r}")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format version {metadata.get('format_version')!r} is not supported (this toolkit reads "
-            f"version {FORMAT_VERSION}); upgrade alvts-calib or re-export the artifact"
-        )
-    return tensors, metadata
+    except RecursionError:
+        raise ArtifactError(f"{path}: its metadata is nested too deeply to be ALVTS metadata; re-export it") from None
+    return tensors, check_metadata(metadata, formats, path)
 
 
 def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -97,8 +81,8 @@ class Selector:
         """Whether every routed layer carries a fitted skip update (what "linear" and "stand-in" need)."""
         return set(self.layers) <= set(self.skip_updates)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the artifact (atomic)."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as stored: `layers.{i}.{q,k}_proj.{weight,bias}` and `skip.{i}.*`."""
         tensors = {
             f"layers.{index}.{name}": tensor
             for index, selector in self.layers.items()
@@ -106,37 +90,44 @@ class Selector:
         }
         for index, module in self.skip_updates.items():
             tensors.update({f"skip.{index}.{name}": tensor for name, tensor in module.state_dict().items()})
-        metadata = {
+        return tensors
+
+    def header(self) -> dict[str, Any]:
+        """The metadata as stored."""
+        return {
             **self.metadata,
             "format": SELECTOR_FORMAT,
             "format_version": FORMAT_VERSION,
-            "importance": self.importance.value,
+            "importance": getattr(self.importance, "value", self.importance),
             "fingerprint": self.fingerprint,
-            "keep_ratios": {str(index): ratio for index, ratio in sorted(self.keep_ratios.items())},
+            "keep_ratios": {str(index): ratio for index, ratio in self.keep_ratios.items()},
         }
-        return write_safetensors(path, tensors, metadata)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact (atomic), after checking it as `load_selector` would."""
+        check_selector(self)
+        return write_safetensors(path, self.tensors(), self.header())
+
+
+def check_selector(selector: Selector, where: str = "selector") -> None:
+    """Check an in-memory selector against the artifact schema, as if it were saved and read back."""
+    header = check_metadata(selector.header(), (SELECTOR_FORMAT,), where)
+    check_selector_tensors(header, selector.tensors(), where)
 
 
 def load_selector(path: str | Path) -> Selector:
-    """Read a selector artifact written by `export`, with clear errors for anything malformed."""
+    """Read a selector artifact written by `export`; anything malformed is a one-line error (see `schema`)."""
     tensors, metadata = read_safetensors(path, SELECTOR_FORMAT)
-    try:
-        head_dim = int(metadata["fingerprint"]["head_dim"])
-        keep_ratios = {int(index): float(ratio) for index, ratio in metadata["keep_ratios"].items()}
-        layers = {
-            index: LayerSelector.from_tensors(
-                {name: tensors[f"layers.{index}.{name}"] for name in SELECTOR_TENSOR_NAMES}, head_dim
-            )
-            for index in keep_ratios
-        }
-        importance = Importance(metadata["importance"])
-        stored = {index: stored_skip_update(tensors, index) for index in keep_ratios}
-        skip_updates = {index: SkipUpdate.from_tensors(state) for index, state in stored.items() if state is not None}
-    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
-        raise ArtifactError(
-            f"{path}: selector artifact is incomplete or inconsistent ({error!r}); re-export it"
-        ) from None
-    if not keep_ratios or any(not 0.0 <= ratio <= 1.0 for ratio in keep_ratios.values()):
-        raise ArtifactError(f"{path}: selector artifact has no layers or keep ratios outside [0, 1]; re-export it")
+    check_selector_tensors(metadata, tensors, path)
+    head_dim = metadata["fingerprint"]["head_dim"]
+    keep_ratios = {int(index): float(ratio) for index, ratio in metadata["keep_ratios"].items()}
+    layers = {
+        index: LayerSelector.from_tensors(
+            {name: tensors[f"layers.{index}.{name}"] for name in SELECTOR_TENSOR_NAMES}, head_dim
+        )
+        for index in keep_ratios
+    }
+    stored = {index: stored_skip_update(tensors, index) for index in keep_ratios}
+    skip_updates = {index: SkipUpdate.from_tensors(state) for index, state in stored.items() if state is not None}
+    importance = Importance(metadata["importance"])
     return Selector(layers, keep_ratios, importance, metadata["fingerprint"], metadata, skip_updates)
-

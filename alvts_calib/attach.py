@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import decoder_layers, get_adapter
-from .artifact import Selector, load_selector
+from .artifact import Selector, check_selector, load_selector
 from .errors import AlvtsError
 from .fingerprint import check_fingerprint
 from .masks import check_backend
@@ -101,8 +101,12 @@ def attach(
     artifact's fitted map of how each token's input differs from the stand-in's, "mean" the mean update of the
     tokens it processed, "linear" that mean plus the fitted map, "none" nothing. None, for either, takes the
     artifact's own setting. The artifact must have been calibrated on this model (checked by fingerprint).
+    Everything is checked before the model is changed, and an error leaves it as it was.
     """
-    if not isinstance(selector, Selector):
+    _check_not_attached(model)
+    if isinstance(selector, Selector):
+        check_selector(selector)
+    else:
         selector = load_selector(selector)
     check_fingerprint(selector.fingerprint, model)
     if keep_ratio is not None:
@@ -134,28 +138,52 @@ def attach_policies(
 ) -> nn.Module:
     """Patch `model` in place so each layer in `policies` processes the visual tokens its policy selects.
 
-    This is the runtime under `attach`; the evaluation harness uses it for its reference methods too.
+    This is the runtime under `attach`; the evaluation harness uses it for its reference methods too. Everything is
+    checked before the model is changed, and an error while patching undoes what was patched.
     """
-    if getattr(model, RUNTIME_ATTRIBUTE, None) is not None:
-        raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
+    _check_not_attached(model)
     adapter = get_adapter(model)
     skipped_keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
     check_backend(model.config.get_text_config(decoder=True)._attn_implementation, skipped_keys is SkippedKeys.POOL)
     skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
-    skip_modules = _skip_modules(skipped_update, selector, policies)
     layers = decoder_layers(model)
-    for index, policy in policies.items():
-        route_layer(layers[index], policy, skipped_update, skip_modules.get(index), skipped_keys)
-
+    outside = sorted(str(index) for index in policies if not (isinstance(index, int) and 0 <= index < len(layers)))
+    if outside:
+        raise AlvtsError(
+            f"layer(s) {', '.join(outside)} are not decoder layers of this model (0 to {len(layers) - 1}); use a "
+            "selector made for this model"
+        )
+    skip_modules = _skip_modules(skipped_update, selector, policies)
     tracker = VisualTracker(model, adapter)
-    tracker.install()
-    runtime = _Runtime(selector=selector, tracker=tracker, routed_layers=sorted(policies))
-    text_model = adapter.text_model(model)
-    runtime.hooks.append(text_model.register_forward_pre_hook(_context_hook(tracker, runtime), with_kwargs=True))
-    runtime.hooks.append(model.register_forward_pre_hook(lambda module, args: tracker.reset()))
+    runtime = _Runtime(selector=selector, tracker=tracker, routed_layers=[])
+    try:
+        for index, policy in sorted(policies.items()):
+            route_layer(layers[index], policy, skipped_update, skip_modules.get(index), skipped_keys)
+            runtime.routed_layers.append(index)
+        tracker.install()
+        text_model = adapter.text_model(model)
+        runtime.hooks.append(text_model.register_forward_pre_hook(_context_hook(tracker, runtime), with_kwargs=True))
+        runtime.hooks.append(model.register_forward_pre_hook(lambda module, args: tracker.reset()))
+    except BaseException:
+        _undo(layers, runtime)
+        raise
     setattr(model, RUNTIME_ATTRIBUTE, runtime)
     setattr(model, TRACKER_ATTRIBUTE, tracker)
     return model
+
+
+def _check_not_attached(model: nn.Module) -> None:
+    if getattr(model, RUNTIME_ATTRIBUTE, None) is not None:
+        raise AlvtsError("a selector is already attached to this model; call alvts_calib.detach(model) first")
+
+
+def _undo(layers: nn.ModuleList, runtime: _Runtime) -> None:
+    """Remove what `attach_policies` patched: routed layers, hooks and the visual tracker."""
+    for index in runtime.routed_layers:
+        unroute_layer(layers[index])
+    for hook in runtime.hooks:
+        hook.remove()
+    runtime.tracker.remove()
 
 
 def require_skip_updates(selector: Selector | None, layers: list[int], skipped_update: SkippedUpdate) -> None:
@@ -185,12 +213,7 @@ def detach(model: nn.Module) -> nn.Module:
     runtime: _Runtime | None = getattr(model, RUNTIME_ATTRIBUTE, None)
     if runtime is None:
         raise AlvtsError("no ALVTS selector is attached to this model")
-    layers = decoder_layers(model)
-    for index in runtime.routed_layers:
-        unroute_layer(layers[index])
-    for hook in runtime.hooks:
-        hook.remove()
-    runtime.tracker.remove()
+    _undo(decoder_layers(model), runtime)
     delattr(model, RUNTIME_ATTRIBUTE)
     delattr(model, TRACKER_ATTRIBUTE)
     return model

@@ -10,13 +10,12 @@ import torch
 
 from .artifact import read_safetensors, write_safetensors
 from .budgets import LayerStatistics, LayerUpdates
-from .errors import AlvtsError, ArtifactError
+from .errors import AlvtsError
 from .importance import Importance
+from .schema import CALIBRATION_FORMAT, FORMAT_VERSION, check_calibration_tensors, check_metadata
 from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
 from .skip_update import stored_skip_update
 from .solver import fidelity
-
-CALIBRATION_FORMAT = "alvts-calibration"
 
 
 @dataclass
@@ -26,7 +25,7 @@ class LayerResult:
     selector: dict[str, torch.Tensor]  # LayerSelector state dict (float32)
     heldout_parts: torch.Tensor  # (P, G, N) selector parts over held-out visual tokens
     heldout_target: torch.Tensor  # (N,) full-attention importance of the same tokens
-    stats: dict[str, float] = field(default_factory=dict)  # losses, timings
+    stats: dict[str, float] = field(default_factory=dict)  # refinement losses, skip-update fit
     budget: LayerStatistics | None = None  # full-attention statistics for budgets (None in older files)
     skip_update: dict[str, torch.Tensor] | None = None  # fitted update for skipped tokens (see `skip_update`)
 
@@ -53,8 +52,22 @@ class Calibration:
 
     @property
     def complete(self) -> bool:
-        expected = range(int(self.metadata["options"]["start_layer"]), int(self.metadata["fingerprint"]["num_layers"]))
-        return set(expected) <= set(self.layers)
+        return set(self._expected_layers) <= set(self.layers)
+
+    @property
+    def _expected_layers(self) -> range:
+        return range(int(self.metadata["options"]["start_layer"]), int(self.metadata["fingerprint"]["num_layers"]))
+
+    def unfinished(self) -> str | None:
+        """What an interrupted run's checkpoint still lacks, in words; None when the calibration is complete."""
+        expected = self._expected_layers
+        done = len(set(expected) & set(self.layers))
+        if done < len(expected):
+            return f"{done} of {len(expected)} layers calibrated"
+        measured = all(self.layers[i].budget is not None and self.layers[i].budget.damage is not None for i in expected)
+        if self.metadata["options"]["sensitivity_samples"] and not measured:
+            return "every layer calibrated, the sensitivity measurement unfinished"
+        return None
 
     def budget_statistics(self) -> tuple[dict[int, LayerStatistics], int]:
         """Per-layer budget statistics and the reference visual token count (median per calibration row)."""
@@ -92,7 +105,7 @@ class Calibration:
         return measured
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically as safetensors with JSON metadata."""
+        """Write atomically as safetensors with JSON metadata, after checking it as `load_calibration` would."""
         tensors: dict[str, torch.Tensor] = {"heldout.counts": torch.tensor(self.heldout_counts, dtype=torch.long)}
         stats = {}
         for index, result in self.layers.items():
@@ -105,7 +118,9 @@ class Calibration:
                 tensors.update(_budget_tensors(index, result.budget))
             for name, tensor in (result.skip_update or {}).items():
                 tensors[f"skip.{index}.{name}"] = tensor
-        metadata = {**self.metadata, "format": CALIBRATION_FORMAT, "format_version": 1, "layer_stats": stats}
+        metadata = {**self.metadata, "format": CALIBRATION_FORMAT, "format_version": FORMAT_VERSION,
+                    "layer_stats": stats}
+        check_calibration_tensors(check_metadata(metadata, (CALIBRATION_FORMAT,), path), tensors, path)
         return write_safetensors(path, tensors, metadata)
 
 
@@ -141,25 +156,20 @@ def _budget_statistics(tensors: dict[str, torch.Tensor], index: str) -> LayerSta
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration written by `Calibration.save`."""
+    """Read a calibration (or an unfinished run's checkpoint) written by `Calibration.save`; anything malformed is a
+    one-line error (see `schema`)."""
     tensors, metadata = read_safetensors(path, CALIBRATION_FORMAT)
+    check_calibration_tensors(metadata, tensors, path)
     metadata = {k: v for k, v in metadata.items() if k not in ("format", "format_version")}
-    try:
-        layers = {
-            int(index): LayerResult(
-                selector={
-                    name: tensors[f"layers.{index}.{name}"]
-                    for name in SELECTOR_TENSOR_NAMES
-                },
-                heldout_parts=tensors[f"heldout.{index}.parts"],
-                heldout_target=tensors[f"heldout.{index}.target"],
-                stats=stats,
-                budget=_budget_statistics(tensors, index),
-                skip_update=stored_skip_update(tensors, index),
-            )
-            for index, stats in metadata.pop("layer_stats").items()
-        }
-        counts = tensors["heldout.counts"].tolist()
-    except (KeyError, AttributeError, ValueError) as error:
-        raise ArtifactError(f"{path}: calibration file is incomplete ({error!r}); re-run `alvts calibrate`") from None
-    return Calibration(layers=layers, heldout_counts=counts, metadata=metadata)
+    layers = {
+        int(index): LayerResult(
+            selector={name: tensors[f"layers.{index}.{name}"] for name in SELECTOR_TENSOR_NAMES},
+            heldout_parts=tensors[f"heldout.{index}.parts"],
+            heldout_target=tensors[f"heldout.{index}.target"],
+            stats=stats,
+            budget=_budget_statistics(tensors, index),
+            skip_update=stored_skip_update(tensors, index),
+        )
+        for index, stats in metadata.pop("layer_stats").items()
+    }
+    return Calibration(layers=layers, heldout_counts=tensors["heldout.counts"].tolist(), metadata=metadata)

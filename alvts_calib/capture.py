@@ -95,6 +95,15 @@ def capture_layer_inputs(
     )
 
 
+def sample_length(sample: Mapping[str, Any]) -> int:
+    """The sequence length of a sample (batch of rows) of model inputs."""
+    tokens = sample.get("input_ids", sample.get("inputs_embeds"))
+    if tokens is None:
+        return 0
+    shape = torch.as_tensor(tokens).shape
+    return int(shape[1] if len(shape) > 1 else shape[0])
+
+
 def data_digest(samples: list[Mapping[str, Any]]) -> str:
     """sha256 over every tensor of every sample, in key order."""
     digest = hashlib.sha256()

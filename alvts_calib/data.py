@@ -1,13 +1,14 @@
 """Calibration and evaluation data: image/prompt records from local files, turned into processor inputs.
 
 Records have an `image` (a file path, or an embedded `datasets.Image`), a `prompt` and optionally an `answer`.
-Rows that cannot be used are skipped and counted by reason in a `DataReport`, never fatal one by one.
+Rows that cannot be used are skipped and counted by reason in a `DataReport`, never fatal one by one; a file whose
+values have the wrong type (a number as image, a list as prompt) is an error naming the line.
 """
 
 from __future__ import annotations
 
 import io
-import tempfile
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ EMPTY_PROMPT = "empty prompt"
 NO_IMAGE_TOKEN = "prompt without image token"
 REJECTED = "rejected by processor"
 MISSING_ANSWER = "missing answer"  # none, or no words in it (nothing could ever match it)
+TOO_LARGE = "image too large to open safely"  # PIL's decompression bomb guard
+TOO_LONG = "longer than the model's positions"
+TEXT_COLUMNS = ("image", "file_name", "prompt", "answer", "kind")  # what the toolkit reads; other columns are ignored
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for files that are not images it can read
 
 
 @dataclass
@@ -41,6 +46,7 @@ class DataReport:
 
     used: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    rows: list[int] = field(default_factory=list, compare=False)  # the data row (from 0) of each sample used
 
     def summary(self) -> str:
         """One line, e.g. `3 samples used, 2 rows skipped (1 empty prompt, 1 missing image)`."""
@@ -144,29 +150,46 @@ def _rename_columns(dataset: datasets.Dataset, source: str, **columns: str) -> d
 
 
 def build_samples(
-    records: datasets.Dataset, processor: Any, *, num_samples: int | None = None, image_token: str | None = None
+    records: datasets.Dataset, processor: Any, *, num_samples: int | None = None, image_token: str | None = None,
+    max_tokens: int | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], DataReport]:
     """Turn records into processor inputs, one batch-of-1 dict of tensors per usable row.
 
     With a chat template the prompt goes into a user turn after an image entry (image tokens already in the
     prompt are dropped); without one the prompt must contain the image token (`image_token`, default the
-    processor's). Stops after `num_samples` usable samples (default: all rows), so skipped rows may leave fewer.
+    processor's). Rows longer than `max_tokens` (the model's positions) are skipped. Stops after `num_samples`
+    usable samples (default: all rows), so skipped rows may leave fewer.
     """
     token, records = _prepare(records, processor, num_samples, image_token, "the calibration data")
     samples: list[dict[str, torch.Tensor]] = []
+    report = DataReport()
     skipped: Counter[str] = Counter()
-    for row in records:
+    for number, row in enumerate(records):
         if num_samples is not None and len(samples) == num_samples:
             break
-        sample = _build_sample(row, processor, token)
+        sample = _build_sample(row, processor, token, max_tokens)
         if isinstance(sample, str):
             skipped[sample] += 1
         else:
             samples.append(sample)
-    report = DataReport(used=len(samples), skipped=dict(skipped))
+            report.rows.append(number)
+    report.used, report.skipped = len(samples), dict(skipped)
     if not samples:
         raise AlvtsError(f"no usable rows in the calibration data: {report.summary()}")
     return samples, report
+
+
+def single_sample(
+    image: str | Path | Image.Image, prompt: str, processor: Any, *, max_tokens: int | None = None, source: str = ""
+) -> dict[str, torch.Tensor]:
+    """Processor inputs for one image and prompt, or a one-line error saying why they cannot be used."""
+    token = getattr(processor, "image_token", None)
+    row = {"image": str(image) if isinstance(image, str | Path) else image, "prompt": prompt}
+    sample = _build_sample(row, processor, token, max_tokens)
+    if isinstance(sample, str):
+        raise AlvtsError(f"{source or image}: {sample}; give a readable image (PNG, JPEG) and a prompt that fits the "
+                         "model")
+    return sample
 
 
 @dataclass
@@ -226,15 +249,51 @@ def _prepare(
 
 
 def _read_jsonl(path: Path) -> datasets.Dataset:
-    """Read a JSONL file into memory, leaving no cache files behind."""
-    with path.open(encoding="utf-8") as lines:
-        if not any(line.strip() for line in lines):
-            raise AlvtsError(f"{path} is empty: it needs one JSON object per line with an image and a prompt")
-    with tempfile.TemporaryDirectory() as cache_dir:
-        try:
-            return datasets.Dataset.from_json(str(path), cache_dir=cache_dir, keep_in_memory=True)
-        except datasets.exceptions.DatasetGenerationError as error:
-            raise AlvtsError(f"cannot read {path} as JSONL: {error.__cause__ or error}") from error
+    """Read a JSONL file into memory, checking every line is an object whose values have the right types."""
+    rows, names = [], {}
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    row = _json_object(line, f"{path} line {number}")
+                    names.update(dict.fromkeys("image" if name == "file_name" else name for name in row))
+                    rows.append(_typed_row(row, f"{path} line {number}"))
+    except UnicodeDecodeError:
+        raise AlvtsError(f"{path} is not UTF-8 text; save it as UTF-8 JSONL") from None
+    if not rows:
+        raise AlvtsError(f"{path} is empty: it needs one JSON object per line with an image and a prompt")
+    _require_columns(list(names), str(path))
+    columns = [name for name in TEXT_COLUMNS if any(name in row for row in rows)]
+    features = datasets.Features({name: datasets.Value("string") for name in columns})
+    return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in columns}, features=features)
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as error:
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+        raise AlvtsError(f"{where}: not valid JSON ({reason}); each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise AlvtsError(f"{where}: expected a JSON object with an image and a prompt, got {type(row).__name__}")
+    return row
+
+
+def _typed_row(row: dict[str, Any], where: str) -> dict[str, str | None]:
+    """The columns the toolkit reads, as text: paths and prompts must be strings, answers and kinds may be numbers."""
+    typed: dict[str, str | None] = {}
+    for name in TEXT_COLUMNS:
+        value = row.get(name)
+        numbers_allowed = name in ("answer", "kind")
+        if value is None or isinstance(value, str):
+            typed[name] = value
+        elif numbers_allowed and isinstance(value, int | float) and not isinstance(value, bool):
+            typed[name] = str(value)
+        else:
+            what = "a file path (a string)" if name in ("image", "file_name") else "text (a string)"
+            found = f"{type(value).__name__} {str(value)[:40]}"
+            raise AlvtsError(f"{where}: {name} must be {what}, got {found}; fix that line")
+    return {name: value for name, value in typed.items() if name in row}
 
 
 def _resolve_images(dataset: datasets.Dataset, root: Path) -> datasets.Dataset:
@@ -248,25 +307,44 @@ def _resolve_images(dataset: datasets.Dataset, root: Path) -> datasets.Dataset:
     return dataset.remove_columns("image").add_column("image", resolved)
 
 
-def _check_columns(dataset: datasets.Dataset, source: str) -> None:
-    missing = [name for name in REQUIRED_COLUMNS if name not in dataset.column_names]
+def _require_columns(names: list[str], source: str) -> None:
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
     if missing:
         raise AlvtsError(
-            f"{source} lacks column(s) {', '.join(missing)}; it has {', '.join(dataset.column_names)}: name the "
+            f"{source} lacks column(s) {', '.join(missing)}; it has {', '.join(names)}: name the "
             "columns to use with --image-column and --prompt-column (image_column=, prompt_column=)"
         )
 
 
-def _build_sample(row: dict[str, Any], processor: Any, token: str | None) -> dict[str, torch.Tensor] | str:
+def _check_columns(dataset: datasets.Dataset, source: str) -> None:
+    """The required columns are there, and the columns the toolkit reads hold values of the right type."""
+    _require_columns(dataset.column_names, source)
+    for name in ("image", "prompt", "answer", "kind"):
+        feature = dataset.features.get(name)
+        if feature is None or (name == "image" and isinstance(feature, datasets.Image)):
+            continue
+        text_like = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")
+        numeric = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint", "float"))
+        if not (text_like or (numeric and name in ("answer", "kind"))):
+            what = "file paths or images" if name == "image" else "text"
+            raise AlvtsError(f"{source}: column {name} must hold {what}, but it holds {feature}; fix the data")
+
+
+def _build_sample(
+    row: dict[str, Any], processor: Any, token: str | None, max_tokens: int | None = None
+) -> dict[str, torch.Tensor] | str:
     """The processor inputs for one row, or the reason it is skipped."""
     usable = _usable_row(row, processor, token)
     if isinstance(usable, str):
         return usable
     image, text = usable
     try:
-        return dict(processor(images=image, text=text, return_tensors="pt"))
+        sample = dict(processor(images=image, text=text, return_tensors="pt"))
     except ValueError:
         return REJECTED
+    if max_tokens is not None and sample["input_ids"].shape[-1] > max_tokens:
+        return TOO_LONG
+    return sample
 
 
 def _usable_row(row: dict[str, Any], processor: Any, token: str | None) -> tuple[Image.Image, str] | str:
@@ -282,16 +360,20 @@ def _usable_row(row: dict[str, Any], processor: Any, token: str | None) -> tuple
     return image, text
 
 
-def _open_image(value: str | dict[str, Any] | None) -> Image.Image | str:
+def _open_image(value: str | dict[str, Any] | Image.Image | None) -> Image.Image | str:
     """The image as RGB, or the reason it cannot be opened. `value` is a path or an undecoded `datasets.Image`."""
     if isinstance(value, dict):
         value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
     if value is None or (isinstance(value, str) and not Path(value).is_file()):
         return MISSING_IMAGE
     try:
         with Image.open(value) as image:
             return image.convert("RGB")
-    except OSError:
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except IMAGE_ERRORS:
         return UNREADABLE_IMAGE
 
 

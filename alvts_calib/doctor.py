@@ -85,6 +85,13 @@ def _flash_attention(gpus: list[Gpu]) -> Backend:
     return Backend(name, True, f"flash_attn {package_version('flash-attn') or 'installed'} on {capable[0].name}")
 
 
+def attention_backend(name: str) -> Backend:
+    """Whether the attention implementation `name` can run here, and why (not)."""
+    if name == "flash_attention_2":
+        return _flash_attention(_gpus())
+    return Backend(name, True, "always available" if name == "eager" else f"torch {torch.__version__}")
+
+
 def diagnose() -> Diagnosis:
     """Inspect the running environment; never raises for a missing optional package or GPU."""
     gpus = _gpus()

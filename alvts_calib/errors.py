@@ -11,3 +11,12 @@ class ArtifactError(AlvtsError):
 
 class ModelMismatchError(ArtifactError):
     """An artifact was calibrated for a different model than the one it is being attached to."""
+
+
+class SampleError(AlvtsError):
+    """A calibration sample the model cannot run; `index` is its position among the samples given."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"calibration sample {index + 1}: {reason}; fix or leave out that row")
+        self.index = index
+        self.reason = reason

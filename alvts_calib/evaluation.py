@@ -346,6 +346,9 @@ def evaluate(
     `skipped_keys` and `budget`). `skipped_update` applies to the layer-wise methods; None takes the toolkit's
     default for `skipped_keys` and the selector (`routing.default_skipped_update`)."""
     check_methods(methods, selector, calibration)
+    parse_budget(budget)
+    if batch_size < 1:
+        raise AlvtsError(f"batch size must be at least 1, got {batch_size}")
     if selector is not None:
         check_fingerprint(selector.fingerprint, model)
     keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from enum import Enum
 from typing import TypeVar
 
@@ -12,6 +13,8 @@ from .errors import AlvtsError
 
 E = TypeVar("E", bound=Enum)
 DEFAULT_START_LAYER = 0  # the first routed layer; measured on the demo (docs/DESIGN.md)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements over devices
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -58,3 +61,28 @@ def parse_choice(kind: type[E], value: E | str, name: str) -> E:
     except ValueError:
         choices = ", ".join(member.value for member in kind)
         raise AlvtsError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
+def check_device(device: str | None) -> None:
+    """Fail unless `device` (a device_map for loading) names a device this machine has, or an accelerate placement."""
+    if device is None:
+        return
+    if device in DEVICE_MAPS:
+        if importlib.util.find_spec("accelerate") is None:
+            raise AlvtsError(
+                f"device {device!r} spreads the model with accelerate, which is not installed; "
+                "pip install 'alvts-calib[accelerate]'"
+            )
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise AlvtsError(f"device must be cpu, cuda, cuda:N, mps or auto, got {device!r}")
+    backend = getattr(torch, parsed.type, None) if parsed.type != "cpu" else None
+    available = parsed.type == "cpu" or (backend is not None and backend.is_available())
+    if not available:
+        raise AlvtsError(f"device {device!r}: no {parsed.type} device is available here (see `alvts doctor`); use cpu")
+    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= backend.device_count():
+        raise AlvtsError(f"device {device!r}: this machine has {backend.device_count()} {parsed.type} device(s)")

@@ -9,7 +9,6 @@ resumes from its last finished layer with identical results.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,23 +22,33 @@ from .adapters import AttentionGeometry, decoder_layers, get_adapter
 from .artifact import Selector
 from .budgets import Budget, LayerStatistics, UpdateTally, allocate, coverage_curves, visual_attention_share
 from .calibration import Calibration, LayerResult, load_calibration
-from .capture import CapturedBatch, capture_layer_inputs, data_digest, move
+from .capture import CapturedBatch, capture_layer_inputs, data_digest, move, sample_length
 from .devices import execution_device, materialized
-from .errors import AlvtsError
+from .errors import AlvtsError, SampleError
 from .export import calibrated_layers, tokens_per_layer_at
 from .fingerprint import model_fingerprint
 from .importance import Importance, attention_parts, importance_from_parts
 from .joint_search import REFINE_EVALUATIONS, refine_budget
 from .layer_attention import layer_queries_keys
 from .methods import check_compression
-from .options import DEFAULT_START_LAYER, check_keep_ratio, check_rank, check_skip_update_rank, check_start_layer
-from .progress import track
+from .options import (
+    DEFAULT_START_LAYER,
+    check_keep_ratio,
+    check_rank,
+    check_skip_update_rank,
+    check_start_layer,
+    parse_choice,
+)
+from .progress import note, track
 from .routing import SkippedKeys, SkippedUpdate, default_skipped_update
 from .selector import LayerSelector
 from .sensitivity import SENSITIVITY_SAMPLES, budget_grid, measure_sensitivity
 from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
 from .solver import Init, LayerBatch, refine, rope_svd_init, second_moment
 from .visual import VisualTracker
+
+HELDOUT_FRACTION = 0.125  # share of samples kept out of the fit to measure fidelity
+REPORT_KEEP_RATIO = 0.11  # the keep ratio at which calibration reports fidelity
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,6 @@ def _solve_layer(
     geometry: AttentionGeometry,
     options: CalibrationOptions,
 ) -> LayerResult:
-    started = time.perf_counter()
     definition = Importance(options.importance)
     batches, budget = _layer_batches(layer, captured, geometry, definition)
     train = [b for i, b in enumerate(batches) if i not in heldout] or batches
@@ -119,7 +127,7 @@ def _solve_layer(
     loss_init, loss_refined = refine(selector, train, definition, options.refine_steps, generator)
     parts, target = _heldout_statistics(selector, held, definition)
     state = {name: tensor.detach().cpu().clone() for name, tensor in selector.state_dict().items()}
-    stats = {"loss_init": loss_init, "loss_refined": loss_refined, "seconds": time.perf_counter() - started}
+    stats = {"loss_init": loss_init, "loss_refined": loss_refined}
     return LayerResult(selector=state, heldout_parts=parts, heldout_target=target, stats=stats, budget=budget)
 
 
@@ -169,17 +177,80 @@ def _heldout_indices(count: int, fraction: float) -> list[int]:
     return list(range(count - held, count))
 
 
-def _resume(checkpoint: Path | None, identity: dict[str, Any]) -> tuple[dict[int, LayerResult], dict[str, Any]]:
+IDENTITY_NAMES = {"fingerprint": "a different model", "data_sha256": "different calibration data"}
+
+
+def _resume(
+    checkpoint: Path | None, identity: dict[str, Any], progress: bool
+) -> tuple[dict[int, LayerResult], dict[str, Any]]:
     """The finished layers and refined splits of a checkpoint made with the same identity (none without one)."""
     if checkpoint is None or not checkpoint.exists():
         return {}, {}
     previous = load_calibration(checkpoint)
     for key, value in identity.items():
-        if previous.metadata.get(key) != value:
+        stored = previous.metadata.get(key)
+        if stored != value:
+            changed = [f"{name} {stored[name]!r} there, {value[name]!r} now" for name in value
+                       if stored.get(name) != value[name]] if key == "options" else []
+            what = f"different options ({'; '.join(changed)})" if changed else IDENTITY_NAMES[key]
             raise AlvtsError(
-                f"checkpoint {checkpoint} was made with a different {key}; delete it or choose another output path"
+                f"checkpoint {checkpoint} was made with {what}; to start over delete it (`alvts calibrate "
+                "--no-resume` does), or choose another output path"
             )
+    note(f"resuming from {checkpoint}: {len(previous.layers)} layer(s) already calibrated", progress)
     return previous.layers, previous.metadata.get("refined_budgets", {})
+
+
+def _capture(
+    model: nn.Module, samples: list[Mapping[str, Any]], tracker: VisualTracker, storage: torch.device | str,
+    progress: bool,
+) -> list[CapturedBatch]:
+    """Each sample's input to decoder layer 0; a sample the model cannot run is a `SampleError` naming it."""
+    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    captured = []
+    for index, sample in enumerate(track(samples, "capturing inputs", enabled=progress)):
+        tokens = sample_length(sample)
+        if positions is not None and tokens > positions:
+            raise SampleError(index, f"it has {tokens} tokens, more than the model's {positions} positions")
+        try:
+            captured.append(capture_layer_inputs(model, sample, tracker, storage))
+        except (ValueError, RuntimeError, IndexError) as error:
+            raise SampleError(index, str(error).strip().splitlines()[0] if str(error).strip() else repr(error)) \
+                from error
+    return captured
+
+
+def calibration_options(
+    config: Any, *, rank: int | None, start_layer: int, importance: str | Importance, init: str | Init,
+    refine_steps: int, heldout_fraction: float, report_keep_ratio: float, seed: int, skip_update_rank: int,
+    sensitivity_samples: int, refine_compressions: Sequence[float], refine_evaluations: int,
+) -> CalibrationOptions:
+    """The options (see `calibrate`) for a model with this transformers `config`, each checked with a one-line error;
+    needs no weights, so a command can check them before it loads the model."""
+    geometry = AttentionGeometry.of_config(config)
+    rank = rank if rank is not None else min(2 * geometry.head_dim, geometry.num_heads * geometry.head_dim)
+    check_rank(rank, geometry)
+    check_start_layer(start_layer, geometry)
+    check_keep_ratio(report_keep_ratio)
+    check_skip_update_rank(skip_update_rank, geometry.hidden_size)
+    if sensitivity_samples < 0:
+        raise AlvtsError(f"sensitivity samples must be 0 (do not measure) or more, got {sensitivity_samples}")
+    for compression in refine_compressions:
+        check_compression(compression)
+    if refine_compressions and not sensitivity_samples:
+        raise AlvtsError("refining the split needs the sensitivity measurement; give --sensitivity-samples above 0")
+    if refine_evaluations < 1:
+        raise AlvtsError(f"refine evaluations must be at least 1, got {refine_evaluations}")
+    if refine_steps < 0:
+        raise AlvtsError(f"refine steps must be 0 (no refinement) or more, got {refine_steps}")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise AlvtsError(f"held-out fraction must be in [0, 1), got {heldout_fraction}")
+    return CalibrationOptions(
+        rank=rank, start_layer=start_layer, importance=parse_choice(Importance, importance, "importance").value,
+        init=parse_choice(Init, init, "init").value, refine_steps=refine_steps, heldout_fraction=heldout_fraction,
+        report_keep_ratio=report_keep_ratio, seed=seed, skip_update_rank=skip_update_rank,
+        sensitivity_samples=sensitivity_samples,
+    )
 
 
 def calibrate(
@@ -191,8 +262,8 @@ def calibrate(
     importance: str | Importance = Importance.TEXT,  # measured on the demo: docs/DESIGN.md
     init: str | Init = Init.WEIGHT_SVD,
     refine_steps: int = 200,
-    heldout_fraction: float = 0.125,
-    report_keep_ratio: float = 0.11,
+    heldout_fraction: float = HELDOUT_FRACTION,
+    report_keep_ratio: float = REPORT_KEEP_RATIO,
     seed: int = 0,
     skip_update_rank: int = SKIP_UPDATE_RANK,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
@@ -214,37 +285,21 @@ def calibrate(
     `checkpoint`, finished layers, measurements and refined splits are saved there and a rerun with the same model,
     data and options resumes from them.
     """
+    options = calibration_options(
+        model.config, rank=rank, start_layer=start_layer, importance=importance, init=init, refine_steps=refine_steps,
+        heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio, seed=seed,
+        skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
+        refine_compressions=refine_compressions, refine_evaluations=refine_evaluations,
+    )
     adapter = get_adapter(model)
     geometry = AttentionGeometry.of(model)
-    rank = rank if rank is not None else min(2 * geometry.head_dim, geometry.num_heads * geometry.head_dim)
-    check_rank(rank, geometry)
-    check_start_layer(start_layer, geometry)
-    check_keep_ratio(report_keep_ratio)
-    check_skip_update_rank(skip_update_rank, model.config.get_text_config(decoder=True).hidden_size)
-    if sensitivity_samples < 0:
-        raise AlvtsError(f"sensitivity samples must be 0 (do not measure) or more, got {sensitivity_samples}")
-    for compression in refine_compressions:
-        check_compression(compression)
-    if refine_compressions and not sensitivity_samples:
-        raise AlvtsError("refining the split needs the sensitivity measurement; give --sensitivity-samples above 0")
-    if refine_evaluations < 1:
-        raise AlvtsError(f"refine evaluations must be at least 1, got {refine_evaluations}")
-    options = CalibrationOptions(
-        rank=rank, start_layer=start_layer, importance=Importance(importance).value, init=Init(init).value,
-        refine_steps=refine_steps, heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio,
-        seed=seed, skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
-    )
     samples = list(samples)
     if not samples:
         raise AlvtsError("the calibration set is empty; give at least one sample")
-    started = time.perf_counter()
     tracker = VisualTracker(model, adapter)
     tracker.install()
     try:
-        captured = [
-            capture_layer_inputs(model, sample, tracker, storage)
-            for sample in track(samples, "capturing inputs", enabled=progress)
-        ]
+        captured = _capture(model, samples, tracker, storage, progress)
     finally:
         tracker.remove()
     keep = [i for i, batch in enumerate(captured) if bool(batch.visual.any())]
@@ -258,7 +313,7 @@ def calibrate(
         "options": asdict(options),
     }
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    results, refined = _resume(checkpoint, identity)
+    results, refined = _resume(checkpoint, identity, progress)
     heldout = _heldout_indices(len(captured), heldout_fraction)
     counts = [int(row.sum()) for i in heldout for row in captured[i].visual]
     metadata = {
@@ -301,7 +356,6 @@ def calibrate(
         for compression in refine_compressions:
             _refine_budget(model, used, calibration, selector, skipped_update, compression, refine_evaluations,
                            checkpoint, progress)
-    metadata["summary"]["seconds"] = time.perf_counter() - started
     return calibration
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -30,6 +31,12 @@ def counting(description: str, total: int, enabled: bool = True) -> Iterator[Cal
     with _progress() as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
+
+
+def note(message: str, enabled: bool = True) -> None:
+    """One line about the run on stderr, when `enabled` (as progress bars are)."""
+    if enabled:
+        print(message, file=sys.stderr)
 
 
 def _progress() -> Progress:

@@ -466,14 +466,16 @@ def route_layer(
     and dtype. `skip_module` is required for SkippedUpdate.LINEAR unless the policy keeps every token."""
     weight = layer.self_attn.q_proj.weight
     device = execution_device(layer)
-    layer.alvts_policy = policy.to(device=device, dtype=weight.dtype)
     skipped_update = SkippedUpdate(skipped_update)
     if skipped_update.fitted and skip_module is None:
         if not policy.keeps_all:
             raise ValueError(f"SkippedUpdate.{skipped_update.name} needs the layer's fitted skip module")
         skipped_update = SkippedUpdate.NONE  # the layer keeps every visual token: none skips it
+    policy = policy.to(device=device, dtype=weight.dtype)  # everything that may fail comes before the layer changes
+    skip_module = None if skip_module is None else copy.deepcopy(skip_module).to(device, weight.dtype)
+    layer.alvts_policy = policy
     layer.alvts_skipped_update = skipped_update
-    layer.alvts_skip_module = None if skip_module is None else copy.deepcopy(skip_module).to(device, weight.dtype)
+    layer.alvts_skip_module = skip_module
     layer.alvts_skipped_keys = SkippedKeys(skipped_keys)
     layer.alvts_stand_in = None
     layer.alvts_norm_hook = layer.input_layernorm.register_forward_hook(stand_in_norm_hook(layer))

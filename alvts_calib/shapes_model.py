@@ -86,10 +86,11 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 
 def shapes_processor() -> LlavaProcessor:
-    """The demo model's processor: no resizing (images are IMAGE_SIZE square), CLIP normalisation."""
+    """The demo model's processor: images resized to IMAGE_SIZE square (the demo's own images already are, and
+    resizing them is exact), CLIP normalisation."""
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_resize=False, do_center_crop=False,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_resize=True, do_center_crop=False,
     )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=_tokenizer(), patch_size=CELL,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +27,7 @@ from alvts_calib.builtin import (
 from alvts_calib.calibration import CALIBRATION_FORMAT
 from alvts_calib.capture import input_device, move
 from alvts_calib.doctor import diagnose
-from alvts_calib.errors import AlvtsError
+from alvts_calib.errors import AlvtsError, SampleError
 from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
 from alvts_calib.export import (
     DEFAULT_ADAPTIVE_BUDGET,
@@ -37,6 +40,7 @@ from alvts_calib.importance import Importance
 from alvts_calib.joint_search import REFINE_EVALUATIONS
 from alvts_calib.methods import check_compression
 from alvts_calib.options import DEFAULT_START_LAYER
+from alvts_calib.outputs import atomic_write, check_output, input_files, output_lock
 from alvts_calib.routing import SkippedKeys, SkippedUpdate
 from alvts_calib.sensitivity import SENSITIVITY_SAMPLES
 from alvts_calib.skip_update import SKIP_UPDATE_RANK
@@ -58,6 +62,8 @@ app = typer.Typer(
     help="ALVTS: calibrate, export and attach layer-wise visual token selectors for transformers LVLMs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help wraps long option names instead of cutting them
+    context_settings={"max_content_width": 120},
 )
 _state = {"debug": False}
 DEMO_TASK = "alvts_shapes"
@@ -81,9 +87,16 @@ def _main(debug: Annotated[bool, typer.Option(help="Show full tracebacks on erro
     _state["debug"] = debug
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) in the console script: the command stops and says what was kept. Like KeyboardInterrupt it is
+    no Exception, so no library swallows it; unlike it, click does not turn it into a bare "Aborted!"."""
+
+    exit_code = 130
+
+
 def _load(model_path: Path | None, dtype: str, attn: str, device: str | None) -> tuple[Any, str]:
     if model_path is None:
-        return builtin_model("float32" if dtype == "auto" else dtype, attn), BUILTIN_NAME
+        return builtin_model("float32" if dtype == "auto" else dtype, attn, device), BUILTIN_NAME
     from alvts_calib.loading import load_model
 
     return load_model(model_path, dtype=dtype, attn_implementation=attn, device=device), str(model_path)
@@ -104,6 +117,13 @@ def _processor(model_path: Path | None, chat_template: Path | None = None) -> An
     return processor
 
 
+def _max_tokens(model_path: Path | None) -> int | None:
+    """The positions the model takes, read from its config (no weights are loaded)."""
+    from alvts_calib.loading import max_positions
+
+    return max_positions(model_path or BUILTIN_MODEL_DIR)
+
+
 def _records(model_path: Path | None, data: str | None, demo_split: str, count: int, **source: Any) -> Any:
     """The user's records (`source`: the split and column options of `load_records`), or the built-in demo's
     `demo_split` when neither --model nor --data is given."""
@@ -121,14 +141,25 @@ def _records(model_path: Path | None, data: str | None, demo_split: str, count: 
     return split_records(demo_split, count)
 
 
-def _samples(model_path: Path | None, data: str | None, num_samples: int | None, chat_template: Path | None,
-             **source: Any) -> list[dict]:
-    from alvts_calib.data import build_samples
+def _inputs(model_path: Path | None, data: str | None, records: Any, *files: Path) -> list[Path]:
+    """Every file a command reads: the model's, the data's (its images too) and `files`."""
+    paths = data is not None and getattr(records.features.get("image"), "dtype", None) in ("string", "large_string")
+    images = [Path(image) for image in records["image"] if image] if paths else []
+    return input_files([model_path or BUILTIN_MODEL_DIR, data, *files]) + images
 
-    records = _records(model_path, data, "calibration", num_samples or CALIBRATION_SAMPLES, **source)
-    samples, report = build_samples(records, _processor(model_path, chat_template), num_samples=num_samples)
-    print(f"data: {report.summary()}", file=sys.stderr)
-    return samples
+
+@contextmanager
+def _writing(outputs: list[Path | None], inputs: Iterable[Path]) -> Iterator[None]:
+    """Hold every output's lock for the block, after checking none is a directory, a special file or an input."""
+    given = [path for path in outputs if path is not None]
+    inputs = list(inputs)
+    targets = [check_output(path, inputs) for path in given]
+    if len(set(targets)) < len(targets):
+        raise AlvtsError(f"{' and '.join(map(str, given))} are the same file; give each output its own path")
+    with ExitStack() as stack:
+        for path in given:
+            stack.enter_context(output_lock(path))
+        yield
 
 
 @app.command("calibrate")
@@ -173,27 +204,51 @@ def calibrate_command(
     json_output: JsonOption = False,
 ) -> None:
     """Run the model over a calibration set and solve a selector for every routed decoder layer."""
+    from alvts_calib.data import build_samples
+    from alvts_calib.loading import check_load_options, model_config
+    from alvts_calib.pipeline import HELDOUT_FRACTION, REPORT_KEEP_RATIO, calibration_options
+
     refined_at = _compressions(refine_compressions, "--refine-compressions") if refine_compressions else ()
-    samples = _samples(model, data, num_samples, chat_template, split=split, image_column=image_column,
-                       prompt_column=prompt_column)  # before the model, so bad data fails fast
-    loaded, name = _load(model, dtype, attn_implementation, device)
-    checkpoint = out.with_name(out.name + ".partial.safetensors")
-    if not resume and checkpoint.exists():
-        checkpoint.unlink()
-    result = calibrate(
-        loaded, samples, rank=rank, start_layer=start_layer, importance=importance, init=init,
-        refine_steps=refine_steps, skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
-        refine_compressions=refined_at, refine_evaluations=refine_evaluations, seed=seed, checkpoint=checkpoint,
-        progress=not json_output,
+    check_load_options(dtype, attn_implementation, device)
+    calibration_options(
+        model_config(model or BUILTIN_MODEL_DIR), rank=rank, start_layer=start_layer, importance=importance, init=init,
+        refine_steps=refine_steps, heldout_fraction=HELDOUT_FRACTION, report_keep_ratio=REPORT_KEEP_RATIO, seed=seed,
+        skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples, refine_compressions=refined_at,
+        refine_evaluations=refine_evaluations,
     )
-    result.metadata["model"] = name
-    result.save(out)
-    checkpoint.unlink(missing_ok=True)
+    records = _records(model, data, "calibration", num_samples or CALIBRATION_SAMPLES, split=split,
+                       image_column=image_column, prompt_column=prompt_column)
+    checkpoint = out.with_name(out.name + ".partial.safetensors")
+    with _writing([out, checkpoint], _inputs(model, data, records)):
+        samples, report = build_samples(records, _processor(model, chat_template), num_samples=num_samples,
+                                        max_tokens=_max_tokens(model))
+        print(f"data: {report.summary()}", file=sys.stderr)
+        loaded, name = _load(model, dtype, attn_implementation, device)
+        if not resume:
+            checkpoint.unlink(missing_ok=True)
+        started = time.perf_counter()
+        try:
+            result = calibrate(
+                loaded, samples, rank=rank, start_layer=start_layer, importance=importance, init=init,
+                refine_steps=refine_steps, skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
+                refine_compressions=refined_at, refine_evaluations=refine_evaluations, seed=seed,
+                checkpoint=checkpoint, progress=not json_output,
+            )
+        except SampleError as error:
+            raise AlvtsError(f"{data or 'the demo data'} row {report.rows[error.index] + 1}: {error.reason}; fix or "
+                             "remove that row") from error
+        except (KeyboardInterrupt, Interrupted):
+            saved = f"what was finished is saved in {checkpoint}" if checkpoint.exists() else "nothing was saved yet"
+            raise Interrupted(f"interrupted; {saved}: rerun the same command to resume") from None
+        seconds = time.perf_counter() - started
+        result.metadata["model"] = name
+        result.save(out)
+        checkpoint.unlink(missing_ok=True)
     ratio = result.metadata["options"]["report_keep_ratio"]
     fidelity = {str(i): result.fidelity(i, ratio) for i in sorted(result.layers)}
     if json_output:
         print_json({"out": str(out), "model": name, "summary": result.metadata["summary"], "fidelity": fidelity,
-                    "refined_budgets": result.metadata.get("refined_budgets", {})})
+                    "refined_budgets": result.metadata.get("refined_budgets", {}), "seconds": seconds})
         return
     console.print(fidelity_table(fidelity))
     summary = result.metadata["summary"]
@@ -206,7 +261,7 @@ def calibrate_command(
         )
     console.print(
         f"calibrated {len(result.layers)} layers of {name} on {summary['samples']} samples "
-        f"in {summary['seconds']:.1f} s (fidelity at keep ratio {ratio}) -> {out}"
+        f"in {seconds:.1f} s (fidelity at keep ratio {ratio}) -> {out}"
     )
 
 
@@ -235,11 +290,12 @@ def export_command(
     """Write a selector artifact (safetensors + metadata) from a calibration."""
     if (keep_ratio is None) == (compression is None):
         raise AlvtsError("give exactly one of --keep-ratio (e.g. 0.11) and --compression (e.g. 0.89)")
-    loaded = load_calibration(calibration)
-    if compression is not None:
-        keep_ratio = keep_ratio_at(loaded, compression)
-    selector = export(loaded, out, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget,
-                      skipped_keys=skipped_keys)
+    with _writing([out], [calibration]):
+        loaded = load_calibration(calibration)
+        if compression is not None:
+            keep_ratio = keep_ratio_at(loaded, compression)
+        selector = export(loaded, out, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget,
+                          skipped_keys=skipped_keys)
     keep_ratios = {str(index): ratio for index, ratio in selector.keep_ratios.items()}
     if json_output:
         print_json({"out": str(out), **selector.metadata, "keep_ratios": keep_ratios})
@@ -256,11 +312,13 @@ def inspect_command(
 ) -> None:
     """Show what an artifact is, for which model, how it was made and how good it is per layer."""
     metadata = read_metadata(path, SELECTOR_FORMAT, CALIBRATION_FORMAT)
+    kind = _kind(path, metadata)
     if json_output:
-        print_json(metadata)
+        print_json({"kind": kind, **metadata})
         return
     fingerprint = metadata["fingerprint"]
     rows = {
+        "kind": kind,
         "format": f"{metadata['format']} v{metadata['format_version']}",
         "family": fingerprint["family"],
         "model": f"{fingerprint['num_layers']} layers, hidden {fingerprint['hidden_size']}, "
@@ -268,14 +326,25 @@ def inspect_command(
         "importance": metadata.get("importance", metadata.get("options", {}).get("importance")),
     }
     if metadata["format"] == SELECTOR_FORMAT:
-        rows.update({"rank": metadata["rank"], "keep ratio": metadata["keep_ratio"],
-                     "budget": budget_description(metadata), "start layer": metadata["start_layer"],
-                     "calibration": metadata["calibration"]})
+        rows.update({"rank": metadata.get("rank"), "keep ratio": metadata.get("keep_ratio"),
+                     "budget": budget_description(metadata) if "budget" in metadata else None,
+                     "start layer": min(map(int, metadata["keep_ratios"])), "calibration": metadata.get("calibration")})
         console.print(key_value_table(str(path), rows))
-        console.print(fidelity_table(metadata["fidelity"], metadata["keep_ratios"]))
+        console.print(fidelity_table(metadata.get("fidelity") or {key: {} for key in metadata["keep_ratios"]},
+                                     metadata["keep_ratios"]))
         return
     rows.update({"options": metadata["options"], "summary": metadata["summary"], "model": metadata.get("model")})
     console.print(key_value_table(str(path), rows))
+
+
+def _kind(path: Path, metadata: dict[str, Any]) -> str:
+    """What the file is and what to do with it, in words."""
+    if metadata["format"] == SELECTOR_FORMAT:
+        return "selector artifact: attach it (alvts generate --selector, alvts eval, alvts_calib.attach)"
+    unfinished = load_calibration(path).unfinished()
+    if unfinished is None:
+        return "calibration: export a selector from it with alvts export (or compare methods with alvts eval)"
+    return f"unfinished calibration checkpoint ({unfinished}): rerun the alvts calibrate command that made it"
 
 
 @app.command("generate")
@@ -292,9 +361,14 @@ def generate_command(
     json_output: JsonOption = False,
 ) -> None:
     """Attach a selector and generate, reporting the KV cache each layer kept."""
-    loaded, name = _load(model, dtype, attn_implementation, device)
+    from alvts_calib.loading import check_load_options
+
+    if max_new_tokens < 1:
+        raise AlvtsError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_load_options(dtype, attn_implementation, device)
     processor = _processor(model)
     inputs, prompt = _prompt_inputs(processor, model, image, prompt)
+    loaded, name = _load(model, dtype, attn_implementation, device)
     attach(loaded, selector, keep_ratio=keep_ratio)
     inputs = move(inputs, input_device(loaded))
     started = time.perf_counter()
@@ -316,26 +390,24 @@ def generate_command(
 
 
 def _prompt_inputs(processor: Any, model: Path | None, image: Path | None, prompt: str | None) -> tuple[dict, str]:
-    """Processor inputs for one image and prompt; the demo's first test example when neither is given."""
-    import datasets
-
-    from alvts_calib.data import build_samples
+    """Processor inputs for one image and prompt (checked before the model loads); the demo's first test example
+    when neither is given."""
+    from alvts_calib.data import single_sample
 
     if image is None and model is None:
         from alvts_calib.shapes_task import split_records
 
-        records = split_records("test", 1)
-        if prompt is not None:
-            records = records.map(lambda row: {"prompt": prompt})
+        row = split_records("test", 1)[0]
+        image_value, prompt = row["image"], prompt if prompt is not None else row["prompt"]
     elif image is None:
         raise AlvtsError("--image is required with --model")
     elif not image.is_file():
         raise AlvtsError(f"{image}: image file not found")
     else:
-        row = {"image": str(image.resolve()), "prompt": prompt or "Describe the image."}
-        records = datasets.Dataset.from_list([row])
-    samples, _ = build_samples(records, processor)
-    return samples[0], records[0]["prompt"]
+        image_value, prompt = str(image.resolve()), prompt or "Describe the image."
+    sample = single_sample(image_value, prompt, processor, max_tokens=_max_tokens(model),
+                           source=f"--image {image}" if image is not None else "the demo example")
+    return sample, prompt
 
 
 @app.command("eval")
@@ -381,33 +453,39 @@ def eval_command(
 ) -> None:
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
     from alvts_calib.artifact import load_selector
+    from alvts_calib.budgets import parse_budget
     from alvts_calib.data import build_labelled_items
     from alvts_calib.evaluation import check_methods, evaluate
+    from alvts_calib.loading import check_load_options
 
     method_names = tuple(name.strip() for name in methods.split(",") if name.strip())
     compressions = _compressions(compression)
+    parse_budget(budget)
+    if batch_size < 1:
+        raise AlvtsError(f"--batch-size must be at least 1, got {batch_size}")
+    check_load_options(dtype, attn_implementation, device)
     kind = read_metadata(selector, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"]
     calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
     artifact = calibrated_layers(calibration) if calibration is not None else load_selector(selector)
     check_methods(method_names, artifact, calibration)
-    processor = _processor(model, chat_template)
     records = _records(model, data, "test", num_samples or EVALUATION_SAMPLES, split=split, image_column=image_column,
                        prompt_column=prompt_column, answer_column=answer_column)
-    items, data_report = build_labelled_items(records, processor, num_samples=num_samples)
-    print(f"data: {data_report.summary()}", file=sys.stderr)
-    loaded, name = _load(model, dtype, attn_implementation, device)
-    report = evaluate(
-        loaded, processor, items, selector=artifact, calibration=calibration,
-        methods=method_names, compressions=compressions,
-        batch_size=batch_size, skipped_update=skipped_update, skipped_keys=skipped_keys, budget=budget,
-        progress=not json_output, model_name=name,
-        data_name=str(data or "builtin:shapes test split"), data_summary=data_report.summary(),
-    )
-    payload = report.to_dict()
-    if out is not None:
-        out.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    if markdown is not None:
-        markdown.write_text(eval_markdown(report.rows()), encoding="utf-8")
+    with _writing([out, markdown], _inputs(model, data, records, selector)):
+        processor = _processor(model, chat_template)
+        items, data_report = build_labelled_items(records, processor, num_samples=num_samples)
+        print(f"data: {data_report.summary()}", file=sys.stderr)
+        loaded, name = _load(model, dtype, attn_implementation, device)
+        report = evaluate(
+            loaded, processor, items, selector=artifact, calibration=calibration, methods=method_names,
+            compressions=compressions, batch_size=batch_size, skipped_update=skipped_update, skipped_keys=skipped_keys,
+            budget=budget, progress=not json_output, model_name=name,
+            data_name=str(data or "builtin:shapes test split"), data_summary=data_report.summary(),
+        )
+        payload = report.to_dict()
+        if out is not None:
+            _write_text(out, json.dumps(payload, indent=1))
+        if markdown is not None:
+            _write_text(markdown, eval_markdown(report.rows()))
     if json_output:
         print_json(payload)
         return
@@ -421,6 +499,10 @@ def eval_command(
     for method, target in report.infeasible:
         console.print(f"{method} at {target:.0%}: infeasible (its full layers alone exceed the budget)")
     console.print(f"evaluated in {report.seconds:.0f} s" + (f" -> {out}" if out else ""))
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def _compressions(value: str, option: str = "--compression") -> tuple[float, ...]:
@@ -491,14 +573,28 @@ def doctor_command(json_output: JsonOption = False) -> None:
     console.print(doctor_tables(diagnosis))
 
 
+for _command in app.registered_commands:  # plain help would otherwise cut each command's summary to fit a line
+    _command.short_help = _command.callback.__doc__.strip().splitlines()[0]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted("interrupted")
+
+
 def main() -> None:
-    """Console entry point: user errors print one line and exit 1 unless --debug."""
+    """Console entry point: user errors print one line and exit 1 (Ctrl-C: 130) unless --debug."""
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
-    except (AlvtsError, OSError, ValueError) as error:
+    except Interrupted as error:
         if _state["debug"]:
             raise
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(Interrupted.exit_code)
+    except (AlvtsError, OSError, ValueError) as error:
+        if _state["debug"]:
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(1)
 
 

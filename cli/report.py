@@ -71,7 +71,7 @@ def budget_description(metadata: dict[str, Any]) -> str:
     if metadata.get("skipped_update", "none") != "none":
         pooled += f", skipped update {metadata['skipped_update']}"
     if metadata["budget"] == "uniform" or allocation is None:
-        return f"uniform keep ratio {metadata['keep_ratio']}{pooled}"
+        return f"uniform keep ratio {metadata.get('keep_ratio')}{pooled}"
     return (
         f"adaptive ({allocation['method']}): mean {allocation['mean_tokens_per_layer']:.2f} of "
         f"{allocation['visual_tokens']} visual tokens per routed layer (uniform keep ratio "
@@ -85,8 +85,21 @@ def key_value_table(title: str, rows: dict[str, Any]) -> Table:
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in rows.items():
-        table.add_row(key, str(value))
+        table.add_row(key, _plain(value))
     return table
+
+
+def _plain(value: Any, indent: str = "") -> str:
+    """A value for people: an object as one `key: value` line per entry (nested ones indented), None as '-'."""
+    if isinstance(value, dict):
+        lines = [f"{indent}{key}: {_plain(item)}" if not isinstance(item, dict) else
+                 f"{indent}{key}:\n{_plain(item, indent + '  ')}" for key, item in value.items()]
+        return "\n".join(lines) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(item) for item in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "-" if value is None else str(value)
 
 
 def doctor_tables(diagnosis: Diagnosis) -> Group:

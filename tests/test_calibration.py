@@ -9,6 +9,7 @@ import alvts_calib.pipeline as calibrate_module
 from alvts_calib import AlvtsError, Importance, attach, calibrate, detach, export, load_calibration, load_selector
 from alvts_calib.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.demo import demo_model, demo_samples, sharpen_attention
+from alvts_calib.errors import SampleError
 from alvts_calib.tiny_models import tiny_inputs
 
 
@@ -90,17 +91,17 @@ def test_calibration_round_trip_and_rank_truncation(tmp_path):
             export(loaded, tmp_path / "bad.safetensors", keep_ratio=ratio)
 
 
-def test_same_inputs_and_seed_give_byte_identical_artifacts(tmp_path):
-    paths = []
+def test_same_inputs_and_seed_give_byte_identical_calibrations_and_artifacts(tmp_path):
     for run in range(2):
         model = demo_model()
         calibration = calibrate(model, demo_samples(model, 3), rank=16, refine_steps=20, seed=7, progress=False)
-        calibration.metadata["summary"]["seconds"] = 0.0
-        for result in calibration.layers.values():
-            result.stats["seconds"] = 0.0
-        export(calibration, tmp_path / f"run{run}.safetensors", keep_ratio=0.25)
-        paths.append(tmp_path / f"run{run}.safetensors")
-    assert paths[0].read_bytes() == paths[1].read_bytes()
+        calibration.save(tmp_path / f"calib{run}.safetensors")
+        export(load_calibration(tmp_path / f"calib{run}.safetensors"), tmp_path / f"run{run}.safetensors",
+               keep_ratio=0.25)
+    export(load_calibration(tmp_path / "calib0.safetensors"), tmp_path / "again.safetensors", keep_ratio=0.25)
+    assert (tmp_path / "calib0.safetensors").read_bytes() == (tmp_path / "calib1.safetensors").read_bytes()
+    assert (tmp_path / "run0.safetensors").read_bytes() == (tmp_path / "run1.safetensors").read_bytes()
+    assert (tmp_path / "run0.safetensors").read_bytes() == (tmp_path / "again.safetensors").read_bytes()
 
 
 def test_interrupted_calibration_resumes_with_identical_results(tmp_path, monkeypatch):
@@ -208,3 +209,36 @@ def test_skip_updates_round_trip_resume_and_can_be_turned_off(tmp_path):
     assert export(without, tmp_path / "plain.safetensors", keep_ratio=0.25).skip_updates == {}
     with pytest.raises(AlvtsError, match="skip-update rank"):
         calibrate(model, samples, skip_update_rank=-1, progress=False)
+
+
+def test_a_checkpoint_from_other_options_says_which_and_how_to_start_over(tmp_path, capsys):
+    model = demo_model()
+    samples = demo_samples(model, 2)
+    checkpoint = tmp_path / "calib.partial.safetensors"
+    options = dict(refine_steps=0, sensitivity_samples=0, checkpoint=checkpoint)
+    calibrate(model, samples, rank=16, progress=False, **options)
+    with pytest.raises(AlvtsError, match=r"different options \(rank 16 there, 32 now\); to start over delete it "
+                                         r"\(`alvts calibrate --no-resume` does\), or choose another output path"):
+        calibrate(model, samples, rank=32, progress=False, **options)
+    with pytest.raises(AlvtsError, match=r"made with different calibration data; to start over"):
+        calibrate(model, samples[:1], rank=16, progress=False, **options)
+    capsys.readouterr()
+    calibrate(model, samples, rank=16, progress=True, **options)
+    assert f"resuming from {checkpoint}: 4 layer(s) already calibrated" in capsys.readouterr().err
+
+
+def test_options_and_samples_the_model_cannot_take_are_named(tmp_path):
+    model = demo_model()
+    samples = demo_samples(model, 3)
+    for options, message in ((dict(refine_steps=-1), "refine steps must be 0"),
+                             (dict(heldout_fraction=1.0), r"held-out fraction must be in \[0, 1\)"),
+                             (dict(importance="bogus"), "importance must be one of")):
+        with pytest.raises(AlvtsError, match=message):
+            calibrate(model, samples, progress=False, **options)
+    broken = [samples[0], {**samples[1], "pixel_values": samples[1]["pixel_values"][..., :20, :20]}, samples[2]]
+    with pytest.raises(SampleError, match=r"calibration sample 2: .*; fix or leave out that row") as error:
+        calibrate(model, broken, progress=False)
+    assert error.value.index == 1 and "\n" not in str(error.value)
+    model.config.text_config.max_position_embeddings = samples[0]["input_ids"].shape[1] - 1
+    with pytest.raises(SampleError, match=r"calibration sample 1: it has \d+ tokens, more than the model's \d+ pos"):
+        calibrate(model, samples, progress=False)

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
+import alvts_cli.app as cli_app
+import pytest
+import torch
 from alvts_cli.app import app
 from typer.testing import CliRunner
 
-from alvts_calib.errors import AlvtsError
+from alvts_calib.artifact import read_metadata
+from alvts_calib.builtin import BUILTIN_MODEL_DIR
+from alvts_calib.errors import AlvtsError, SampleError
+from alvts_calib.outputs import output_lock
+from alvts_calib.schema import CALIBRATION_FORMAT, SELECTOR_FORMAT
 
 runner = CliRunner()
 
@@ -218,3 +231,157 @@ def test_calibrate_on_a_parquet_dataset_with_splits_columns_and_a_chat_template(
     assert len(process.stderr.strip().splitlines()) == 1, process.stderr  # before the model is loaded
     summary = json.loads(_ok([*base, "--split", "train", *columns, "--chat-template", str(template)]))
     assert summary["summary"]["samples"] == 3
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A one-sample demo calibration and a uniform selector exported from it."""
+    folder = tmp_path_factory.mktemp("small")
+    calibration, selector = folder / "calib.safetensors", folder / "selector.safetensors"
+    summary = json.loads(_ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0",
+                              "--sensitivity-samples", "0", "--json"]))
+    assert summary["seconds"] > 0 and "seconds" not in json.dumps(read_metadata(calibration, CALIBRATION_FORMAT))
+    _ok(["export", str(calibration), "--keep-ratio", "0.25", "--budget", "uniform", "--out", str(selector)])
+    return calibration, selector
+
+
+def _error(args: list[str]) -> str:
+    """The one-line error a command stops with (what `alvts` prints after `error: `)."""
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 1 and isinstance(result.exception, AlvtsError), (result.output, result.exception)
+    assert "\n" not in str(result.exception)
+    return str(result.exception)
+
+
+def _images_and_data(folder: Path) -> Path:
+    """red.png, an odd-sized blue.png and data.jsonl naming them (and a missing image)."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(folder / "red.png")
+    Image.new("RGB", (100, 80), "blue").save(folder / "blue.png")
+    rows = [{"image": "red.png", "prompt": "what color is the shape?"}, {"image": "gone.png", "prompt": "what?"},
+            {"image": "blue.png", "prompt": "what color is the shape?"}]
+    data = folder / "data.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows))
+    return data
+
+
+def test_outputs_never_clobber_inputs_links_or_special_files(small, tmp_path):
+    calibration, selector = small
+    before = {path: path.read_bytes() for path in small}
+    data = _images_and_data(tmp_path)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    export = ["export", calibration, "--keep-ratio", "0.1", "--budget", "uniform", "--out"]
+    for args, message in (
+        ([*export, fifo], "pipe is a special file"),
+        ([*export, calibration], "is the input"),
+        ([*export, tmp_path], "is a directory"),
+        (["eval", selector, "--num-samples", "2", "--out", selector], "is the input"),
+        (["eval", selector, "--num-samples", "2", "--out", tmp_path / "r", "--markdown", tmp_path / "r"], "same file"),
+        (["calibrate", "--data", data, "--out", data], "is the input"),
+        (["calibrate", "--data", data, "--out", tmp_path / "red.png"], "is the input"),  # an image the data names
+    ):
+        assert message in _error(args), args
+    assert {path: path.read_bytes() for path in small} == before and stat.S_ISFIFO(fifo.stat().st_mode)
+    target, link = tmp_path / "target.safetensors", tmp_path / "link.safetensors"
+    target.write_text("old")
+    link.symlink_to(target.name)
+    _ok([*map(str, export), str(link)])
+    assert link.is_symlink() and read_metadata(target, SELECTOR_FORMAT)["keep_ratio"] == 0.1
+
+
+def test_a_second_writer_gets_a_one_line_error(small, tmp_path):
+    out = tmp_path / "selector.safetensors"
+    with output_lock(out, "alvts export (the first run)"):
+        message = _error(["export", small[0], "--keep-ratio", "0.1", "--out", out])
+    assert re.search(r"being written by another alvts run \(pid \d+: alvts export \(the first run\)\)", message)
+    assert not out.exists()
+
+
+def test_options_data_and_images_are_checked_before_the_model_loads(small, tmp_path, monkeypatch):
+    def no_loading(*args):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli_app, "_load", no_loading)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": 5, "prompt": "what?"}\n')
+    (tmp_path / "junk.png").write_text("not an image")
+    calibrate = ["calibrate", "--out", tmp_path / "c.safetensors", "--num-samples", "1"]
+    cases = [
+        ([*calibrate, "--device", "bogus"], "device must be cpu, cuda, cuda:N, mps or auto, got 'bogus'"),
+        ([*calibrate, "--device", "meta"], "got 'meta'"),
+        ([*calibrate, "--refine-steps", "-1"], "refine steps must be 0 (no refinement) or more, got -1"),
+        ([*calibrate, "--data", bad], "bad.jsonl line 1: image must be a file path (a string), got int 5"),
+        (["eval", small[1], "--budget", "bogus"], "budget must be one of uniform"),
+        (["eval", small[1], "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["generate", "--selector", small[1], "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["generate", "--selector", small[1], "--model", BUILTIN_MODEL_DIR, "--image", tmp_path / "junk.png"],
+         "junk.png: unreadable image"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([*calibrate, "--device", "cuda"], "no cuda device is available here"))
+    if importlib.util.find_spec("flash_attn") is None:
+        cases.append(([*calibrate, "--attn-implementation", "flash_attention_2"],
+                      "flash_attention_2 cannot run here: the flash_attn package is not installed; use sdpa"))
+    for args, message in cases:
+        assert message in _error(args), args
+
+
+def test_a_model_folder_with_only_pickle_weights_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(BUILTIN_MODEL_DIR, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    message = _error(["calibrate", "--model", folder, "--data", _images_and_data(tmp_path), "--out",
+                      tmp_path / "c.safetensors"])
+    assert "no safetensors weights (it holds pytorch_model.bin); alvts loads safetensors only, never pickle" in message
+
+
+def test_odd_sized_images_run_on_the_demo_and_a_failing_row_is_named(tmp_path, monkeypatch):
+    data = _images_and_data(tmp_path)
+    summary = json.loads(_ok(["calibrate", "--data", str(data), "--out", str(tmp_path / "c.safetensors"),
+                              "--refine-steps", "0", "--sensitivity-samples", "0", "--json"]))
+    assert summary["summary"]["samples"] == 2  # red.png and the 100 x 80 blue.png
+
+    def model_fails_on_the_second_sample(*args, **kwargs):
+        raise SampleError(1, "the model failed")
+
+    monkeypatch.setattr(cli_app, "calibrate", model_fails_on_the_second_sample)
+    message = _error(["calibrate", "--data", data, "--out", tmp_path / "d.safetensors"])
+    assert message == f"{data} row 3: the model failed; fix or remove that row"  # row 2 (gone.png) was skipped
+
+
+def test_ctrl_c_says_what_was_saved_inspect_says_what_is_there_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import alvts_calib.pipeline as pipeline
+
+    out = tmp_path / "calib.safetensors"
+    checkpoint = tmp_path / "calib.safetensors.partial.safetensors"
+    solve = pipeline._solve_layer
+
+    def interrupted_at_layer_2(layer, index, *args):
+        if index == 2:
+            raise KeyboardInterrupt
+        return solve(layer, index, *args)
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # main's Ctrl-C handler stays out of pytest
+    monkeypatch.setattr(pipeline, "_solve_layer", interrupted_at_layer_2)
+    command = ["alvts", "calibrate", "--out", str(out), "--num-samples", "1", "--refine-steps", "0",
+               "--sensitivity-samples", "0"]
+    monkeypatch.setattr(sys, "argv", command)
+    with pytest.raises(SystemExit) as exited:
+        cli_app.main()
+    assert exited.value.code == 130 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: interrupted; what was finished is saved in {checkpoint}: rerun the same command to resume")
+    inspected = _ok(["inspect", str(checkpoint)])
+    assert "unfinished calibration checkpoint (2 of 24 layers calibrated): rerun the alvts calibrate" in inspected
+    assert "rank: 32" in inspected and "{'" not in inspected  # options as key: value lines, not a Python dict
+    monkeypatch.setattr(pipeline, "_solve_layer", solve)
+    with pytest.raises(SystemExit) as exited:
+        cli_app.main()
+    assert exited.value.code == 0 and f"resuming from {checkpoint}: 2 layer(s)" in capsys.readouterr().err
+    assert "calibration: export a selector from it" in _ok(["inspect", str(out)]) and not checkpoint.exists()
+
+
+def test_inspect_says_a_selector_is_one(small):
+    assert json.loads(_ok(["inspect", str(small[1]), "--json"]))["kind"].startswith("selector artifact: attach it")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import typer
 from alvts_cli.app import app
@@ -15,10 +17,8 @@ WIDE = {"COLUMNS": "300", "TERMINAL_WIDTH": "300"}  # no wrapping, so descriptio
 
 
 def _flat(text: str) -> str:
-    """Help output with the box drawing and line breaks removed."""
-    for box in "│╭╮╰╯─":
-        text = text.replace(box, " ")
-    return " ".join(text.split())
+    """Help output with the line breaks removed (also those after a hyphen, where help text wraps)."""
+    return " ".join(re.sub(r"(?<=\w)-\n\s*", "-", text).split())
 
 
 def _described(command: TyperCommand | TyperGroup) -> None:
@@ -48,3 +48,12 @@ def test_subcommand_help_describes_every_option(name):
 def test_every_command_takes_json():
     for name, command in GROUP.commands.items():
         assert any("--json" in p.opts for p in command.params), f"{name} has no --json"
+
+
+@pytest.mark.parametrize("columns", ["60", "80"])
+def test_narrow_terminals_never_cut_option_names(columns):
+    for name, command in GROUP.commands.items():
+        output = runner.invoke(app, [name, "--help"], env={"COLUMNS": columns}).output
+        assert "…" not in output and "..." not in output.replace("[ARGS]...", ""), name
+        for param in command.params:
+            assert param.opts[0] in output.split(), f"{name} --help cuts {param.opts[0]} at {columns} columns"

@@ -16,10 +16,13 @@ from alvts_calib.data import (
     MISSING_IMAGE,
     NO_IMAGE_TOKEN,
     REJECTED,
+    TOO_LARGE,
+    TOO_LONG,
     UNREADABLE_IMAGE,
     DataReport,
     build_samples,
     load_records,
+    single_sample,
 )
 from alvts_calib.errors import AlvtsError
 from alvts_calib.tiny_models import IMAGE_TOKEN, VOCAB, tiny_llava
@@ -281,3 +284,67 @@ def test_unreachable_dataset_name_is_a_one_line_error(monkeypatch):
     with pytest.raises(AlvtsError, match=r"cannot load data from someone/no-such-dataset \(.*\); expected") as raised:
         load_records("someone/no-such-dataset", split="train")
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"image": 5, "prompt": "what?"}', r"line 2: image must be a file path \(a string\), got int 5; fix that line"),
+    ('{"image": "a.png", "prompt": ["what?"]}', r"line 2: prompt must be text \(a string\), got list"),
+    ('{"image": "a.png", "prompt": "what?", "answer": {"x": 1}}', r"line 2: answer must be text"),
+    ('{"image": "a.png", "prompt": "what?"', r"line 2: not valid JSON \(Expecting"),
+    ('["a.png", "what?"]', r"line 2: expected a JSON object with an image and a prompt, got list"),
+])
+def test_jsonl_values_of_the_wrong_type_name_the_line(tmp_path, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"image": "a.png", "prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(AlvtsError, match=message) as raised:
+        load_records(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_numeric_answers_and_kinds_are_read_as_text(tmp_path):
+    records = load_records(_write_jsonl(tmp_path / "data.jsonl", [
+        {"image": "a.png", "prompt": "how many?", "answer": 3, "kind": 1, "extra": [1, 2]},
+        {"file_name": "b.png", "prompt": "how many?", "answer": "0"},
+    ]))
+    assert records["answer"] == ["3", "0"] and records["kind"] == ["1", None] and "extra" not in records.column_names
+
+
+def test_saved_datasets_with_wrong_column_types_are_an_error(tmp_path):
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"image": ["a.png"], "prompt": [7]}).save_to_disk(saved)
+    with pytest.raises(AlvtsError, match="column prompt must hold text, but it holds"):
+        load_records(saved)
+
+
+def _bomb(path: Path) -> Path:
+    """A PNG header claiming 30000 x 30000 pixels: PIL refuses to open it (decompression bomb guard)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_bombs_and_prompts_too_long_for_the_model_are_skipped_and_counted(processor, images):
+    _bomb(images / "bomb.png")
+    records = load_records(_write_jsonl(images.parent / "data.jsonl", [
+        {"image": "images/bomb.png", "prompt": "what color?"},
+        {"image": "images/red.png", "prompt": "what color?"},
+        {"image": "images/red.png", "prompt": "what color? " * 30},
+        {"image": "images/blue.png", "prompt": "which?"},
+    ]))
+    samples, report = build_samples(records, processor, max_tokens=64)
+    assert report == DataReport(used=2, skipped={TOO_LARGE: 1, TOO_LONG: 1})
+    assert report.rows == [1, 3] and all(sample["input_ids"].shape[1] <= 64 for sample in samples)
+
+
+def test_a_single_unusable_image_says_why(processor, images):
+    for image, reason in ((_bomb(images / "bomb.png"), TOO_LARGE), (images / "corrupt.png", UNREADABLE_IMAGE)):
+        with pytest.raises(AlvtsError, match=f"--image x: {reason}; give a readable image"):
+            single_sample(image, "what color?", processor, source="--image x")
+    assert single_sample(images / "red.png", "what color?", processor)["input_ids"].shape[0] == 1
