@@ -370,11 +370,10 @@ class SkippedUpdate(str, Enum):
 
 
 def default_skipped_update(skipped_keys: SkippedKeys, has_fitted_maps: bool) -> SkippedUpdate:
-    """The toolkit's skipped update for a runtime: the stand-in's update and the fitted map when skipped keys are
-    pooled and the selector carries the maps (measured on the demo: docs/DESIGN.md), otherwise none."""
-    if skipped_keys is SkippedKeys.POOL and has_fitted_maps:
-        return SkippedUpdate.STAND_IN
-    return SkippedUpdate.NONE
+    """The toolkit's skipped update for a runtime: the processed tokens' mean update plus the fitted map (`linear`)
+    when the selector carries the maps, otherwise none. It is the one that holds on both the demo and real weights
+    (docs/DESIGN.md); `skipped_keys` does not change it."""
+    return SkippedUpdate.LINEAR if has_fitted_maps else SkippedUpdate.NONE
 
 
 def check_skipped_update(skipped_update: SkippedUpdate, skipped_keys: SkippedKeys) -> None:

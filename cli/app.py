@@ -432,10 +432,10 @@ def eval_command(
         str(c) for c in DEFAULT_COMPRESSIONS),
     batch_size: Annotated[int, typer.Option(help="Rows per generate() call.")] = 32,
     skipped_update: Annotated[SkippedUpdate | None, typer.Option(
-        help="What visual tokens that skip a layer get: stand-in (the update of their pooled stand-in plus the "
-        "calibrated map of each token's deviation; the default with pooled keys and fitted maps), none (the paper), "
-        "mean (processed tokens' mean update), linear (that mean plus the calibrated map) or exact (a diagnostic "
-        "bound: the unrouted layer's update, at the cost of running it on every token).", show_default=False)
+        help="What visual tokens that skip a layer get: linear (the processed tokens' mean update plus the calibrated "
+        "map of each token's deviation; the default with fitted maps), none (the paper), mean (that mean update "
+        "alone), stand-in (the update of their pooled stand-in plus the map) or exact (a diagnostic bound: the "
+        "unrouted layer's update, at the cost of running it on every token).", show_default=False)
     ] = None,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="For alvts, alvts-adaptive, oracle and random: pool (one stand-in for the skipped visual tokens, "

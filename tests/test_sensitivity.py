@@ -66,7 +66,7 @@ def test_calibration_measures_every_layer_from_no_token_to_all(measured):
     _, path = measured
     calibration = load_calibration(path)
     assert calibration.metadata["summary"]["sensitivity_samples"] == 2
-    assert calibration.metadata["summary"]["sensitivity_update"] == "stand-in"  # the runtime's default
+    assert calibration.metadata["summary"]["sensitivity_update"] == "linear"  # the runtime's default
     visual_tokens = calibration.metadata["summary"]["visual_tokens"]
     for index, result in calibration.layers.items():
         assert result.budget.damage_budgets.tolist() == budget_grid(visual_tokens), index
@@ -89,13 +89,13 @@ def test_sensitivity_export_spends_exactly_the_average_budget(measured, tmp_path
         export(calibration, tmp_path / "d.safetensors", keep_ratio=0.25, skipped_keys="drop")
 
 
-def test_exported_runtime_passes_the_stand_ins_update_on_by_default(measured, tmp_path):
+def test_exported_runtime_passes_the_fitted_update_on_by_default(measured, tmp_path):
     model, path = measured
     calibration = load_calibration(path)
     pooled = export(calibration, tmp_path / "s.safetensors", keep_ratio=0.25)
     dropped = export(calibration, tmp_path / "d.safetensors", keep_ratio=0.25, budget="uniform", skipped_keys="drop")
-    assert (pooled.metadata["skipped_update"], dropped.metadata["skipped_update"]) == ("stand-in", "none")
-    for artifact, expected in ((tmp_path / "s.safetensors", "stand-in"), (tmp_path / "d.safetensors", "none")):
+    assert (pooled.metadata["skipped_update"], dropped.metadata["skipped_update"]) == ("linear", "linear")
+    for artifact, expected in ((tmp_path / "s.safetensors", "linear"), (tmp_path / "d.safetensors", "linear")):
         attach(model, artifact)
         try:
             assert {layer.alvts_skipped_update.value for layer in decoder_layers(model)} == {expected}
