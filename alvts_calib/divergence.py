@@ -107,6 +107,7 @@ def measure_plan(
     """Attach `plan` (layers it leaves out keep every token), decode every reference teacher-forced, detach."""
     num_layers = len(plan.planned_tokens)
     policies = {index: plan.policies.get(index, KeepAllPolicy()) for index in range(num_layers)}
+    skipped_update = plan.skipped_update(SkippedUpdate(skipped_update))
     attach_policies(model, policies, selector=selector, skipped_update=skipped_update,
                     skipped_keys=plan.skipped_keys)
     kls, agreements, tokens = [], [], []
@@ -124,7 +125,7 @@ def measure_plan(
     finally:
         detach(model)
     per_layer = torch.tensor(tokens).mean(0).tolist()
-    runtime = {"skipped_keys": plan.skipped_keys.value, "skipped_update": SkippedUpdate(skipped_update).value}
+    runtime = {"skipped_keys": plan.skipped_keys.value, "skipped_update": skipped_update.value}
     return DivergenceResult(label, compression, statistics.fmean(kls), statistics.fmean(agreements), kls, per_layer,
                             runtime)
 

@@ -161,9 +161,9 @@ class Harness:
         for index in range(self.geometry.num_layers):
             policies.setdefault(index, KeepAllPolicy())
         skipped_keys = SkippedKeys.DROP if plan is None else plan.skipped_keys
-        attach_policies(self.model, policies, selector=self.selector, skipped_update=self.skipped_update,
-                        skipped_keys=skipped_keys)
-        update_ranks = self._update_ranks(policies, skipped_keys)
+        update = self.skipped_update if plan is None else plan.skipped_update(self.skipped_update)
+        attach_policies(self.model, policies, selector=self.selector, skipped_update=update, skipped_keys=skipped_keys)
+        update_ranks = self._update_ranks(policies, skipped_keys, update)
         try:
             correct, tokens, flops, selection = 0, [], [], []
             correct_by_kind: Counter[str] = Counter()
@@ -202,9 +202,10 @@ class Harness:
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), context
 
-    def _update_ranks(self, policies: dict[int, LayerPolicy], skipped_keys: SkippedKeys) -> dict[int, int]:
-        """Per layer that applies a fitted skip update to its skipped visual tokens, the update's rank."""
-        update = self.skipped_update
+    def _update_ranks(
+        self, policies: dict[int, LayerPolicy], skipped_keys: SkippedKeys, update: SkippedUpdate
+    ) -> dict[int, int]:
+        """Per layer that applies the fitted skip update `update` to its skipped visual tokens, the update's rank."""
         if not update.fitted or (update is SkippedUpdate.STAND_IN and skipped_keys is not SkippedKeys.POOL):
             return {}
         return {

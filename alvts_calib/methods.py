@@ -33,7 +33,7 @@ from .policies import (
     dart_choice,
     last_attention_choice,
 )
-from .routing import SkippedKeys, selected_beside_stand_in, with_stand_in
+from .routing import SkippedKeys, SkippedUpdate, selected_beside_stand_in, with_stand_in
 
 STATIC_PRUNE_LAYER = 2  # K of FastV and DART, and PyramidDrop's first cut
 PYRAMID_LAMBDA = 0.5
@@ -48,6 +48,12 @@ class Plan:
     policies: dict[int, LayerPolicy]
     planned_tokens: list[int]  # visual tokens processed per decoder layer at the reference count
     skipped_keys: SkippedKeys = SkippedKeys.DROP  # what processed tokens see of skipped ones (the runtime setting)
+    layer_wise: bool = True  # skipped tokens may be selected again later, so their update matters (static: never)
+
+    def skipped_update(self, update: SkippedUpdate) -> SkippedUpdate:
+        """What this plan's skipped tokens get when the runtime's setting is `update`: nothing for static pruning,
+        whose pruned tokens no later layer reads."""
+        return update if self.layer_wise else SkippedUpdate.NONE
 
 
 def per_layer_count(fraction: float, num_layers: int, num_visual: int, full_layers: int) -> int | None:
@@ -131,7 +137,7 @@ def _static_plan(
     policies: dict[int, LayerPolicy] = {decision_layer: step}
     policies.update({index: CarryPolicy() for index in range(STATIC_PRUNE_LAYER, num_layers) if index not in policies})
     planned = [num_visual] * STATIC_PRUNE_LAYER + [count] * (num_layers - STATIC_PRUNE_LAYER)
-    return Plan(method, policies, planned)
+    return Plan(method, policies, planned, layer_wise=False)
 
 
 def fastv_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | None:
@@ -177,7 +183,7 @@ def pyramid_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | No
             policies[index] = PrunePolicy(counts[index] / num_visual, last_attention_choice, applies_here=True)
         else:
             policies[index] = CarryPolicy()
-    return Plan("pyramiddrop", policies, counts)
+    return Plan("pyramiddrop", policies, counts, layer_wise=False)
 
 
 def check_compression(compression: float) -> float:

@@ -132,7 +132,8 @@ def run_variant(
 
 
 def needs_calibration(variant: Variant) -> bool:
-    return variant.method in ("alvts", "oracle")
+    """The selector-based methods, and the layer-wise ones, which run with the calibration's fitted updates."""
+    return variant.method in ("alvts", "oracle", "random")
 
 
 def methods_table(surface: Surface, calibration: Calibration, compressions: list[float]) -> list[dict]:

