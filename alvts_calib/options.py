@@ -8,8 +8,8 @@ from typing import TypeVar
 
 import torch
 
-from .adapters import AttentionGeometry
 from .errors import AlvtsError
+from .model.adapters import AttentionGeometry
 
 E = TypeVar("E", bound=Enum)
 DEFAULT_START_LAYER = 0  # the first routed layer; measured on the demo (docs/DESIGN.md)

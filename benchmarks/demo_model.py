@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlavaForConditionalGeneration
 
-from alvts_calib.builtin import BUILTIN_MODEL_DIR
-from alvts_calib.shapes_model import shapes_processor
-from alvts_calib.shapes_task import GRID, example, question_form, split_seeds
-from alvts_calib.train_demo import accuracy, question_inputs
+from alvts_calib.demo.builtin import BUILTIN_MODEL_DIR
+from alvts_calib.demo.shapes_model import shapes_processor
+from alvts_calib.demo.shapes_task import GRID, example, question_form, split_seeds
+from alvts_calib.demo.train import accuracy, question_inputs
 
 
 @torch.no_grad()

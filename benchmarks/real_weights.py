@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (`real_model.py`) reads passages of 400 tokens of real tex
 the visual span. Calibration uses one set of documents, evaluation others. For each method and budget (67/78/89%,
 every method at the same average number of span tokens processed per layer, counted as `alvts eval` counts them),
 it reports the KL divergence of the full model's next-token distributions from the method's over the full model's
-greedy continuation (teacher-forced), and top-1 agreement (`alvts_calib.divergence`).
+greedy continuation (teacher-forced), and top-1 agreement (`alvts_calib.evaluation.divergence`).
 
 Rows:
 - the peers: FastV, PyramidDrop, DART (as published), random per-layer selection and the exact-attention oracle
@@ -35,12 +35,12 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alvts_calib.calibration import Calibration, load_calibration
-from alvts_calib.divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
-from alvts_calib.evaluation import build_plans
-from alvts_calib.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
-from alvts_calib.pipeline import calibrate
-from alvts_calib.routing import SkippedKeys, SkippedUpdate, default_skipped_update
+from alvts_calib.artifact.calibration import Calibration, load_calibration
+from alvts_calib.artifact.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
+from alvts_calib.calibration.pipeline import calibrate
+from alvts_calib.evaluation.divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
+from alvts_calib.evaluation.harness import build_plans
+from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate, default_skipped_update
 
 CACHE = Path("runs/real-weights")
 SPAN_TOKENS = 400

@@ -7,7 +7,7 @@ processed at a compression (`alvts eval`'s count, the pooled stand-in among the 
   queries, attention, output projection and MLP run on the k tokens and the text.
 - `engine`: what an unmodified engine's attention allows: queries, keys, values and attention for every token
   (one set of attention metadata for all layers), output projection and MLP on the k tokens and the text.
-FLOPs count matmuls as `alvts_calib.flops` does; attention for a subset of queries is that share of the full
+FLOPs count matmuls as `alvts_calib.evaluation.flops` does; attention for a subset of queries is that share of the full
 causal attention. KV cache is bf16.
 
     python benchmarks/serving_geometry.py [--compressions 0.67,0.78,0.89] [--text-tokens 60]
@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from alvts_calib.adapters import AttentionGeometry
-from alvts_calib.flops import layer_flops
-from alvts_calib.methods import per_layer_count
+from alvts_calib.evaluation.flops import layer_flops
+from alvts_calib.evaluation.plans import per_layer_count
+from alvts_calib.model.adapters import AttentionGeometry
 
 KV_BYTES = 2  # bf16
 

@@ -12,17 +12,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from alvts_calib.adapters import AttentionGeometry, decoder_layers
-from alvts_calib.artifact import Selector
-from alvts_calib.fingerprint import model_fingerprint
-from alvts_calib.flops import layer_flops
-from alvts_calib.importance import Importance
-from alvts_calib.methods import alvts_plan, fastv_plan, pyramid_plan
-from alvts_calib.policies import LayerPolicy, SelectorPolicy
-from alvts_calib.routing import SkippedKeys, SkippedUpdate
-from alvts_calib.selector import LayerSelector
-from alvts_calib.skip_update import SKIP_UPDATE_RANK, SkipUpdate
-from alvts_calib.solver import rope_svd_init
+from alvts_calib.artifact.selector import Selector
+from alvts_calib.evaluation.flops import layer_flops
+from alvts_calib.evaluation.plans import alvts_plan, fastv_plan, pyramid_plan
+from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.model.fingerprint import model_fingerprint
+from alvts_calib.runtime.policies import LayerPolicy, SelectorPolicy
+from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate
+from alvts_calib.selector.importance import Importance
+from alvts_calib.selector.layer import LayerSelector
+from alvts_calib.selector.skip_map import SKIP_UPDATE_RANK, SkipUpdate
+from alvts_calib.selector.solver import rope_svd_init
 
 COMPRESSIONS = (0.67, 0.78, 0.89)
 SELECTOR_HEADS = 2  # rank 2 x head_dim, the calibration default

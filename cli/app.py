@@ -15,8 +15,19 @@ import torch
 import typer
 
 from alvts_calib import attach, calibrate, export, load_calibration
-from alvts_calib.artifact import SELECTOR_FORMAT, read_metadata
-from alvts_calib.builtin import (
+from alvts_calib.artifact.calibration import CALIBRATION_FORMAT
+from alvts_calib.artifact.export import (
+    DEFAULT_ADAPTIVE_BUDGET,
+    DEFAULT_BUDGET,
+    DEFAULT_SKIPPED_KEYS,
+    calibrated_layers,
+    keep_ratio_at,
+)
+from alvts_calib.artifact.selector import SELECTOR_FORMAT, read_metadata
+from alvts_calib.calibration.capture import input_device, move
+from alvts_calib.calibration.joint_search import REFINE_EVALUATIONS
+from alvts_calib.calibration.sensitivity import SENSITIVITY_SAMPLES
+from alvts_calib.demo.builtin import (
     BUILTIN_MODEL_DIR,
     BUILTIN_NAME,
     CALIBRATION_SAMPLES,
@@ -24,27 +35,16 @@ from alvts_calib.builtin import (
     builtin_model,
     builtin_processor,
 )
-from alvts_calib.calibration import CALIBRATION_FORMAT
-from alvts_calib.capture import input_device, move
-from alvts_calib.doctor import diagnose
 from alvts_calib.errors import AlvtsError, SampleError
-from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
-from alvts_calib.export import (
-    DEFAULT_ADAPTIVE_BUDGET,
-    DEFAULT_BUDGET,
-    DEFAULT_SKIPPED_KEYS,
-    calibrated_layers,
-    keep_ratio_at,
-)
-from alvts_calib.importance import Importance
-from alvts_calib.joint_search import REFINE_EVALUATIONS
-from alvts_calib.methods import check_compression
+from alvts_calib.evaluation.harness import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
+from alvts_calib.evaluation.plans import check_compression
+from alvts_calib.model.doctor import diagnose
 from alvts_calib.options import DEFAULT_START_LAYER
 from alvts_calib.outputs import atomic_write, check_output, input_files, output_lock
-from alvts_calib.routing import SkippedKeys, SkippedUpdate
-from alvts_calib.sensitivity import SENSITIVITY_SAMPLES
-from alvts_calib.skip_update import SKIP_UPDATE_RANK
-from alvts_calib.solver import Init
+from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate
+from alvts_calib.selector.importance import Importance
+from alvts_calib.selector.skip_map import SKIP_UPDATE_RANK
+from alvts_calib.selector.solver import Init
 
 from .report import (
     budget_description,
@@ -97,7 +97,7 @@ class Interrupted(BaseException):
 def _load(model_path: Path | None, dtype: str, attn: str, device: str | None) -> tuple[Any, str]:
     if model_path is None:
         return builtin_model("float32" if dtype == "auto" else dtype, attn, device), BUILTIN_NAME
-    from alvts_calib.loading import load_model
+    from alvts_calib.model.loading import load_model
 
     return load_model(model_path, dtype=dtype, attn_implementation=attn, device=device), str(model_path)
 
@@ -107,7 +107,7 @@ def _processor(model_path: Path | None, chat_template: Path | None = None) -> An
     if model_path is None:
         processor = builtin_processor()
     else:
-        from alvts_calib.loading import load_processor
+        from alvts_calib.model.loading import load_processor
 
         processor = load_processor(model_path)
     if chat_template is not None:
@@ -119,7 +119,7 @@ def _processor(model_path: Path | None, chat_template: Path | None = None) -> An
 
 def _max_tokens(model_path: Path | None) -> int | None:
     """The positions the model takes, read from its config (no weights are loaded)."""
-    from alvts_calib.loading import max_positions
+    from alvts_calib.model.loading import max_positions
 
     return max_positions(model_path or BUILTIN_MODEL_DIR)
 
@@ -136,7 +136,7 @@ def _records(model_path: Path | None, data: str | None, demo_split: str, count: 
             "--data is required with --model: a JSONL of {image, prompt}, an image folder, a saved dataset, a "
             "parquet file or a dataset name"
         )
-    from alvts_calib.shapes_task import split_records
+    from alvts_calib.demo.shapes_task import split_records
 
     return split_records(demo_split, count)
 
@@ -204,9 +204,9 @@ def calibrate_command(
     json_output: JsonOption = False,
 ) -> None:
     """Run the model over a calibration set and solve a selector for every routed decoder layer."""
+    from alvts_calib.calibration.pipeline import HELDOUT_FRACTION, REPORT_KEEP_RATIO, calibration_options
     from alvts_calib.data import build_samples
-    from alvts_calib.loading import check_load_options, model_config
-    from alvts_calib.pipeline import HELDOUT_FRACTION, REPORT_KEEP_RATIO, calibration_options
+    from alvts_calib.model.loading import check_load_options, model_config
 
     refined_at = _compressions(refine_compressions, "--refine-compressions") if refine_compressions else ()
     check_load_options(dtype, attn_implementation, device)
@@ -361,7 +361,7 @@ def generate_command(
     json_output: JsonOption = False,
 ) -> None:
     """Attach a selector and generate, reporting the KV cache each layer kept."""
-    from alvts_calib.loading import check_load_options
+    from alvts_calib.model.loading import check_load_options
 
     if max_new_tokens < 1:
         raise AlvtsError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -395,7 +395,7 @@ def _prompt_inputs(processor: Any, model: Path | None, image: Path | None, promp
     from alvts_calib.data import single_sample
 
     if image is None and model is None:
-        from alvts_calib.shapes_task import split_records
+        from alvts_calib.demo.shapes_task import split_records
 
         row = split_records("test", 1)[0]
         image_value, prompt = row["image"], prompt if prompt is not None else row["prompt"]
@@ -452,11 +452,11 @@ def eval_command(
     json_output: JsonOption = False,
 ) -> None:
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
-    from alvts_calib.artifact import load_selector
-    from alvts_calib.budgets import parse_budget
+    from alvts_calib.artifact.budgets import parse_budget
+    from alvts_calib.artifact.selector import load_selector
     from alvts_calib.data import build_labelled_items
-    from alvts_calib.evaluation import check_methods, evaluate
-    from alvts_calib.loading import check_load_options
+    from alvts_calib.evaluation.harness import check_methods, evaluate
+    from alvts_calib.model.loading import check_load_options
 
     method_names = tuple(name.strip() for name in methods.split(",") if name.strip())
     compressions = _compressions(compression)
@@ -524,7 +524,7 @@ def demo_data_command(
     json_output: JsonOption = False,
 ) -> None:
     """Write a split of the demo task in the toolkit's data format (an image folder with metadata.jsonl)."""
-    from alvts_calib.shapes_task import SPLIT_SEEDS, write_split
+    from alvts_calib.demo.shapes_task import SPLIT_SEEDS, write_split
 
     if count < 1:
         raise AlvtsError(f"count must be at least 1, got {count}")
@@ -547,8 +547,8 @@ def lmms_eval_task_command(
 ) -> None:
     """Write the demo's held-out split as a local lmms-eval task, alvts_shapes (no Hub access)."""
     from alvts_calib.answers import answer_token_budget
+    from alvts_calib.demo.shapes_task import split_records
     from alvts_calib.integrations.lmms_eval.task import write_task
-    from alvts_calib.shapes_task import split_records
 
     if count < 1:
         raise AlvtsError(f"count must be at least 1, got {count}")

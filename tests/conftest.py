@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from alvts_calib.adapters import AttentionGeometry, decoder_layers
-from alvts_calib.artifact import Selector
-from alvts_calib.fingerprint import model_fingerprint
-from alvts_calib.importance import Importance
-from alvts_calib.selector import LayerSelector
-from alvts_calib.solver import rope_svd_init
-from alvts_calib.tiny_models import IMAGE_TOKEN, TINY_MODELS, tiny_inputs
-from alvts_calib.visual import visual_positions
+from alvts_calib.artifact.selector import Selector
+from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.model.fingerprint import model_fingerprint
+from alvts_calib.model.visual import visual_positions
+from alvts_calib.selector.importance import Importance
+from alvts_calib.selector.layer import LayerSelector
+from alvts_calib.selector.solver import rope_svd_init
+from alvts_calib.testing.tiny_models import IMAGE_TOKEN, TINY_MODELS, tiny_inputs
 
 FAMILIES = tuple(TINY_MODELS)
 BACKENDS = ("eager", "sdpa")

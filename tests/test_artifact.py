@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from alvts_calib import AlvtsError, ArtifactError, ModelMismatchError, attach, calibrate, export, load_selector
-from alvts_calib.artifact import METADATA_KEY, Selector
-from alvts_calib.demo import demo_model, demo_samples
-from alvts_calib.tiny_models import tiny_qwen2_5_vl
+from alvts_calib.artifact.selector import METADATA_KEY, Selector
+from alvts_calib.testing.random_model import demo_model, demo_samples
+from alvts_calib.testing.tiny_models import tiny_qwen2_5_vl
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_calibration_metadata_is_checked_too(tmp_path):
 
 
 def test_fingerprint_samples_every_layer_and_names_the_part_that_differs(artifact):
-    from alvts_calib.fingerprint import check_fingerprint
+    from alvts_calib.model.fingerprint import check_fingerprint
 
     fingerprint = load_selector(artifact).fingerprint
     layer_one = demo_model()  # the old probe read layers 0, 2 and 3 only
@@ -203,7 +203,7 @@ def test_fingerprint_samples_every_layer_and_names_the_part_that_differs(artifac
 
 def test_attach_refuses_a_bad_selector_and_leaves_the_model_untouched(artifact):
     from alvts_calib import detach
-    from alvts_calib.adapters import decoder_layers
+    from alvts_calib.model.adapters import decoder_layers
 
     model = demo_model()
     classes = [type(layer) for layer in decoder_layers(model)]
@@ -228,9 +228,9 @@ def test_attach_refuses_a_bad_selector_and_leaves_the_model_untouched(artifact):
 def test_a_failure_while_patching_undoes_every_patched_layer(artifact, monkeypatch):
     import importlib
 
-    from alvts_calib.adapters import decoder_layers
+    from alvts_calib.model.adapters import decoder_layers
 
-    attach_module = importlib.import_module("alvts_calib.attach")
+    attach_module = importlib.import_module("alvts_calib.runtime.attach")
 
     model = demo_model()
     classes = [type(layer) for layer in decoder_layers(model)]
@@ -254,7 +254,7 @@ def test_a_failure_while_patching_undoes_every_patched_layer(artifact, monkeypat
 
 
 def test_fingerprint_samples_stay_inside_large_matrices():
-    from alvts_calib.fingerprint import SAMPLES_PER_MATRIX, _sampled
+    from alvts_calib.model.fingerprint import SAMPLES_PER_MATRIX, _sampled
 
     large = torch.ones(1).expand(4096 * 11008)  # a 7B model's MLP matrix, without the memory: float32 positions
     assert _sampled([("mlp", large)], SAMPLES_PER_MATRIX) == [1.0] * SAMPLES_PER_MATRIX  # would round past its end

@@ -15,7 +15,7 @@ from alvts_cli.app import app
 from typer.testing import CliRunner
 
 from alvts_calib import AlvtsError, attach, calibrate, detach, load_calibration, load_selector
-from alvts_calib.budgets import (
+from alvts_calib.artifact.budgets import (
     UPDATE_FLOOR,
     Budget,
     LayerStatistics,
@@ -29,10 +29,10 @@ from alvts_calib.budgets import (
     token_curves,
     water_filling,
 )
-from alvts_calib.demo import demo_model, demo_samples
-from alvts_calib.export import build_selector, export
-from alvts_calib.importance import keep_count
-from alvts_calib.tiny_models import IMAGE_TOKEN
+from alvts_calib.artifact.export import build_selector, export
+from alvts_calib.selector.importance import keep_count
+from alvts_calib.testing.random_model import demo_model, demo_samples
+from alvts_calib.testing.tiny_models import IMAGE_TOKEN
 
 ADAPTIVE = [Budget.ADAPTIVE, Budget.ADAPTIVE_MASS, Budget.ADAPTIVE_UPDATE]
 

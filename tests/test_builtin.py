@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from alvts_calib.attach import attach, detach
-from alvts_calib.builtin import BUILTIN_MODEL_DIR, builtin_model, builtin_processor
 from alvts_calib.data import build_labelled_items
-from alvts_calib.shapes_model import (
+from alvts_calib.demo.builtin import BUILTIN_MODEL_DIR, builtin_model, builtin_processor
+from alvts_calib.demo.shapes_model import (
     DECODER_LAYERS,
     NUM_VISUAL_TOKENS,
     add_grid_positions,
@@ -20,8 +19,9 @@ from alvts_calib.shapes_model import (
     shapes_config,
     shapes_processor,
 )
-from alvts_calib.shapes_task import COLUMN_NAMES, GRID, example, split_records, split_seeds
-from alvts_calib.train_demo import Stage, accuracy, answer_loss, answer_mask, grown, train, training_batch, vision_loss
+from alvts_calib.demo.shapes_task import COLUMN_NAMES, GRID, example, split_records, split_seeds
+from alvts_calib.demo.train import Stage, accuracy, answer_loss, answer_mask, grown, train, training_batch, vision_loss
+from alvts_calib.runtime.attach import attach, detach
 
 
 def test_the_demo_checkpoint_loads_like_any_local_checkpoint():

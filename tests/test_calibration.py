@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import alvts_calib.pipeline as calibrate_module
+import alvts_calib.calibration.pipeline as calibrate_module
 from alvts_calib import AlvtsError, Importance, attach, calibrate, detach, export, load_calibration, load_selector
-from alvts_calib.adapters import AttentionGeometry, decoder_layers
-from alvts_calib.demo import demo_model, demo_samples, sharpen_attention
 from alvts_calib.errors import SampleError
-from alvts_calib.tiny_models import tiny_inputs
+from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.testing.random_model import demo_model, demo_samples, sharpen_attention
+from alvts_calib.testing.tiny_models import tiny_inputs
 
 
 @pytest.mark.parametrize("importance", ["text", "paper"])

@@ -19,11 +19,11 @@ import torch
 from alvts_cli.app import app
 from typer.testing import CliRunner
 
-from alvts_calib.artifact import read_metadata
-from alvts_calib.builtin import BUILTIN_MODEL_DIR
+from alvts_calib.artifact.schema import CALIBRATION_FORMAT, SELECTOR_FORMAT
+from alvts_calib.artifact.selector import read_metadata
+from alvts_calib.demo.builtin import BUILTIN_MODEL_DIR
 from alvts_calib.errors import AlvtsError, SampleError
 from alvts_calib.outputs import output_lock
-from alvts_calib.schema import CALIBRATION_FORMAT, SELECTOR_FORMAT
 
 runner = CliRunner()
 
@@ -113,8 +113,8 @@ def test_help_lists_every_command():
 def test_real_checkpoint_directory_with_jsonl_data(tmp_path):
     from PIL import Image
 
-    from alvts_calib.demo import demo_model
-    from alvts_calib.tiny_processor import tiny_llava_processor
+    from alvts_calib.testing.random_model import demo_model
+    from alvts_calib.testing.tiny_processor import tiny_llava_processor
 
     checkpoint = tmp_path / "tiny-llava"
     demo_model("eager").save_pretrained(checkpoint)
@@ -184,8 +184,8 @@ def test_eval_rejects_nonsense_options_in_one_line(tmp_path):
 
 def _checkpoint_without_chat_template(folder):
     """The tiny LLaVA saved as a checkpoint whose processor has no chat template."""
-    from alvts_calib.demo import demo_model
-    from alvts_calib.tiny_processor import tiny_llava_processor
+    from alvts_calib.testing.random_model import demo_model
+    from alvts_calib.testing.tiny_processor import tiny_llava_processor
 
     processor = tiny_llava_processor()
     processor.chat_template = None
@@ -201,7 +201,7 @@ def test_calibrate_on_a_parquet_dataset_with_splits_columns_and_a_chat_template(
     import datasets
     from PIL import Image
 
-    from alvts_calib.tiny_processor import CHAT_TEMPLATE
+    from alvts_calib.testing.tiny_processor import CHAT_TEMPLATE
 
     checkpoint = _checkpoint_without_chat_template(tmp_path / "tiny-llava")
     data = tmp_path / "data"
@@ -352,7 +352,7 @@ def test_odd_sized_images_run_on_the_demo_and_a_failing_row_is_named(tmp_path, m
 
 
 def test_ctrl_c_says_what_was_saved_inspect_says_what_is_there_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
-    import alvts_calib.pipeline as pipeline
+    import alvts_calib.calibration.pipeline as pipeline
 
     out = tmp_path / "calib.safetensors"
     checkpoint = tmp_path / "calib.safetensors.partial.safetensors"

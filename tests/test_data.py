@@ -25,8 +25,8 @@ from alvts_calib.data import (
     single_sample,
 )
 from alvts_calib.errors import AlvtsError
-from alvts_calib.tiny_models import IMAGE_TOKEN, VOCAB, tiny_llava
-from alvts_calib.tiny_processor import tiny_llava_processor
+from alvts_calib.testing.tiny_models import IMAGE_TOKEN, VOCAB, tiny_llava
+from alvts_calib.testing.tiny_processor import tiny_llava_processor
 
 RAW_PROMPT = "USER: <image>\nwhat color? ASSISTANT:"
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}

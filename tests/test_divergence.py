@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alvts_calib.attach import attach_policies, detach
-from alvts_calib.divergence import full_references, measure_plan
 from alvts_calib.errors import AlvtsError
-from alvts_calib.methods import Plan, fastv_plan, random_plan
-from alvts_calib.policies import KeepAllPolicy
-from alvts_calib.routing import SkippedKeys
-from alvts_calib.tiny_models import tiny_inputs, tiny_llama
-from alvts_calib.visual import visual_positions
+from alvts_calib.evaluation.divergence import full_references, measure_plan
+from alvts_calib.evaluation.plans import Plan, fastv_plan, random_plan
+from alvts_calib.model.visual import visual_positions
+from alvts_calib.runtime.attach import attach_policies, detach
+from alvts_calib.runtime.policies import KeepAllPolicy
+from alvts_calib.runtime.routing import SkippedKeys
+from alvts_calib.testing.tiny_models import tiny_inputs, tiny_llama
 
 NEW_TOKENS = 5
 

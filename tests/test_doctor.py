@@ -10,8 +10,8 @@ from alvts_cli.app import app
 from typer.testing import CliRunner
 
 from alvts_calib import doctor
-from alvts_calib.adapters import SUPPORTED_FAMILIES
-from alvts_calib.doctor import Gpu
+from alvts_calib.model.adapters import SUPPORTED_FAMILIES
+from alvts_calib.model.doctor import Gpu
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alvts_calib import attach, attached_selector, calibrate, detach, export, load_selector
-from alvts_calib.routed_cache import RoutedCacheLayer
+from alvts_calib.runtime.routed_cache import RoutedCacheLayer
 
 
 @pytest.mark.parametrize("skipped_keys", ["drop", "pool"])

@@ -19,14 +19,14 @@ from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
 from typer.testing import CliRunner
 
 from alvts_calib import calibrate, export
-from alvts_calib.builtin import BUILTIN_MODEL_DIR, builtin_model, builtin_processor
+from alvts_calib.artifact.export import keep_ratio_at
 from alvts_calib.data import build_labelled_items, build_samples
+from alvts_calib.demo.builtin import BUILTIN_MODEL_DIR, builtin_model, builtin_processor
+from alvts_calib.demo.shapes_task import split_records
 from alvts_calib.errors import AlvtsError, ArtifactError
-from alvts_calib.evaluation import evaluate
-from alvts_calib.export import keep_ratio_at
+from alvts_calib.evaluation.harness import evaluate
 from alvts_calib.integrations.lmms_eval.models import AlvtsLlavaHf, AlvtsQwen2_5_VL
 from alvts_calib.integrations.lmms_eval.task import write_task
-from alvts_calib.shapes_task import split_records
 
 ROWS = 24
 COMPRESSION = 0.89
@@ -50,7 +50,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def harness(run) -> dict[str, float]:
     """`alvts eval`'s accuracy on the same rows: the unpatched model and alvts at COMPRESSION."""
-    from alvts_calib.artifact import load_selector
+    from alvts_calib.artifact.selector import load_selector
 
     processor = builtin_processor()
     items, _ = build_labelled_items(split_records("test", ROWS), processor)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alvts_calib.adapters import AttentionGeometry, decoder_layers
-from alvts_calib.attach import attach_policies, detach, last_visual_pass
 from alvts_calib.errors import AlvtsError
-from alvts_calib.evaluation import build_plans
-from alvts_calib.importance import Importance
-from alvts_calib.methods import (
+from alvts_calib.evaluation.harness import build_plans
+from alvts_calib.evaluation.plans import (
     alvts_plan,
     check_compression,
     dart_plan,
@@ -20,10 +17,13 @@ from alvts_calib.methods import (
     pyramid_plan,
     random_plan,
 )
-from alvts_calib.policies import ExactPolicy, KeepAllPolicy, SelectorPolicy
-from alvts_calib.routing import SkippedKeys
-from alvts_calib.selector import LayerSelector
-from alvts_calib.solver import rope_svd_init
+from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.runtime.attach import attach_policies, detach, last_visual_pass
+from alvts_calib.runtime.policies import ExactPolicy, KeepAllPolicy, SelectorPolicy
+from alvts_calib.runtime.routing import SkippedKeys
+from alvts_calib.selector.importance import Importance
+from alvts_calib.selector.layer import LayerSelector
+from alvts_calib.selector.solver import rope_svd_init
 
 STATIC_PLANS = {"fastv": fastv_plan, "pyramiddrop": pyramid_plan, "dart": dart_plan}
 
@@ -159,7 +159,7 @@ def test_pyramiddrop_and_dart_sets_are_nested_and_sized(tiny_case):
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])
 def test_the_oracle_matches_a_full_rank_selector(tiny_case, family):
     """A full-rank weight-SVD selector reproduces the full attention, so it must pick the oracle's tokens."""
-    from alvts_calib.demo import sharpen_attention
+    from alvts_calib.testing.random_model import sharpen_attention
 
     case = tiny_case(family, "eager")
     sharpen_attention(case.model)

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from alvts_calib import attach, calibrate, detach
-from alvts_calib.adapters import decoder_layers, get_adapter
-from alvts_calib.devices import align_tensors, execution_device
 from alvts_calib.errors import AlvtsError
-from alvts_calib.tiny_models import TINY_MODELS, tiny_inputs
+from alvts_calib.model.adapters import decoder_layers, get_adapter
+from alvts_calib.model.devices import align_tensors, execution_device
+from alvts_calib.testing.tiny_models import TINY_MODELS, tiny_inputs
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from alvts_calib.adapters import decoder_layers, get_adapter
-from alvts_calib.attach import RUNTIME_ATTRIBUTE, attach, detach, last_visual_pass
 from alvts_calib.errors import AlvtsError, ModelMismatchError
-from alvts_calib.routed_cache import RoutedCacheLayer
-from alvts_calib.routing import CONTEXT_KWARG, RoutedLayerMixin, processed_positions
-from alvts_calib.skip_update import SkipUpdate
-from alvts_calib.tiny_models import TINY_MODELS
-from alvts_calib.visual import TRACKER_ATTRIBUTE, visual_positions
+from alvts_calib.model.adapters import decoder_layers, get_adapter
+from alvts_calib.model.visual import TRACKER_ATTRIBUTE, visual_positions
+from alvts_calib.runtime.attach import RUNTIME_ATTRIBUTE, attach, detach, last_visual_pass
+from alvts_calib.runtime.routed_cache import RoutedCacheLayer
+from alvts_calib.runtime.routing import CONTEXT_KWARG, RoutedLayerMixin, processed_positions
+from alvts_calib.selector.skip_map import SkipUpdate
+from alvts_calib.testing.tiny_models import TINY_MODELS
 
 ALL = pytest.mark.parametrize("backend", ["eager", "sdpa"])
 FAMILY = pytest.mark.parametrize("family", list(TINY_MODELS))

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-import alvts_calib.sensitivity as sensitivity_module
+import alvts_calib.calibration.sensitivity as sensitivity_module
 from alvts_calib import AlvtsError, calibrate, export, load_calibration
-from alvts_calib.adapters import decoder_layers
-from alvts_calib.attach import attach, detach
-from alvts_calib.budgets import damage_curve, min_damage
-from alvts_calib.demo import demo_model, demo_samples
-from alvts_calib.export import calibrated_layers
-from alvts_calib.importance import keep_count_host
-from alvts_calib.policies import BudgetSweepPolicy
-from alvts_calib.routing import SkippedUpdate
-from alvts_calib.sensitivity import budget_grid, measure_sensitivity, prepare_samples, swept_divergence
-from alvts_calib.tiny_models import TINY_MODELS, tiny_inputs
+from alvts_calib.artifact.budgets import damage_curve, min_damage
+from alvts_calib.artifact.export import calibrated_layers
+from alvts_calib.calibration.sensitivity import budget_grid, measure_sensitivity, prepare_samples, swept_divergence
+from alvts_calib.model.adapters import decoder_layers
+from alvts_calib.runtime.attach import attach, detach
+from alvts_calib.runtime.policies import BudgetSweepPolicy
+from alvts_calib.runtime.routing import SkippedUpdate
+from alvts_calib.selector.importance import keep_count_host
+from alvts_calib.testing.random_model import demo_model, demo_samples
+from alvts_calib.testing.tiny_models import TINY_MODELS, tiny_inputs
 
 
 def test_budget_grid_doubles_with_half_steps_and_ends_at_every_token():
@@ -155,7 +155,7 @@ def test_interrupted_measurement_resumes_without_measuring_finished_layers(tmp_p
         return real_measure(model, samples, selector, *args, **kwargs)
 
     monkeypatch.setattr(sensitivity_module, "BudgetSweepPolicy", crash_at_layer_2)
-    monkeypatch.setattr("alvts_calib.pipeline.measure_sensitivity", tracking_measure)
+    monkeypatch.setattr("alvts_calib.calibration.pipeline.measure_sensitivity", tracking_measure)
     with pytest.raises(KeyboardInterrupt):
         calibrate(model, samples, checkpoint=checkpoint, **options)
     saved = load_calibration(checkpoint)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from alvts_calib.data import build_labelled_items, load_records
-from alvts_calib.shapes_model import NUM_VISUAL_TOKENS, shapes_processor
-from alvts_calib.shapes_task import (
+from alvts_calib.demo.shapes_model import NUM_VISUAL_TOKENS, shapes_processor
+from alvts_calib.demo.shapes_task import (
     CELL,
     COLORS,
     COLUMN_NAMES,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alvts_calib.skip_update import SkipUpdate, UpdateMoments, fit_update, row_centred
+from alvts_calib.selector.skip_map import SkipUpdate, UpdateMoments, fit_update, row_centred
 
 
 def _low_rank_data(rank: int, noise: float = 0.01, rows: int = 3000, hidden: int = 16):

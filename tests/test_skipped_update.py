@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alvts_calib.adapters import decoder_layers
-from alvts_calib.attach import attach, detach
 from alvts_calib.errors import AlvtsError
-from alvts_calib.skip_update import SkipUpdate
+from alvts_calib.model.adapters import decoder_layers
+from alvts_calib.runtime.attach import attach, detach
+from alvts_calib.selector.skip_map import SkipUpdate
 
 RATIO = 0.25
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from alvts_calib import attach, detach
-from alvts_calib.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, tiny_qwen2_5_vl
+from alvts_calib.testing.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, tiny_qwen2_5_vl
 
 
 def test_inputs_embeds_path_routes_like_input_ids(tiny_case, make_selector):

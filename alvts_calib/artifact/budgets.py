@@ -43,9 +43,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .errors import AlvtsError
-from .importance import keep_count
-from .options import parse_choice
+from ..errors import AlvtsError
+from ..options import parse_choice
+from ..selector.importance import keep_count
 
 COVERAGE_POINTS = 257  # keep fractions 0, 1/256, ..., 1
 UPDATE_FLOOR = 2  # "adaptive-update" leaves no layer blind: each keeps at least its top token and the stand-in

@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from .artifact import read_safetensors, write_safetensors
+from ..errors import AlvtsError
+from ..selector.importance import Importance
+from ..selector.layer import SELECTOR_TENSOR_NAMES, LayerSelector
+from ..selector.skip_map import stored_skip_update
+from ..selector.solver import fidelity
 from .budgets import LayerStatistics, LayerUpdates
-from .errors import AlvtsError
-from .importance import Importance
 from .schema import CALIBRATION_FORMAT, FORMAT_VERSION, check_calibration_tensors, check_metadata
-from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
-from .skip_update import stored_skip_update
-from .solver import fidelity
+from .selector import read_safetensors, write_safetensors
 
 
 @dataclass

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import __version__
-from .artifact import Selector
+from ..errors import AlvtsError
+from ..evaluation.plans import check_compression, per_layer_count
+from ..options import check_keep_ratio, parse_choice, torch_dtype
+from ..runtime.routing import SkippedKeys, default_skipped_update, selected_beside_stand_in
+from ..selector.importance import keep_count_host
+from ..selector.skip_map import SkipUpdate
+from ..version import __version__
 from .budgets import Budget, allocate, parse_budget
 from .calibration import Calibration
-from .errors import AlvtsError
-from .importance import keep_count_host
-from .methods import check_compression, per_layer_count
-from .options import check_keep_ratio, parse_choice, torch_dtype
-from .routing import SkippedKeys, default_skipped_update, selected_beside_stand_in
-from .skip_update import SkipUpdate
+from .selector import Selector
 
 DEFAULT_BUDGET = Budget.SENSITIVITY  # measured on the demo (docs/DESIGN.md)
 DEFAULT_ADAPTIVE_BUDGET = Budget.SENSITIVITY  # what `alvts eval` compares with uniform

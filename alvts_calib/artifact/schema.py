@@ -15,15 +15,15 @@ from typing import Any, NoReturn
 
 import torch
 
-from .adapters import SUPPORTED_FAMILIES
+from ..errors import ArtifactError
+from ..model.adapters import SUPPORTED_FAMILIES
+from ..options import TORCH_DTYPES
+from ..runtime.routing import SkippedKeys, SkippedUpdate
+from ..selector.importance import Importance
+from ..selector.layer import SELECTOR_TENSOR_NAMES
+from ..selector.skip_map import SKIP_UPDATE_TENSOR_NAMES
+from ..selector.solver import Init
 from .budgets import Budget
-from .errors import ArtifactError
-from .importance import Importance
-from .options import TORCH_DTYPES
-from .routing import SkippedKeys, SkippedUpdate
-from .selector import SELECTOR_TENSOR_NAMES
-from .skip_update import SKIP_UPDATE_TENSOR_NAMES
-from .solver import Init
 
 SELECTOR_FORMAT = "alvts-selector"
 CALIBRATION_FORMAT = "alvts-calibration"

@@ -11,12 +11,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import ArtifactError
-from .importance import Importance
-from .outputs import atomic_write
+from ..errors import ArtifactError
+from ..outputs import atomic_write
+from ..selector.importance import Importance
+from ..selector.layer import SELECTOR_TENSOR_NAMES, LayerSelector
+from ..selector.skip_map import SkipUpdate, stored_skip_update
 from .schema import FORMAT_VERSION, SELECTOR_FORMAT, check_metadata, check_selector_tensors
-from .selector import SELECTOR_TENSOR_NAMES, LayerSelector
-from .skip_update import SkipUpdate, stored_skip_update
 
 METADATA_KEY = "alvts"
 

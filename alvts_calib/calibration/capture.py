@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import decoder_layers
-from .devices import execution_device
-from .errors import AlvtsError
-from .visual import VisualTracker
+from ..errors import AlvtsError
+from ..model.adapters import decoder_layers
+from ..model.devices import execution_device
+from ..model.visual import VisualTracker
 
 DROPPED_LAYER_KWARGS = ("cache", "past_key_values", "use_cache")
 

@@ -17,21 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .adapters import AttentionGeometry, decoder_layers, get_adapter
-from .artifact import Selector
-from .budgets import Budget, LayerStatistics, UpdateTally, allocate, coverage_curves, visual_attention_share
-from .calibration import Calibration, LayerResult, load_calibration
-from .capture import CapturedBatch, capture_layer_inputs, data_digest, move, sample_length
-from .devices import execution_device, materialized
-from .errors import AlvtsError, SampleError
-from .export import calibrated_layers, tokens_per_layer_at
-from .fingerprint import model_fingerprint
-from .importance import Importance, attention_parts, importance_from_parts
-from .joint_search import REFINE_EVALUATIONS, refine_budget
-from .layer_attention import layer_queries_keys
-from .methods import check_compression
-from .options import (
+from ..artifact.budgets import Budget, LayerStatistics, UpdateTally, allocate, coverage_curves, visual_attention_share
+from ..artifact.calibration import Calibration, LayerResult, load_calibration
+from ..artifact.export import calibrated_layers, tokens_per_layer_at
+from ..artifact.selector import Selector
+from ..errors import AlvtsError, SampleError
+from ..evaluation.plans import check_compression
+from ..model.adapters import AttentionGeometry, decoder_layers, get_adapter
+from ..model.devices import execution_device, materialized
+from ..model.fingerprint import model_fingerprint
+from ..model.layer_attention import layer_queries_keys
+from ..model.visual import VisualTracker
+from ..options import (
     DEFAULT_START_LAYER,
     check_keep_ratio,
     check_rank,
@@ -39,13 +36,16 @@ from .options import (
     check_start_layer,
     parse_choice,
 )
-from .progress import note, track
-from .routing import SkippedKeys, SkippedUpdate, default_skipped_update
-from .selector import LayerSelector
+from ..progress import note, track
+from ..runtime.routing import SkippedKeys, SkippedUpdate, default_skipped_update
+from ..selector.importance import Importance, attention_parts, importance_from_parts
+from ..selector.layer import LayerSelector
+from ..selector.skip_map import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
+from ..selector.solver import Init, LayerBatch, refine, rope_svd_init, second_moment
+from ..version import __version__
+from .capture import CapturedBatch, capture_layer_inputs, data_digest, move, sample_length
+from .joint_search import REFINE_EVALUATIONS, refine_budget
 from .sensitivity import SENSITIVITY_SAMPLES, budget_grid, measure_sensitivity
-from .skip_update import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
-from .solver import Init, LayerBatch, refine, rope_svd_init, second_moment
-from .visual import VisualTracker
 
 HELDOUT_FRACTION = 0.125  # share of samples kept out of the fit to measure fidelity
 REPORT_KEEP_RATIO = 0.11  # the keep ratio at which calibration reports fidelity

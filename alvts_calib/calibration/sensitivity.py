@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import decoder_layers, get_adapter
-from .artifact import Selector
-from .attach import attach_policies, detach
+from ..artifact.selector import Selector
+from ..model.adapters import decoder_layers, get_adapter
+from ..model.devices import execution_device
+from ..model.visual import VisualTracker, visual_positions
+from ..progress import counting
+from ..runtime.attach import attach_policies, detach
+from ..runtime.policies import BudgetSweepPolicy, LayerPolicy
+from ..runtime.routing import CONTEXT_KWARG, ForwardContext, PassCounts, RoutedLayerMixin, SkippedKeys, SkippedUpdate
 from .capture import CapturedBatch, capture_layer_inputs, input_device, move
-from .devices import execution_device
-from .policies import BudgetSweepPolicy, LayerPolicy
-from .progress import counting
-from .routing import CONTEXT_KWARG, ForwardContext, PassCounts, RoutedLayerMixin, SkippedKeys, SkippedUpdate
-from .visual import VisualTracker, visual_positions
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the measurement uses by default (0: do not measure)
 

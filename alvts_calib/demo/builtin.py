@@ -11,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from .errors import AlvtsError
-from .loading import load_model, load_processor
+from ..errors import AlvtsError
+from ..model.loading import load_model, load_processor
 
-BUILTIN_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-llava"
+BUILTIN_MODEL_DIR = Path(__file__).parent / "shapes-llava"
 BUILTIN_NAME = "builtin:shapes-llava"
 CALIBRATION_SAMPLES = 64
 EVALUATION_SAMPLES = 1000
@@ -24,7 +24,7 @@ def builtin_model(dtype: str = "float32", attn_implementation: str = "sdpa", dev
     """The trained demo model (see `train_demo`), loaded from the package (onto `device`, a device_map)."""
     if not (BUILTIN_MODEL_DIR / "config.json").is_file():
         raise AlvtsError(
-            f"the built-in demo model is missing from {BUILTIN_MODEL_DIR}; run python -m alvts_calib.train_demo"
+            f"the built-in demo model is missing from {BUILTIN_MODEL_DIR}; run python -m alvts_calib.demo.train"
         )
     return load_model(BUILTIN_MODEL_DIR, dtype=dtype, attn_implementation=attn_implementation, device=device)
 

@@ -19,8 +19,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from ..testing.tiny_processor import CHAT_TEMPLATE
 from .shapes_task import CELL, GRID, IMAGE_SIZE, VOCABULARY
-from .tiny_processor import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")

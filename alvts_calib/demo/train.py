@@ -1,4 +1,4 @@
-"""Train the demo LVLM from scratch on the shapes task (seeded, CPU-friendly): `python -m alvts_calib.train_demo`.
+"""Train the demo LVLM from scratch on the shapes task (seeded, CPU-friendly): `python -m alvts_calib.demo.train`.
 
 Training runs in stages (`DEFAULT_STAGES`): a 4-layer decoder first learns to find objects (what-questions),
 then their positions and relations; it is then grown to 24 layers without changing its function (`grown`) and
@@ -27,7 +27,7 @@ from transformers import LlavaForConditionalGeneration
 from .shapes_model import DECODER_LAYERS, add_grid_positions, shapes_config, shapes_processor
 from .shapes_task import COLUMN_NAMES, GRID, MAX_OBJECTS, Example, example, follow_up_questions, split_seeds
 
-DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "shapes-llava"
+DEMO_MODEL_DIR = Path(__file__).parent / "shapes-llava"
 QUESTIONS_PER_IMAGE = 4  # answered questions per training image (a chat), for more signal per image
 DEFAULT_SEED = 1  # seed 0 learned the what-questions far later in stage 0 (see docs/RESULTS.md)
 CELL_WEIGHT = 0.5  # weight of the auxiliary loss: each visual token's last hidden state names its cell's words

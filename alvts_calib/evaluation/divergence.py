@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import attach_policies, detach, last_visual_pass
-from .capture import input_device
-from .errors import AlvtsError
-from .methods import Plan
-from .policies import KeepAllPolicy
-from .routing import SkippedUpdate
-from .sensitivity import kl_divergence
-from .visual import visual_positions
+from ..calibration.capture import input_device
+from ..calibration.sensitivity import kl_divergence
+from ..errors import AlvtsError
+from ..model.visual import visual_positions
+from ..runtime.attach import attach_policies, detach, last_visual_pass
+from ..runtime.policies import KeepAllPolicy
+from ..runtime.routing import SkippedUpdate
+from .plans import Plan
 
 
 @dataclass

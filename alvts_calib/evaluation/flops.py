@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .adapters import AttentionGeometry
+from ..model.adapters import AttentionGeometry
 
 
 def layer_flops(num_tokens: float, geometry: AttentionGeometry, intermediate_size: int) -> float:

@@ -17,19 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import AttentionGeometry
-from .answers import answer_matches, answer_token_budget
-from .artifact import Selector
-from .attach import attach_policies, detach, last_visual_pass, require_skip_updates
-from .budgets import Budget, parse_budget
-from .calibration import Calibration
-from .capture import input_device, move
-from .data import LabelledItem
-from .errors import AlvtsError
-from .export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
-from .fingerprint import check_fingerprint
+from ..answers import answer_matches, answer_token_budget
+from ..artifact.budgets import Budget, parse_budget
+from ..artifact.calibration import Calibration
+from ..artifact.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
+from ..artifact.selector import Selector
+from ..calibration.capture import input_device, move
+from ..data import LabelledItem
+from ..errors import AlvtsError
+from ..model.adapters import AttentionGeometry
+from ..model.fingerprint import check_fingerprint
+from ..options import DEFAULT_START_LAYER, parse_choice
+from ..progress import track
+from ..runtime.attach import attach_policies, detach, last_visual_pass, require_skip_updates
+from ..runtime.policies import KeepAllPolicy, LayerPolicy
+from ..runtime.routing import ForwardContext, SkippedKeys, SkippedUpdate, check_skipped_update, default_skipped_update
 from .flops import layer_flops, skip_update_flops
-from .methods import (
+from .plans import (
     Plan,
     alvts_plan,
     check_compression,
@@ -40,10 +44,6 @@ from .methods import (
     random_plan,
     selector_plan,
 )
-from .options import DEFAULT_START_LAYER, parse_choice
-from .policies import KeepAllPolicy, LayerPolicy
-from .progress import track
-from .routing import ForwardContext, SkippedKeys, SkippedUpdate, check_skipped_update, default_skipped_update
 
 METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
 DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")

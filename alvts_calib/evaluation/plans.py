@@ -19,10 +19,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .artifact import Selector
-from .errors import AlvtsError
-from .importance import Importance, keep_count_host
-from .policies import (
+from ..artifact.selector import Selector
+from ..errors import AlvtsError
+from ..runtime.policies import (
     DART_PIVOTS,
     CarryPolicy,
     ExactPolicy,
@@ -33,7 +32,8 @@ from .policies import (
     dart_choice,
     last_attention_choice,
 )
-from .routing import SkippedKeys, SkippedUpdate, selected_beside_stand_in, with_stand_in
+from ..runtime.routing import SkippedKeys, SkippedUpdate, selected_beside_stand_in, with_stand_in
+from ..selector.importance import Importance, keep_count_host
 
 STATIC_PRUNE_LAYER = 2  # K of FastV and DART, and PyramidDrop's first cut
 PYRAMID_LAMBDA = 0.5

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AlvtsError
+from ..errors import AlvtsError
 
 PlaceholderReader = Callable[[Any, dict[str, Any]], torch.Tensor]
 

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from .errors import AlvtsError
+from ..errors import AlvtsError
 
 
 def _hooks(module: nn.Module) -> list[object]:

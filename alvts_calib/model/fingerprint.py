@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ModelMismatchError
 from .adapters import AttentionGeometry, decoder_layers, get_adapter
 from .devices import materialized
-from .errors import ModelMismatchError
 
 GEOMETRY_KEYS = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
 SAMPLES_PER_MATRIX = 4  # per weight matrix of a decoder layer (q/k/v/o and the MLP)

@@ -9,10 +9,10 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
+from ..errors import AlvtsError
+from ..options import check_device, torch_dtype
 from .adapters import adapter_for_model_type
 from .doctor import attention_backend
-from .errors import AlvtsError
-from .options import check_device, torch_dtype
 
 ATTENTION_CHOICES = ("eager", "sdpa", "flash_attention_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..errors import AlvtsError
 from .adapters import FamilyAdapter
-from .errors import AlvtsError
 
 TRACKER_ATTRIBUTE = "_alvts_visual_tracker"
 

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import decoder_layers, get_adapter
-from .artifact import Selector, check_selector, load_selector
-from .errors import AlvtsError
-from .fingerprint import check_fingerprint
+from ..artifact.selector import Selector, check_selector, load_selector
+from ..errors import AlvtsError
+from ..model.adapters import decoder_layers, get_adapter
+from ..model.fingerprint import check_fingerprint
+from ..model.visual import TRACKER_ATTRIBUTE, VisualTracker
+from ..options import check_keep_ratio, parse_choice
 from .masks import check_backend
-from .options import check_keep_ratio, parse_choice
 from .policies import LayerPolicy, SelectorPolicy
 from .routing import (
     CONTEXT_KWARG,
@@ -27,7 +28,6 @@ from .routing import (
     route_layer,
     unroute_layer,
 )
-from .visual import TRACKER_ATTRIBUTE, VisualTracker
 
 RUNTIME_ATTRIBUTE = "_alvts_runtime"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import AlvtsError
+from ..errors import AlvtsError
 
 EAGER = "eager"
 SDPA = "sdpa"

@@ -15,9 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .adapters import AttentionGeometry
-from .errors import AlvtsError
-from .importance import (
+from ..errors import AlvtsError
+from ..model.adapters import AttentionGeometry
+from ..model.layer_attention import last_query_attention, layer_queries_keys
+from ..selector.importance import (
     Importance,
     attention_parts,
     importance_from_parts,
@@ -26,9 +27,8 @@ from .importance import (
     top_count_mask,
     top_k_mask,
 )
-from .layer_attention import last_query_attention, layer_queries_keys
+from ..selector.layer import LayerSelector
 from .routing import ForwardContext, selected_beside_stand_in
-from .selector import LayerSelector
 
 
 class LayerPolicy(ABC):

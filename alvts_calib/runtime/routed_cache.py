@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .errors import AlvtsError
+from ..errors import AlvtsError
 
 
 class RoutedCacheLayer(DynamicLayer):

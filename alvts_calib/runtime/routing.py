@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from .devices import align_tensors, execution_device, follow_class_forward
-from .errors import AlvtsError
+from ..errors import AlvtsError
+from ..model.devices import align_tensors, execution_device, follow_class_forward
 from .masks import routed_attention_mask
 from .routed_cache import existing_routed_layer, routed_cache_layer
 

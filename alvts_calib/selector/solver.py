@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from .importance import Importance, importance_from_parts, keep_count, normalized
-from .selector import LayerSelector
+from .layer import LayerSelector
 
 
 class Init(str, Enum):

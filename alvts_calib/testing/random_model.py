@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import decoder_layers
+from ..model.adapters import decoder_layers
 from .tiny_models import tiny_inputs, tiny_llava
 
 DEMO_NAME = "builtin:tiny-llava (random weights)"

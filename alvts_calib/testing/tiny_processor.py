@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from alvts_calib.tiny_models import IMAGE_TOKEN, PAD_TOKEN
+from alvts_calib.testing.tiny_models import IMAGE_TOKEN, PAD_TOKEN
 
 IMAGE_SIZE = 28
 PATCH_SIZE = 7

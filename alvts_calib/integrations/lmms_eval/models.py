@@ -18,9 +18,9 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
-from alvts_calib.artifact import load_selector
-from alvts_calib.attach import attach
+from alvts_calib.artifact.selector import load_selector
 from alvts_calib.errors import AlvtsError
+from alvts_calib.runtime.attach import attach
 
 
 class SelectorArgs:
