@@ -2,13 +2,13 @@
 
 from .artifact.budgets import Budget
 from .artifact.calibration import Calibration, load_calibration
+from .artifact.config import SkippedKeys, SkippedUpdate
 from .artifact.export import build_selector, export
 from .artifact.selector import Selector, load_selector
 from .calibration.pipeline import calibrate
 from .errors import AlvtsError, ArtifactError, ModelMismatchError
 from .model.visual import visual_positions
 from .runtime.attach import attach, attach_policies, attached_selector, detach
-from .runtime.routing import SkippedKeys, SkippedUpdate
 from .selector.importance import Importance
 from .selector.solver import Init
 from .version import __version__

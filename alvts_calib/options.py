@@ -9,7 +9,6 @@ from typing import TypeVar
 import torch
 
 from .errors import AlvtsError
-from .model.adapters import AttentionGeometry
 
 E = TypeVar("E", bound=Enum)
 DEFAULT_START_LAYER = 0  # the first routed layer; measured on the demo (docs/DESIGN.md)
@@ -33,25 +32,11 @@ def check_keep_ratio(keep_ratio: float) -> None:
         raise AlvtsError(f"keep ratio must be in (0, 1], got {keep_ratio}; e.g. 0.11 keeps 64 of 576 visual tokens")
 
 
-def check_rank(rank: int, geometry: AttentionGeometry) -> None:
-    limit = geometry.num_heads * geometry.head_dim
-    if rank <= 0 or rank % geometry.head_dim or rank > limit:
-        raise AlvtsError(
-            f"rank must be a positive multiple of the head dimension {geometry.head_dim} and at most {limit} "
-            f"(heads x head_dim), got {rank}"
-        )
-
-
 def check_skip_update_rank(rank: int, hidden_size: int) -> None:
     if not 0 <= rank <= hidden_size:
         raise AlvtsError(
             f"skip-update rank must be between 0 (no fitted update) and the hidden size {hidden_size}, got {rank}"
         )
-
-
-def check_start_layer(start_layer: int, geometry: AttentionGeometry) -> None:
-    if not 0 <= start_layer < geometry.num_layers:
-        raise AlvtsError(f"start layer must be between 0 and {geometry.num_layers - 1}, got {start_layer}")
 
 
 def parse_choice(kind: type[E], value: E | str, name: str) -> E:

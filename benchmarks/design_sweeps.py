@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate, default_skipped_update
 from alvts_calib.artifact.export import calibrated_layers
 from alvts_calib.calibration.capture import input_device, move
 from alvts_calib.calibration.pipeline import calibrate
@@ -39,7 +40,6 @@ from alvts_calib.evaluation.harness import Harness, build_plans, reference_visua
 from alvts_calib.evaluation.plans import Plan
 from alvts_calib.runtime.attach import attach_policies, detach
 from alvts_calib.runtime.policies import KeepAllPolicy
-from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate, default_skipped_update
 
 UPDATES = ("none", "mean", "linear", "stand-in", "exact")  # exact: a bound, what stale states cost
 POOLED_UPDATES = ("stand-in",)  # passes on the pooled stand-in's update, so not offered with dropped keys

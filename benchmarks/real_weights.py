@@ -36,11 +36,11 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alvts_calib.artifact.calibration import Calibration, load_calibration
+from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate, default_skipped_update
 from alvts_calib.artifact.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
 from alvts_calib.calibration.pipeline import calibrate
 from alvts_calib.evaluation.divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
 from alvts_calib.evaluation.harness import build_plans
-from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate, default_skipped_update
 
 CACHE = Path("runs/real-weights")
 SPAN_TOKENS = 400

@@ -19,8 +19,8 @@ import argparse
 from dataclasses import dataclass
 
 from alvts_calib.evaluation.flops import layer_flops
-from alvts_calib.evaluation.plans import per_layer_count
 from alvts_calib.model.adapters import AttentionGeometry
+from alvts_calib.tokens import per_layer_count
 
 KV_BYTES = 2  # bf16
 

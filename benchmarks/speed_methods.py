@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate
 from alvts_calib.artifact.selector import Selector
 from alvts_calib.evaluation.flops import layer_flops
 from alvts_calib.evaluation.plans import alvts_plan, fastv_plan, pyramid_plan
 from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.model.fingerprint import model_fingerprint
 from alvts_calib.runtime.policies import LayerPolicy, SelectorPolicy
-from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate
 from alvts_calib.selector.importance import Importance
 from alvts_calib.selector.layer import LayerSelector
 from alvts_calib.selector.skip_map import SKIP_UPDATE_RANK, SkipUpdate

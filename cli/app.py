@@ -16,6 +16,7 @@ import typer
 
 from alvts_calib import attach, calibrate, export, load_calibration
 from alvts_calib.artifact.calibration import CALIBRATION_FORMAT
+from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate
 from alvts_calib.artifact.export import (
     DEFAULT_ADAPTIVE_BUDGET,
     DEFAULT_BUDGET,
@@ -37,14 +38,13 @@ from alvts_calib.demo.builtin import (
 )
 from alvts_calib.errors import AlvtsError, SampleError
 from alvts_calib.evaluation.harness import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
-from alvts_calib.evaluation.plans import check_compression
 from alvts_calib.model.doctor import diagnose
 from alvts_calib.options import DEFAULT_START_LAYER
 from alvts_calib.outputs import atomic_write, check_output, input_files, output_lock
-from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate
 from alvts_calib.selector.importance import Importance
 from alvts_calib.selector.skip_map import SKIP_UPDATE_RANK
 from alvts_calib.selector.solver import Init
+from alvts_calib.tokens import check_compression
 
 from .report import (
     budget_description,

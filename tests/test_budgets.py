@@ -30,9 +30,9 @@ from alvts_calib.artifact.budgets import (
     water_filling,
 )
 from alvts_calib.artifact.export import build_selector, export
-from alvts_calib.selector.importance import keep_count
 from alvts_calib.testing.random_model import demo_model, demo_samples
 from alvts_calib.testing.tiny_models import IMAGE_TOKEN
+from alvts_calib.tokens import keep_count
 
 ADAPTIVE = [Budget.ADAPTIVE, Budget.ADAPTIVE_MASS, Budget.ADAPTIVE_UPDATE]
 

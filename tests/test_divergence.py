@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alvts_calib.artifact.config import SkippedKeys
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation.divergence import full_references, measure_plan
 from alvts_calib.evaluation.plans import Plan, fastv_plan, random_plan
 from alvts_calib.model.visual import visual_positions
 from alvts_calib.runtime.attach import attach_policies, detach
 from alvts_calib.runtime.policies import KeepAllPolicy
-from alvts_calib.runtime.routing import SkippedKeys
 from alvts_calib.testing.tiny_models import tiny_inputs, tiny_llama
 
 NEW_TOKENS = 5

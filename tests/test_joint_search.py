@@ -10,13 +10,14 @@ import torch
 
 import alvts_calib.calibration.pipeline as pipeline_module
 from alvts_calib import AlvtsError, calibrate, export, load_calibration
+from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate
 from alvts_calib.artifact.export import calibrated_layers, keep_ratio_at
 from alvts_calib.calibration.joint_search import joint_divergences, refine_split
 from alvts_calib.calibration.sensitivity import kl_divergence, prepare_samples, routed_log_probs
 from alvts_calib.runtime.attach import attach_policies, detach
 from alvts_calib.runtime.policies import SelectorPolicy
-from alvts_calib.runtime.routing import SkippedKeys, SkippedUpdate, selected_beside_stand_in
 from alvts_calib.testing.random_model import demo_model, demo_samples
+from alvts_calib.tokens import selected_beside_stand_in
 
 VISUAL = 16
 WEIGHTS = (1.0, 3.0, 0.5, 2.0)

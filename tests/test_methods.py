@@ -5,25 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alvts_calib.artifact.config import SkippedKeys
 from alvts_calib.errors import AlvtsError
+from alvts_calib.evaluation.baselines import ExactPolicy
 from alvts_calib.evaluation.harness import build_plans
-from alvts_calib.evaluation.plans import (
-    alvts_plan,
-    check_compression,
-    dart_plan,
-    fastv_plan,
-    oracle_plan,
-    per_layer_count,
-    pyramid_plan,
-    random_plan,
-)
+from alvts_calib.evaluation.plans import alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan
 from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.runtime.attach import attach_policies, detach, last_visual_pass
-from alvts_calib.runtime.policies import ExactPolicy, KeepAllPolicy, SelectorPolicy
-from alvts_calib.runtime.routing import SkippedKeys
+from alvts_calib.runtime.policies import KeepAllPolicy, SelectorPolicy
 from alvts_calib.selector.importance import Importance
 from alvts_calib.selector.layer import LayerSelector
 from alvts_calib.selector.solver import rope_svd_init
+from alvts_calib.tokens import check_compression, per_layer_count
 
 STATIC_PLANS = {"fastv": fastv_plan, "pyramiddrop": pyramid_plan, "dart": dart_plan}
 

@@ -11,15 +11,20 @@ import torch
 import alvts_calib.calibration.sensitivity as sensitivity_module
 from alvts_calib import AlvtsError, calibrate, export, load_calibration
 from alvts_calib.artifact.budgets import damage_curve, min_damage
+from alvts_calib.artifact.config import SkippedUpdate
 from alvts_calib.artifact.export import calibrated_layers
-from alvts_calib.calibration.sensitivity import budget_grid, measure_sensitivity, prepare_samples, swept_divergence
+from alvts_calib.calibration.sensitivity import (
+    BudgetSweepPolicy,
+    budget_grid,
+    measure_sensitivity,
+    prepare_samples,
+    swept_divergence,
+)
 from alvts_calib.model.adapters import decoder_layers
 from alvts_calib.runtime.attach import attach, detach
-from alvts_calib.runtime.policies import BudgetSweepPolicy
-from alvts_calib.runtime.routing import SkippedUpdate
-from alvts_calib.selector.importance import keep_count_host
 from alvts_calib.testing.random_model import demo_model, demo_samples
 from alvts_calib.testing.tiny_models import TINY_MODELS, tiny_inputs
+from alvts_calib.tokens import keep_count_host
 
 
 def test_budget_grid_doubles_with_half_steps_and_ends_at_every_token():

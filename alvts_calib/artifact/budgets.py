@@ -45,7 +45,7 @@ import torch
 
 from ..errors import AlvtsError
 from ..options import parse_choice
-from ..selector.importance import keep_count
+from ..tokens import keep_count
 
 COVERAGE_POINTS = 257  # keep fractions 0, 1/256, ..., 1
 UPDATE_FLOOR = 2  # "adaptive-update" leaves no layer blind: each keeps at least its top token and the stand-in

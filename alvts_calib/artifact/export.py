@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import AlvtsError
-from ..evaluation.plans import check_compression, per_layer_count
 from ..options import check_keep_ratio, parse_choice, torch_dtype
-from ..runtime.routing import SkippedKeys, default_skipped_update, selected_beside_stand_in
-from ..selector.importance import keep_count_host
 from ..selector.skip_map import SkipUpdate
+from ..tokens import check_compression, keep_count_host, per_layer_count, selected_beside_stand_in
 from ..version import __version__
 from .budgets import Budget, allocate, parse_budget
 from .calibration import Calibration
+from .config import SkippedKeys, default_skipped_update
 from .selector import Selector
 
 DEFAULT_BUDGET = Budget.SENSITIVITY  # measured on the demo (docs/DESIGN.md)

@@ -18,12 +18,12 @@ import torch
 from ..errors import ArtifactError
 from ..model.adapters import SUPPORTED_FAMILIES
 from ..options import TORCH_DTYPES
-from ..runtime.routing import SkippedKeys, SkippedUpdate
 from ..selector.importance import Importance
 from ..selector.layer import SELECTOR_TENSOR_NAMES
 from ..selector.skip_map import SKIP_UPDATE_TENSOR_NAMES
 from ..selector.solver import Init
 from .budgets import Budget
+from .config import SkippedKeys, SkippedUpdate
 
 SELECTOR_FORMAT = "alvts-selector"
 CALIBRATION_FORMAT = "alvts-calibration"

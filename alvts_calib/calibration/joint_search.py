@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..artifact.config import SkippedUpdate
 from ..artifact.selector import Selector
 from ..progress import counting
-from ..runtime.policies import BudgetSweepPolicy
-from ..runtime.routing import SkippedUpdate
-from .sensitivity import prepare_samples, swept_divergence
+from .sensitivity import BudgetSweepPolicy, prepare_samples, swept_divergence
 
 REFINE_EVALUATIONS = 400  # default cap on joint evaluations per refined budget
 FIRST_STEP = 4  # tokens moved per pair at first

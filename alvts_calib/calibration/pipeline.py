@@ -19,29 +19,27 @@ from torch import nn
 
 from ..artifact.budgets import Budget, LayerStatistics, UpdateTally, allocate, coverage_curves, visual_attention_share
 from ..artifact.calibration import Calibration, LayerResult, load_calibration
+from ..artifact.config import SkippedKeys, SkippedUpdate, default_skipped_update
 from ..artifact.export import calibrated_layers, tokens_per_layer_at
 from ..artifact.selector import Selector
 from ..errors import AlvtsError, SampleError
-from ..evaluation.plans import check_compression
 from ..model.adapters import AttentionGeometry, decoder_layers, get_adapter
 from ..model.devices import execution_device, materialized
 from ..model.fingerprint import model_fingerprint
-from ..model.layer_attention import layer_queries_keys
 from ..model.visual import VisualTracker
 from ..options import (
     DEFAULT_START_LAYER,
     check_keep_ratio,
-    check_rank,
     check_skip_update_rank,
-    check_start_layer,
     parse_choice,
 )
 from ..progress import note, track
-from ..runtime.routing import SkippedKeys, SkippedUpdate, default_skipped_update
 from ..selector.importance import Importance, attention_parts, importance_from_parts
 from ..selector.layer import LayerSelector
+from ..selector.layer_attention import layer_queries_keys
 from ..selector.skip_map import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
 from ..selector.solver import Init, LayerBatch, refine, rope_svd_init, second_moment
+from ..tokens import check_compression
 from ..version import __version__
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move, sample_length
 from .joint_search import REFINE_EVALUATIONS, refine_budget
@@ -218,6 +216,21 @@ def _capture(
             raise SampleError(index, str(error).strip().splitlines()[0] if str(error).strip() else repr(error)) \
                 from error
     return captured
+
+
+def check_rank(rank: int, geometry: AttentionGeometry) -> None:
+    limit = geometry.num_heads * geometry.head_dim
+    if rank <= 0 or rank % geometry.head_dim or rank > limit:
+        raise AlvtsError(
+            f"rank must be a positive multiple of the head dimension {geometry.head_dim} and at most {limit} "
+            f"(heads x head_dim), got {rank}"
+        )
+
+
+def check_start_layer(start_layer: int, geometry: AttentionGeometry) -> None:
+    if not 0 <= start_layer < geometry.num_layers:
+        raise AlvtsError(f"start layer must be between 0 and {geometry.num_layers - 1}, got {start_layer}")
+
 
 
 def calibration_options(

@@ -19,17 +19,46 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..artifact.selector import Selector
 from ..model.adapters import decoder_layers, get_adapter
 from ..model.devices import execution_device
 from ..model.visual import VisualTracker, visual_positions
 from ..progress import counting
 from ..runtime.attach import attach_policies, detach
-from ..runtime.policies import BudgetSweepPolicy, LayerPolicy
-from ..runtime.routing import CONTEXT_KWARG, ForwardContext, PassCounts, RoutedLayerMixin, SkippedKeys, SkippedUpdate
+from ..runtime.context import ForwardContext, PassCounts
+from ..runtime.policies import LayerPolicy, selector_scores
+from ..runtime.routing import CONTEXT_KWARG, RoutedLayerMixin
+from ..selector.importance import Importance, top_count_mask
+from ..selector.layer import LayerSelector
+from ..tokens import keep_count, selected_beside_stand_in
 from .capture import CapturedBatch, capture_layer_inputs, input_device, move
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the measurement uses by default (0: do not measure)
+
+
+class BudgetSweepPolicy(LayerPolicy):
+    """The calibrated selector at K budgets at once, for measuring sensitivity: the batch is K equal blocks of rows
+    (a sample repeated K times) and block j processes ceil(fractions[j] * n) of a row's n visual tokens, a pooled
+    stand-in counting as one of them."""
+
+    def __init__(self, selector: LayerSelector, fractions: torch.Tensor, importance: Importance):
+        self.selector = selector
+        self.fractions = fractions.double()  # (K,)
+        self.importance = importance
+
+    def select(self, layer, normed, context, cos, sin):
+        scores = selector_scores(self.selector, normed, context, cos, sin, self.importance)
+        candidates = context.visual & context.valid
+        count = candidates.sum(-1)
+        per_row = self.fractions.to(count.device).repeat_interleave(count.shape[0] // self.fractions.numel())
+        budget = keep_count(count, per_row)
+        return top_count_mask(scores, candidates, selected_beside_stand_in(budget, count))
+
+    def to(self, device, dtype):
+        self.selector = self.selector.to(device=device, dtype=dtype)
+        return self
+
 
 
 def budget_grid(visual_tokens: int) -> list[int]:

@@ -19,13 +19,25 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from ..testing.tiny_processor import CHAT_TEMPLATE
 from .shapes_task import CELL, GRID, IMAGE_SIZE, VOCABULARY
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 NUM_VISUAL_TOKENS = GRID * GRID
 DECODER_LAYERS = 24
+# a LLaVA-1.5-style chat template (the tiny test processor uses it too)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
 
 
 def shapes_config(attn_implementation: str = "sdpa", num_layers: int = DECODER_LAYERS) -> LlavaConfig:

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..artifact.config import SkippedUpdate
 from ..calibration.capture import input_device
 from ..calibration.sensitivity import kl_divergence
 from ..errors import AlvtsError
 from ..model.visual import visual_positions
 from ..runtime.attach import attach_policies, detach, last_visual_pass
 from ..runtime.policies import KeepAllPolicy
-from ..runtime.routing import SkippedUpdate
 from .plans import Plan
 
 

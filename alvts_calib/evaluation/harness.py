@@ -20,6 +20,7 @@ from torch import nn
 from ..answers import answer_matches, answer_token_budget
 from ..artifact.budgets import Budget, parse_budget
 from ..artifact.calibration import Calibration
+from ..artifact.config import SkippedKeys, SkippedUpdate, check_skipped_update, default_skipped_update
 from ..artifact.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
 from ..artifact.selector import Selector
 from ..calibration.capture import input_device, move
@@ -30,20 +31,11 @@ from ..model.fingerprint import check_fingerprint
 from ..options import DEFAULT_START_LAYER, parse_choice
 from ..progress import track
 from ..runtime.attach import attach_policies, detach, last_visual_pass, require_skip_updates
+from ..runtime.context import ForwardContext
 from ..runtime.policies import KeepAllPolicy, LayerPolicy
-from ..runtime.routing import ForwardContext, SkippedKeys, SkippedUpdate, check_skipped_update, default_skipped_update
+from ..tokens import check_compression
 from .flops import layer_flops, skip_update_flops
-from .plans import (
-    Plan,
-    alvts_plan,
-    check_compression,
-    dart_plan,
-    fastv_plan,
-    oracle_plan,
-    pyramid_plan,
-    random_plan,
-    selector_plan,
-)
+from .plans import Plan, alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan, selector_plan
 
 METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
 DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")

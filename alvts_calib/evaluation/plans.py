@@ -15,25 +15,23 @@ average over all decoder layers does not exceed the budget at the reference coun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..artifact.selector import Selector
-from ..errors import AlvtsError
-from ..runtime.policies import (
+from ..runtime.policies import LayerPolicy, SelectorPolicy
+from ..selector.importance import Importance
+from ..tokens import keep_count_host, per_layer_count, selected_beside_stand_in, with_stand_in
+from .baselines import (
     DART_PIVOTS,
     CarryPolicy,
     ExactPolicy,
-    LayerPolicy,
     PrunePolicy,
     RandomPolicy,
-    SelectorPolicy,
     dart_choice,
     last_attention_choice,
 )
-from ..runtime.routing import SkippedKeys, SkippedUpdate, selected_beside_stand_in, with_stand_in
-from ..selector.importance import Importance, keep_count_host
 
 STATIC_PRUNE_LAYER = 2  # K of FastV and DART, and PyramidDrop's first cut
 PYRAMID_LAMBDA = 0.5
@@ -54,13 +52,6 @@ class Plan:
         """What this plan's skipped tokens get when the runtime's setting is `update`: nothing for static pruning,
         whose pruned tokens no later layer reads."""
         return update if self.layer_wise else SkippedUpdate.NONE
-
-
-def per_layer_count(fraction: float, num_layers: int, num_visual: int, full_layers: int) -> int | None:
-    """Largest k with (full_layers * n + k * (L - full_layers)) / L <= fraction * n, or None if k < 0."""
-    spare = fraction * num_layers * num_visual - full_layers * num_visual
-    count = math.floor(spare / (num_layers - full_layers) + 1e-9) if spare >= -1e-9 else -1
-    return min(count, num_visual) if count >= 0 else None
 
 
 def _uniform_plan(
@@ -186,8 +177,3 @@ def pyramid_plan(fraction: float, num_layers: int, num_visual: int) -> Plan | No
     return Plan("pyramiddrop", policies, counts, layer_wise=False)
 
 
-def check_compression(compression: float) -> float:
-    """The processed fraction 1 - compression, after checking 0 <= compression < 1."""
-    if not 0.0 <= compression < 1.0:
-        raise AlvtsError(f"compression must be in [0, 1) (e.g. 0.89 keeps 11% of visual tokens), got {compression}")
-    return 1.0 - compression

@@ -10,24 +10,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..artifact.config import SkippedKeys, SkippedUpdate, check_skipped_update
 from ..artifact.selector import Selector, check_selector, load_selector
 from ..errors import AlvtsError
 from ..model.adapters import decoder_layers, get_adapter
 from ..model.fingerprint import check_fingerprint
 from ..model.visual import TRACKER_ATTRIBUTE, VisualTracker
 from ..options import check_keep_ratio, parse_choice
+from .context import ForwardContext, PassCounts
 from .masks import check_backend
 from .policies import LayerPolicy, SelectorPolicy
-from .routing import (
-    CONTEXT_KWARG,
-    ForwardContext,
-    PassCounts,
-    SkippedKeys,
-    SkippedUpdate,
-    check_skipped_update,
-    route_layer,
-    unroute_layer,
-)
+from .routing import CONTEXT_KWARG, route_layer, unroute_layer
 
 RUNTIME_ATTRIBUTE = "_alvts_runtime"
 

@@ -8,82 +8,28 @@ and hooks on the layer keep working; `detach` swaps it back.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
-from ..errors import AlvtsError
+from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..model.devices import align_tensors, execution_device, follow_class_forward
+from ..tokens import with_stand_in
+from .context import ForwardContext, PassCounts
 from .masks import routed_attention_mask
+from .policies import LayerPolicy
 from .routed_cache import existing_routed_layer, routed_cache_layer
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from .policies import LayerPolicy
-
 CONTEXT_KWARG = "alvts_context"
 SELECT_RANGE = "alvts.select"  # profiler ranges, for the share of routed time spent selecting and compacting
 COMPACT_RANGE = "alvts.compact"
 SCATTER_RANGE = "alvts.scatter"
-
-
-@dataclass(frozen=True)
-class PassCounts:
-    """Host-side token counts of one forward pass, read once so routed layers need no host syncs of their own."""
-
-    visual: list[int]  # valid visual tokens per row
-    text: list[int]  # valid text tokens per row
-    length: int  # sequence length of the pass
-    last_text: bool  # every row ends with a valid text token
-
-    @classmethod
-    def of(cls, visual: torch.Tensor, valid: torch.Tensor) -> PassCounts:
-        """Counts of (B, L) masks, with one device-to-host copy."""
-        last_text = valid[:, -1] & ~visual[:, -1]
-        rows = torch.stack([(visual & valid).sum(-1), (~visual & valid).sum(-1), last_text.long()]).tolist()
-        return cls(visual=rows[0], text=rows[1], length=visual.shape[1], last_text=all(rows[2]))
-
-    @property
-    def has_visual(self) -> bool:
-        return any(self.visual)
-
-    @property
-    def all_valid(self) -> bool:
-        return all(v + t == self.length for v, t in zip(self.visual, self.text, strict=True))
-
-
-@dataclass
-class ForwardContext:
-    """What every routed layer needs to know about the current forward pass."""
-
-    visual: torch.Tensor  # (B, L) bool: visual positions among this pass's inputs
-    valid: torch.Tensor  # (B, L) bool: non-padding positions among this pass's inputs
-    retained: torch.Tensor | None = None  # (B, L) bool: visual tokens static pruning has kept so far
-    selected: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> its visual keep mask (None: all)
-    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) bool: it processed a pooled stand-in
-    counts: PassCounts | None = None  # host-side counts; computed on first use if not given
-
-    def processed_counts(self) -> dict[int, torch.Tensor]:
-        """Per routed layer, the (B,) visual tokens it processed, a pooled stand-in counting as one (counted here,
-        off the hot path)."""
-        visual = self.visual & self.valid
-        counts = {
-            layer: (visual if keep is None else keep & self.valid).sum(-1) for layer, keep in self.selected.items()
-        }
-        for layer, pooled in self.pooled.items():
-            counts[layer] = counts[layer] + pooled.long()
-        return counts
-
-    def host_counts(self) -> PassCounts:
-        """The pass's host-side counts (one device sync the first time, none after)."""
-        if self.counts is None:
-            self.counts = PassCounts.of(self.visual, self.valid)
-        return self.counts
 
 
 @dataclass
@@ -324,65 +270,12 @@ class RoutedLayerMixin:
             return compensate_skipped(merged, keep, context, anchor, skip_module, normed)
 
 
-def with_stand_in(selected: int, num_visual: int) -> int:
-    """Visual positions a pooled layer processes when it selects `selected` of a row's `num_visual` tokens: a row
-    that processed some of them and skipped others also processes their stand-in (`Pool`)."""
-    return selected + (0 < selected < num_visual)
-
-
-def selected_beside_stand_in(budget: int | torch.Tensor, num_visual: int | torch.Tensor) -> int | torch.Tensor:
-    """Visual tokens a pooled layer selects so that it processes `budget` of `num_visual` (the inverse of
-    `with_stand_in`; a budget of one leaves no room beside the stand-in, so the layer skips the image). Per row when
-    given (B,) tensors."""
-    if isinstance(budget, torch.Tensor):
-        return torch.where(budget >= num_visual, budget, (budget - 1).clamp(min=0))
-    return budget if budget >= num_visual else max(budget - 1, 0)
-
-
 def _with_pool(rows: list[int], counts: PassCounts) -> list[int]:
     """Positions processed per row (text and selected visual tokens) once each row's stand-in is added."""
     return [
         text + with_stand_in(processed - text, visual)
         for processed, visual, text in zip(rows, counts.visual, counts.text, strict=True)
     ]
-
-
-class SkippedKeys(str, Enum):
-    """What the tokens a routed layer processes see of the visual tokens that skip it."""
-
-    DROP = "drop"  # nothing: they are not among the layer's keys (the paper)
-    POOL = "pool"  # one stand-in per row with their mean key and value and their attention mass (see `Pool`)
-
-
-class SkippedUpdate(str, Enum):
-    """What the visual tokens that skip a layer receive from it."""
-
-    NONE = "none"  # nothing: they keep their hidden state (the paper)
-    MEAN = "mean"  # the mean residual update of the visual tokens the layer processed in the same row
-    LINEAR = "linear"  # mean plus the layer's fitted map of their own deviation from those tokens (see skip_update)
-    STAND_IN = "stand-in"  # the update the layer gives their pooled stand-in plus the fitted map (SkippedKeys.POOL)
-    EXACT = "exact"  # diagnostic bound: the update the layer gives them unrouted (it also runs on every token)
-
-    @property
-    def fitted(self) -> bool:
-        """Whether it adds each layer's fitted map (`skip_update`), which the selector must then carry."""
-        return self in (SkippedUpdate.LINEAR, SkippedUpdate.STAND_IN)
-
-
-def default_skipped_update(skipped_keys: SkippedKeys, has_fitted_maps: bool) -> SkippedUpdate:
-    """The toolkit's skipped update for a runtime: the processed tokens' mean update plus the fitted map (`linear`)
-    when the selector carries the maps, otherwise none. It is the one that holds on both the demo and real weights
-    (docs/DESIGN.md); `skipped_keys` does not change it."""
-    return SkippedUpdate.LINEAR if has_fitted_maps else SkippedUpdate.NONE
-
-
-def check_skipped_update(skipped_update: SkippedUpdate, skipped_keys: SkippedKeys) -> None:
-    """Fail when `skipped_update` needs something `skipped_keys` does not give (the stand-in needs pooling)."""
-    if skipped_update is SkippedUpdate.STAND_IN and skipped_keys is not SkippedKeys.POOL:
-        raise AlvtsError(
-            "skipped_update 'stand-in' passes on the update of the pooled stand-in, which skipped_keys "
-            f"'{skipped_keys.value}' does not have; use skipped_keys 'pool', or skipped_update 'linear' or 'none'"
-        )
 
 
 @dataclass

@@ -7,10 +7,11 @@ parts over heads before combining them gives the importance of the head-averaged
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 
 import torch
+
+from ..tokens import keep_count
 
 
 class Importance(str, Enum):
@@ -110,17 +111,6 @@ def normalized(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     count = visual.sum(-1, keepdim=True).clamp(min=1)
     total = scores.sum(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
     return scores * count / total
-
-
-def keep_count(num_visual: torch.Tensor, keep_ratio: float | torch.Tensor) -> torch.Tensor:
-    """k = ceil(keep_ratio * n_visual) per row (one ratio, or a (B,) float64 ratio per row), computed in float64 so
-    1.0 keeps exactly everything."""
-    return torch.ceil(num_visual.double() * keep_ratio - 1e-9).long().clamp(min=0)
-
-
-def keep_count_host(num_visual: int, keep_ratio: float) -> int:
-    """`keep_count` of one row on the host (the same float64 arithmetic), without touching a device."""
-    return max(0, math.ceil(num_visual * keep_ratio - 1e-9))
 
 
 def top_k_mask(scores: torch.Tensor, visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from .importance import Importance, importance_from_parts, keep_count, normalized
+from ..tokens import keep_count
+from .importance import Importance, importance_from_parts, normalized
 from .layer import LayerSelector
 
 

@@ -12,25 +12,13 @@ from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from alvts_calib.testing.tiny_models import IMAGE_TOKEN, PAD_TOKEN
+from ..demo.shapes_model import CHAT_TEMPLATE
+from .tiny_models import IMAGE_TOKEN, PAD_TOKEN
 
 IMAGE_SIZE = 28
 PATCH_SIZE = 7
 SPECIAL_TOKENS = {"<pad>": PAD_TOKEN, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_TOKEN}
 CHARACTERS = "\n" + "".join(c for c in string.printable if c.isprintable())  # 96 characters: ids 4..99
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'].upper() }}: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 
 def _tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer (BPE without merges) that prepends `<s>`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..selector.importance import apply_rope
+from .importance import apply_rope
 
 
 def _rotated_heads(
