@@ -20,10 +20,16 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlavaForConditionalGeneration
 
-from alvts_calib.demo.builtin import BUILTIN_MODEL_DIR
-from alvts_calib.demo.shapes_model import shapes_processor
-from alvts_calib.demo.shapes_task import GRID, example, question_form, split_seeds
-from alvts_calib.demo.train import accuracy, question_inputs
+from alvts_calib.demo import (
+    BUILTIN_MODEL_DIR,
+    GRID,
+    accuracy,
+    example,
+    question_form,
+    question_inputs,
+    shapes_processor,
+    split_seeds,
+)
 
 
 @torch.no_grad()

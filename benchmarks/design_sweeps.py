@@ -28,18 +28,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate, default_skipped_update
-from alvts_calib.artifact.export import calibrated_layers
-from alvts_calib.calibration.capture import input_device, move
-from alvts_calib.calibration.pipeline import calibrate
-from alvts_calib.calibration.sensitivity import kl_divergence
+from alvts_calib.artifact import SkippedKeys, SkippedUpdate, calibrated_layers, default_skipped_update
+from alvts_calib.calibration import calibrate, input_device, kl_divergence, move
 from alvts_calib.data import build_labelled_items, build_samples
-from alvts_calib.demo.builtin import BUILTIN_NAME, builtin_model, builtin_processor
-from alvts_calib.demo.shapes_task import split_records
-from alvts_calib.evaluation.harness import Harness, build_plans, reference_visual_count
-from alvts_calib.evaluation.plans import Plan
-from alvts_calib.runtime.attach import attach_policies, detach
-from alvts_calib.runtime.policies import KeepAllPolicy
+from alvts_calib.demo import BUILTIN_NAME, builtin_model, builtin_processor, split_records
+from alvts_calib.evaluation import Harness, Plan, build_plans, reference_visual_count
+from alvts_calib.runtime import KeepAllPolicy, attach_policies, detach
 
 UPDATES = ("none", "mean", "linear", "stand-in", "exact")  # exact: a bound, what stale states cost
 POOLED_UPDATES = ("stand-in",)  # passes on the pooled stand-in's update, so not offered with dropped keys

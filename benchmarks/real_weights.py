@@ -35,12 +35,18 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alvts_calib.artifact.calibration import Calibration, load_calibration
-from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate, default_skipped_update
-from alvts_calib.artifact.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
-from alvts_calib.calibration.pipeline import calibrate
-from alvts_calib.evaluation.divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
-from alvts_calib.evaluation.harness import build_plans
+from alvts_calib.artifact import (
+    DEFAULT_BUDGET,
+    DEFAULT_SKIPPED_KEYS,
+    Calibration,
+    SkippedKeys,
+    SkippedUpdate,
+    calibrated_layers,
+    default_skipped_update,
+    load_calibration,
+)
+from alvts_calib.calibration import calibrate
+from alvts_calib.evaluation import DivergenceResult, Reference, build_plans, full_references, measure_plan, result_row
 
 CACHE = Path("runs/real-weights")
 SPAN_TOKENS = 400

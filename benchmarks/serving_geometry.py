@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from alvts_calib.evaluation.flops import layer_flops
-from alvts_calib.model.adapters import AttentionGeometry
+from alvts_calib.evaluation import layer_flops
+from alvts_calib.model import AttentionGeometry
 from alvts_calib.tokens import per_layer_count
 
 KV_BYTES = 2  # bf16

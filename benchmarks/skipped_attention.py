@@ -23,10 +23,9 @@ import transformers.models.llama.modeling_llama as llama
 from rich.console import Console
 from rich.table import Table
 
-from alvts_calib.calibration.sensitivity import kl_divergence
+from alvts_calib.calibration import kl_divergence
 from alvts_calib.data import build_labelled_items
-from alvts_calib.demo.builtin import BUILTIN_NAME, builtin_model, builtin_processor
-from alvts_calib.demo.shapes_task import split_records
+from alvts_calib.demo import BUILTIN_NAME, builtin_model, builtin_processor, split_records
 
 VARIANTS = ("drop", "pool")
 class TextView:

@@ -40,9 +40,9 @@ from speed_methods import Variant, ideal_speedup, selection_flops, variants, wei
 from speed_models import FULL, SMALL, ModelSpec, build_inputs, build_model, visual_mask
 
 import alvts_calib
-from alvts_calib.artifact.selector import Selector
-from alvts_calib.model.adapters import AttentionGeometry
-from alvts_calib.runtime.attach import attach_policies, detach
+from alvts_calib.artifact import Selector
+from alvts_calib.model import AttentionGeometry
+from alvts_calib.runtime import attach_policies, detach
 
 
 @dataclass(frozen=True)

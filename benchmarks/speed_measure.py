@@ -19,9 +19,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers.cache_utils import DynamicCache
 
-from alvts_calib.model.adapters import get_adapter
-from alvts_calib.model.visual import visual_positions
-from alvts_calib.runtime.routing import COMPACT_RANGE, SCATTER_RANGE, SELECT_RANGE
+from alvts_calib.model import get_adapter, visual_positions
+from alvts_calib.runtime import COMPACT_RANGE, SCATTER_RANGE, SELECT_RANGE
 
 PREFILL_RANGE = "bench.prefill"
 HOST_SYNC_OPS = ("aten::_local_scalar_dense",)  # every .item()/bool()/int() of a tensor ends here

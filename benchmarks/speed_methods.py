@@ -12,17 +12,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate
-from alvts_calib.artifact.selector import Selector
-from alvts_calib.evaluation.flops import layer_flops
-from alvts_calib.evaluation.plans import alvts_plan, fastv_plan, pyramid_plan
-from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
-from alvts_calib.model.fingerprint import model_fingerprint
-from alvts_calib.runtime.policies import LayerPolicy, SelectorPolicy
-from alvts_calib.selector.importance import Importance
-from alvts_calib.selector.layer import LayerSelector
-from alvts_calib.selector.skip_map import SKIP_UPDATE_RANK, SkipUpdate
-from alvts_calib.selector.solver import rope_svd_init
+from alvts_calib.artifact import Selector, SkippedKeys, SkippedUpdate
+from alvts_calib.evaluation import alvts_plan, fastv_plan, layer_flops, pyramid_plan
+from alvts_calib.model import AttentionGeometry, decoder_layers, model_fingerprint
+from alvts_calib.runtime import LayerPolicy, SelectorPolicy
+from alvts_calib.selector import SKIP_UPDATE_RANK, Importance, LayerSelector, SkipUpdate, rope_svd_init
 
 COMPRESSIONS = (0.67, 0.78, 0.89)
 SELECTOR_HEADS = 2  # rank 2 x head_dim, the calibration default

@@ -14,21 +14,28 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from alvts_calib import attach, calibrate, export, load_calibration
-from alvts_calib.artifact.calibration import CALIBRATION_FORMAT
-from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate
-from alvts_calib.artifact.export import (
-    DEFAULT_ADAPTIVE_BUDGET,
+from alvts_calib import (
     DEFAULT_BUDGET,
     DEFAULT_SKIPPED_KEYS,
+    Importance,
+    Init,
+    SkippedKeys,
+    SkippedUpdate,
+    attach,
+    calibrate,
+    export,
+    load_calibration,
+)
+from alvts_calib.artifact import (
+    CALIBRATION_FORMAT,
+    DEFAULT_ADAPTIVE_BUDGET,
+    SELECTOR_FORMAT,
     calibrated_layers,
     keep_ratio_at,
+    read_metadata,
 )
-from alvts_calib.artifact.selector import SELECTOR_FORMAT, read_metadata
-from alvts_calib.calibration.capture import input_device, move
-from alvts_calib.calibration.joint_search import REFINE_EVALUATIONS
-from alvts_calib.calibration.sensitivity import SENSITIVITY_SAMPLES
-from alvts_calib.demo.builtin import (
+from alvts_calib.calibration import REFINE_EVALUATIONS, SENSITIVITY_SAMPLES, input_device, move
+from alvts_calib.demo import (
     BUILTIN_MODEL_DIR,
     BUILTIN_NAME,
     CALIBRATION_SAMPLES,
@@ -37,13 +44,11 @@ from alvts_calib.demo.builtin import (
     builtin_processor,
 )
 from alvts_calib.errors import AlvtsError, SampleError
-from alvts_calib.evaluation.harness import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
-from alvts_calib.model.doctor import diagnose
+from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHODS
+from alvts_calib.model import diagnose
 from alvts_calib.options import DEFAULT_START_LAYER
 from alvts_calib.outputs import atomic_write, check_output, input_files, output_lock
-from alvts_calib.selector.importance import Importance
-from alvts_calib.selector.skip_map import SKIP_UPDATE_RANK
-from alvts_calib.selector.solver import Init
+from alvts_calib.selector import SKIP_UPDATE_RANK
 from alvts_calib.tokens import check_compression
 
 from .report import (
@@ -97,7 +102,7 @@ class Interrupted(BaseException):
 def _load(model_path: Path | None, dtype: str, attn: str, device: str | None) -> tuple[Any, str]:
     if model_path is None:
         return builtin_model("float32" if dtype == "auto" else dtype, attn, device), BUILTIN_NAME
-    from alvts_calib.model.loading import load_model
+    from alvts_calib.model import load_model
 
     return load_model(model_path, dtype=dtype, attn_implementation=attn, device=device), str(model_path)
 
@@ -107,7 +112,7 @@ def _processor(model_path: Path | None, chat_template: Path | None = None) -> An
     if model_path is None:
         processor = builtin_processor()
     else:
-        from alvts_calib.model.loading import load_processor
+        from alvts_calib.model import load_processor
 
         processor = load_processor(model_path)
     if chat_template is not None:
@@ -119,7 +124,7 @@ def _processor(model_path: Path | None, chat_template: Path | None = None) -> An
 
 def _max_tokens(model_path: Path | None) -> int | None:
     """The positions the model takes, read from its config (no weights are loaded)."""
-    from alvts_calib.model.loading import max_positions
+    from alvts_calib.model import max_positions
 
     return max_positions(model_path or BUILTIN_MODEL_DIR)
 
@@ -136,7 +141,7 @@ def _records(model_path: Path | None, data: str | None, demo_split: str, count: 
             "--data is required with --model: a JSONL of {image, prompt}, an image folder, a saved dataset, a "
             "parquet file or a dataset name"
         )
-    from alvts_calib.demo.shapes_task import split_records
+    from alvts_calib.demo import split_records
 
     return split_records(demo_split, count)
 
@@ -204,9 +209,9 @@ def calibrate_command(
     json_output: JsonOption = False,
 ) -> None:
     """Run the model over a calibration set and solve a selector for every routed decoder layer."""
-    from alvts_calib.calibration.pipeline import HELDOUT_FRACTION, REPORT_KEEP_RATIO, calibration_options
+    from alvts_calib.calibration import HELDOUT_FRACTION, REPORT_KEEP_RATIO, calibration_options
     from alvts_calib.data import build_samples
-    from alvts_calib.model.loading import check_load_options, model_config
+    from alvts_calib.model import check_load_options, model_config
 
     refined_at = _compressions(refine_compressions, "--refine-compressions") if refine_compressions else ()
     check_load_options(dtype, attn_implementation, device)
@@ -361,7 +366,7 @@ def generate_command(
     json_output: JsonOption = False,
 ) -> None:
     """Attach a selector and generate, reporting the KV cache each layer kept."""
-    from alvts_calib.model.loading import check_load_options
+    from alvts_calib.model import check_load_options
 
     if max_new_tokens < 1:
         raise AlvtsError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -395,7 +400,7 @@ def _prompt_inputs(processor: Any, model: Path | None, image: Path | None, promp
     from alvts_calib.data import single_sample
 
     if image is None and model is None:
-        from alvts_calib.demo.shapes_task import split_records
+        from alvts_calib.demo import split_records
 
         row = split_records("test", 1)[0]
         image_value, prompt = row["image"], prompt if prompt is not None else row["prompt"]
@@ -452,11 +457,11 @@ def eval_command(
     json_output: JsonOption = False,
 ) -> None:
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
-    from alvts_calib.artifact.budgets import parse_budget
-    from alvts_calib.artifact.selector import load_selector
+    from alvts_calib import evaluate, load_selector
+    from alvts_calib.artifact import parse_budget
     from alvts_calib.data import build_labelled_items
-    from alvts_calib.evaluation.harness import check_methods, evaluate
-    from alvts_calib.model.loading import check_load_options
+    from alvts_calib.evaluation import check_methods
+    from alvts_calib.model import check_load_options
 
     method_names = tuple(name.strip() for name in methods.split(",") if name.strip())
     compressions = _compressions(compression)
@@ -524,7 +529,7 @@ def demo_data_command(
     json_output: JsonOption = False,
 ) -> None:
     """Write a split of the demo task in the toolkit's data format (an image folder with metadata.jsonl)."""
-    from alvts_calib.demo.shapes_task import SPLIT_SEEDS, write_split
+    from alvts_calib.demo import SPLIT_SEEDS, write_split
 
     if count < 1:
         raise AlvtsError(f"count must be at least 1, got {count}")
@@ -547,8 +552,8 @@ def lmms_eval_task_command(
 ) -> None:
     """Write the demo's held-out split as a local lmms-eval task, alvts_shapes (no Hub access)."""
     from alvts_calib.answers import answer_token_budget
-    from alvts_calib.demo.shapes_task import split_records
-    from alvts_calib.integrations.lmms_eval.task import write_task
+    from alvts_calib.demo import split_records
+    from alvts_calib.integrations.lmms_eval import write_task
 
     if count < 1:
         raise AlvtsError(f"count must be at least 1, got {count}")

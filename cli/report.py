@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.table import Table
 
-from alvts_calib.model.doctor import Diagnosis
+from alvts_calib.model import Diagnosis
 
 console = Console(width=None if sys.stdout.isatty() else 140)  # pipes and logs get whole tables
 

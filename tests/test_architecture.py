@@ -6,20 +6,20 @@ Read from the source with `ast` (nothing is imported), so a new back-edge fails 
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "alvts_calib"
 
 # Lowest first: a module may import its own layer and the layers before it, never a later one. The top-level modules
 # (errors, options, outputs, progress, tokens, data, answers, version) are the base; "api" is the package's
-# __init__, the public names. Everything up to it is the product; evaluation/, demo/ and testing/ are not, so
-# nothing in the product imports them.
-LAYERS = ("base", "model", "selector", "artifact", "runtime", "calibration", "api", "evaluation", "demo", "testing")
-PRODUCT = LAYERS[: LAYERS.index("api") + 1]
+# __init__, the public names (it also exports the evaluation harness). base to calibration is the product;
+# evaluation/, demo/ and testing/ are not, so nothing in the product imports them.
+LAYERS = ("base", "model", "selector", "artifact", "runtime", "calibration", "evaluation", "api", "demo", "testing")
+PRODUCT = LAYERS[: LAYERS.index("calibration") + 1] + ("api",)
 FRONT_ENDS = ("integrations",)  # may import the product, nothing after it
 
 
@@ -107,3 +107,31 @@ def test_pyproject_packages_every_folder():
     configured = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     folders = {_module_name(path) for path in PACKAGE.rglob("__init__.py")}
     assert folders == {package for package in configured if package.startswith("alvts_calib")}
+
+
+def _public_names(package: str) -> set[str]:
+    """The `__all__` of a package's `__init__`, read from its source."""
+    init = ROOT.joinpath(*package.split("."), "__init__.py")
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def test_front_ends_import_public_names_only():
+    """The CLI and the benchmarks use what the package exports: a name in `alvts_calib` or one of its folders'
+    `__all__`, or a top-level module (errors, data, outputs, options, tokens, answers) as it is."""
+    packages = {_module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    wrong = []
+    for path in sorted([*ROOT.joinpath("cli").glob("*.py"), *ROOT.joinpath("benchmarks").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                wrong += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("alvts_calib.")]
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("alvts_calib"):
+                continue
+            if node.module in packages:
+                public = _public_names(node.module)
+                wrong += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name not in public]
+            elif _layer(node.module) != "base":
+                wrong.append(f"{path.name}: from {node.module} import ... (a module inside a folder)")
+    assert not wrong, "front-ends reaching past the public names:\n" + "\n".join(wrong)

@@ -2,3 +2,25 @@
 
 Not part of the product: nothing in model/, selector/, artifact/, runtime/ or calibration/ imports it.
 """
+
+from .divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
+from .flops import layer_flops
+from .harness import (
+    DEFAULT_COMPRESSIONS,
+    DEFAULT_METHODS,
+    METHODS,
+    EvalReport,
+    Harness,
+    MethodResult,
+    build_plans,
+    check_methods,
+    evaluate,
+    reference_visual_count,
+)
+from .plans import Plan, alvts_plan, fastv_plan, pyramid_plan
+
+__all__ = [
+    "DEFAULT_COMPRESSIONS", "DEFAULT_METHODS", "METHODS", "DivergenceResult", "EvalReport", "Harness", "MethodResult",
+    "Plan", "Reference", "alvts_plan", "build_plans", "check_methods", "evaluate", "fastv_plan", "full_references",
+    "layer_flops", "measure_plan", "pyramid_plan", "reference_visual_count", "result_row",
+]

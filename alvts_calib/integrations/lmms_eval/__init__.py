@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .task import write_task
+
+__all__ = ["manifests", "write_task"]
+
 MODELS = {"alvts_llava_hf": "AlvtsLlavaHf", "alvts_qwen2_5_vl": "AlvtsQwen2_5_VL"}
 # lmms-eval's llava_hf loads LLaVA-1.5 and LLaVA-NeXT alike, and so does alvts_llava_hf under either name.
 ALIASES = {"alvts_llava_hf": ("alvts_llava_next",)}
@@ -21,3 +25,4 @@ def manifests() -> list[Any]:
         ModelManifest(model_id=name, simple_class_path=f"{__name__}.models.{cls}", aliases=ALIASES.get(name, ()))
         for name, cls in MODELS.items()
     ]
+
