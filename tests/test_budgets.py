@@ -288,6 +288,7 @@ def test_a_layer_with_ratio_zero_routes_no_visual_token(calibration):
     detach(model)
 
 
+@pytest.mark.slow
 def test_cli_export_and_inspect_show_the_budgets(calibration, tmp_path):
     runner = CliRunner()
     path = tmp_path / "selector.safetensors"

@@ -35,6 +35,7 @@ def test_the_demo_checkpoint_loads_like_any_local_checkpoint():
     assert log["evaluations"], "the shipped model records how it was trained"
 
 
+@pytest.mark.slow
 def test_the_shipped_model_answers_at_least_90_percent_of_held_out_questions():
     """Issue 3's bar for the demo model (95.2% on 1000 rows; docs/RESULTS.md), checked on the first 300 rows."""
     overall, per_kind = accuracy(builtin_model(), builtin_processor(), split_seeds("test", 300))
@@ -55,6 +56,7 @@ def test_keep_ratio_one_is_exact_on_the_demo_model(make_selector):
     detach(model)
 
 
+@pytest.mark.slow
 def test_training_runs_in_stages_saves_a_loadable_checkpoint_and_resumes_identically(tmp_path):
     stages = (
         Stage(layers=2, steps=2, lr=1e-3, curriculum=True, cell_words=2),
@@ -137,6 +139,7 @@ def test_the_input_cell_loss_trains_the_vision_side():
     assert not torch.equal(answer_loss(model, shuffled, answers, input_cell_weight=1.0), with_input.detach())
 
 
+@pytest.mark.slow
 def test_a_log_written_before_a_stage_field_existed_still_resumes(tmp_path):
     stages = (Stage(layers=2, steps=2, lr=1e-3, curriculum=True, cell_words=2),)
     train(tmp_path, stages, batch_size=2, eval_every=2, eval_rows=4)
@@ -152,6 +155,7 @@ def test_a_log_written_before_a_stage_field_existed_still_resumes(tmp_path):
         "evaluations"]] == [0], "a stage logged with other settings starts over"
 
 
+@pytest.mark.slow
 def test_a_vision_only_stage_trains_only_the_tower_and_the_projector(tmp_path):
     stages = (
         Stage(layers=2, steps=1, lr=1e-3, curriculum=True, cell_words=2),

@@ -170,6 +170,7 @@ def _layer_output(model, inputs, index):
     return seen["input"], seen["output"]
 
 
+@pytest.mark.slow
 def test_the_fitted_skip_update_brings_skipped_tokens_closer_to_the_full_layer(tmp_path):
     model = demo_model()
     calibration = calibrate(model, demo_samples(model, 32), rank=16, refine_steps=0, skip_update_rank=8,

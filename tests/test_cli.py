@@ -34,6 +34,7 @@ def _ok(args: list[str]) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_calibrate_export_inspect_generate_on_the_demo(tmp_path):
     calibration = tmp_path / "calib.safetensors"
     selector = tmp_path / "selector.safetensors"
@@ -58,6 +59,7 @@ def test_calibrate_export_inspect_generate_on_the_demo(tmp_path):
     assert "top-k recall" in _ok(["inspect", str(selector)])
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_text("not an artifact")
@@ -72,6 +74,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 def test_nonsense_keep_ratio_is_rejected(tmp_path):
     calibration = tmp_path / "calib.safetensors"
     _ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0", "--json"])
@@ -84,6 +87,7 @@ def test_nonsense_keep_ratio_is_rejected(tmp_path):
         assert process.returncode == 1 and message in process.stderr, process.stderr
 
 
+@pytest.mark.slow
 def test_export_at_a_compression_counts_tokens_as_eval_does(tmp_path):
     calibration = tmp_path / "calib.safetensors"
     _ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0", "--json"])
@@ -93,6 +97,7 @@ def test_export_at_a_compression_counts_tokens_as_eval_does(tmp_path):
     assert exported["keep_ratio"] == 7 / 64  # alvts eval's 89%: 7 whole tokens per layer, not ceil(0.11 x 64) = 8
 
 
+@pytest.mark.slow
 def test_calibrate_rejects_nonsense_refinement_before_loading_anything(tmp_path):
     for value, message in (("abc", "--refine-compressions takes"), ("1.2", "compression must be in [0, 1)")):
         process = subprocess.run(
@@ -110,6 +115,7 @@ def test_help_lists_every_command():
         assert command in result.output
 
 
+@pytest.mark.slow
 def test_real_checkpoint_directory_with_jsonl_data(tmp_path):
     from PIL import Image
 
@@ -137,6 +143,7 @@ def test_real_checkpoint_directory_with_jsonl_data(tmp_path):
     assert len(generated["outputs"]) == 1 and min(cache[1:]) < cache[0]
 
 
+@pytest.mark.slow
 def test_eval_on_the_demo_reports_every_method_at_matched_budgets(tmp_path):
     calibration = tmp_path / "calib.safetensors"
     _ok(["calibrate", "--out", str(calibration), "--num-samples", "4", "--refine-steps", "5", "--json"])
@@ -170,6 +177,7 @@ def test_demo_data_writes_the_toolkit_format(tmp_path):
     assert len(lines) == 3 and {"file_name", "prompt", "answer", "kind"} <= set(json.loads(lines[0]))
 
 
+@pytest.mark.slow
 def test_eval_rejects_nonsense_options_in_one_line(tmp_path):
     calibration = tmp_path / "calib.safetensors"
     _ok(["calibrate", "--out", str(calibration), "--num-samples", "1", "--refine-steps", "0", "--json"])
@@ -195,6 +203,7 @@ def _checkpoint_without_chat_template(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_calibrate_on_a_parquet_dataset_with_splits_columns_and_a_chat_template(tmp_path):
     """--data takes a folder of parquet splits (as datasets.load_dataset reads a Hub name), with --split and the
     column options; a processor without a chat template gets one from --chat-template."""
@@ -337,6 +346,7 @@ def test_a_model_folder_with_only_pickle_weights_is_refused(tmp_path):
     assert "no safetensors weights (it holds pytorch_model.bin); alvts loads safetensors only, never pickle" in message
 
 
+@pytest.mark.slow
 def test_odd_sized_images_run_on_the_demo_and_a_failing_row_is_named(tmp_path, monkeypatch):
     data = _images_and_data(tmp_path)
     summary = json.loads(_ok(["calibrate", "--data", str(data), "--out", str(tmp_path / "c.safetensors"),
@@ -351,6 +361,7 @@ def test_odd_sized_images_run_on_the_demo_and_a_failing_row_is_named(tmp_path, m
     assert message == f"{data} row 3: the model failed; fix or remove that row"  # row 2 (gone.png) was skipped
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_was_saved_inspect_says_what_is_there_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
     import alvts_calib.calibration.pipeline as pipeline
 

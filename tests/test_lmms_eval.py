@@ -100,6 +100,7 @@ def test_a_task_needs_labelled_records_with_images(tmp_path):
         write_task(tmp_path, datasets.Dataset.from_dict({**rows, "answer": ["red"]}), name="t", max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_lmms_eval_accuracy_is_alvts_eval_accuracy_in_batches(run, harness):
     results, samples, output = _lmms_eval(run, "one-process", "", [sys.executable])
     assert f"alvts_llava_hf: attached {run['selector']} to 24 decoder layers at the artifact's keep ratios" in output
@@ -107,6 +108,7 @@ def test_lmms_eval_accuracy_is_alvts_eval_accuracy_in_batches(run, harness):
     assert results["accuracy,none"] == harness["alvts"]
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_rows_and_keep_ratio_overrides_the_artifact(run, harness):
     """lmms-eval's data-parallel mode on the CPU: accelerate's multi-process launcher with ACCELERATE_USE_CPU, each
     process evaluating half the rows; keep_ratio=1 routes nothing, so the accuracy is the unpatched model's."""

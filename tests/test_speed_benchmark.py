@@ -20,6 +20,8 @@ import speed  # noqa: E402
 from speed_measure import Timing  # noqa: E402
 from speed_models import ModelSpec  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the module's report runs the whole benchmark once (about 25 s on 2 CPU cores)
+
 TINY = ModelSpec("llava-tiny", "llava", 64, 20, 2, 2, 128, 32064, 32, 1, 2, 64, 168)  # 144 visual tokens
 ROW_KEYS = {
     "method", "compression", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_memory_bytes",

@@ -1,35 +1,18 @@
-"""Per-layer visual-token budgets: full-attention statistics gathered at calibration, and their allocation.
+"""Per-layer visual-token budgets: the statistics calibration records, and the strategies that split a budget.
 
-Statistics, per routed layer, averaged over calibration rows:
-- the coverage curve C(f): the share of the full attention's visual importance mass held by its own top
-  keep_count(n, f) visual tokens, for keep fractions f on a fixed grid (C(0) = 0, C(1) = 1);
-- the visual attention share: how much of the attention of the importance's query rows (text rows, or the
-  last position) lands on visual tokens at all.
-
-Allocation gives each routed layer a whole number of tokens k_l at a reference visual count n, with
-sum k_l = L * keep_count(n, keep_ratio), so routed layers process on average exactly the visual tokens a uniform
-keep ratio gives. The per-layer ratio is k_l / n, which the runtime turns back into exactly k_l tokens.
-- equal coverage (default "adaptive"): every layer keeps the same share of its importance mass, so layers
-  whose importance is spread flat get more tokens and layers with a few dominant tokens get fewer;
-- water-filling ("adaptive-mass"): the most importance mass in total, each layer's mass weighted by its visual
-  attention share. It is all-or-nothing on flat curves, so at small budgets it may give such layers nothing.
-- update-weighted water-filling ("adaptive-update"): tokens go where the layer's work is. A layer that barely
-  changes the hidden states loses little when its visual tokens skip it, whatever its attention looks like. Each
-  layer's gain from k tokens is T C(k) + V U(k): T is the mean relative update of the text rows (|dh|^2 / |h|^2)
-  times the visual attention share (what the text reads from the image there), V the mean relative update of
-  the visual tokens (what skipping them loses; 0 at the last layer, after which nothing reads them), and U(k)
-  the share of the visual tokens' update energy held by the k largest updates. C(k) is the importance mass of the
-  top k, or, when skipped tokens are pooled into a stand-in, the share of the attention the pooled view gets right
-  (`pooled_coverage`): a flat attention is served by the stand-in, so only peaked layers need tokens of their
-  own (on the demo at 89% compression the mass-based C gave one layer 48 tokens and kept 70.9% of the accuracy,
-  the pooled C 89.7%). Every layer first gets UPDATE_FLOOR tokens (its top token and, with pooled skipped keys,
-  the stand-in): the gains above undervalue a quiet layer's view of the image, and leaving such layers blind
-  costs accuracy (docs/DESIGN.md).
-- measured sensitivity ("sensitivity", the default with pooled skipped keys): no proxy at all. Calibration routes
-  each layer alone at a grid of budgets and measures how far the answer's distribution moves (`sensitivity`);
-  dynamic programming (`min_damage`) then finds the split with the least summed square root of that divergence.
-  On the demo at 89% compression it keeps 97.2% of the accuracy, against 93.5% for "adaptive-update" and 91.8%
-  for uniform budgets (docs/DESIGN.md).
+Every strategy gives each routed layer a whole number of tokens k_l at a reference visual count n, with
+sum k_l = L * keep_count(n, keep_ratio): routed layers process on average exactly what a uniform keep ratio gives,
+and the runtime turns each ratio k_l / n back into k_l tokens. The strategies (`Budget`):
+- "sensitivity" (the default): calibration routes each layer alone at a grid of budgets and measures how far the
+  answer moves (`calibration.sensitivity`); `min_damage` finds the split with the least summed square root of it;
+- "adaptive-update": a floor of UPDATE_FLOOR tokens per layer, the rest by water-filling on each layer's gain
+  T C(k) + V U(k): the text rows' relative update weighted by their attention share on the image, times the
+  coverage C (importance mass, or `pooled_coverage` with a stand-in), plus the visual tokens' relative update V
+  times the share U of it held by the k largest updates;
+- "adaptive" (equal coverage) and "adaptive-mass" (water-filling on importance mass weighted by the visual
+  attention share): the full attention's statistics alone;
+- "uniform": the same ratio everywhere (the paper).
+Why each exists and what it keeps on the demo and real weights: docs/DESIGN.md, "Per-layer budgets".
 """
 
 from __future__ import annotations
@@ -347,8 +330,8 @@ def _damage_curves(
 
     The cost is the square root of the measured KL divergence: KL grows with the square of a small change of the
     logits, while the changes that routed layers make add up in the residual stream, so their square roots (Fisher
-    distances) add up to a bound on the total. Summing KL itself undervalues many small contributions (on the demo
-    at 89% compression, commit 6442c98, it left layers 7-11 blind and kept 94.1%, column questions 81.1%).
+    distances) add up to a bound on the total. Summing KL itself undervalues many small contributions
+    (docs/DESIGN.md).
     """
     if not pooled:
         raise AlvtsError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import alvts_calib.runtime.routing as routing_module
 from alvts_calib.errors import AlvtsError
 from alvts_calib.model.adapters import decoder_layers
 from alvts_calib.runtime.attach import attach, detach
@@ -69,11 +70,33 @@ def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(
     assert torch.equal(after[visual], before[visual])  # no processed token (or stand-in) to take an update from
 
 
-def test_mean_update_is_exact_at_keep_ratio_one(tiny_case, make_selector):
+# Keeps every visual token of the tiny models' rows (ceil(0.999 n) = n) through the routed path: unlike a ratio of
+# 1.0, which leaves the layers unpatched, the layers select, compact the padded row and run the skipped update.
+EVERY_TOKEN_ROUTED = 0.999
+
+
+def _counting_compensations(monkeypatch) -> list[int]:
+    calls = []
+    original = routing_module.compensate_skipped
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(routing_module, "compensate_skipped", counting)
+    return calls
+
+
+def test_mean_update_changes_nothing_when_no_visual_token_skips(tiny_case, make_selector, monkeypatch):
     case = tiny_case("llava", "eager")
     reference = case.model(**case.inputs).logits
-    _, _, logits = _layer_io(case, make_selector(case.model, 1.0), "mean")
-    assert torch.equal(logits, reference)
+    selector = make_selector(case.model, EVERY_TOKEN_ROUTED)
+    _, _, plain = _layer_io(case, selector, "none")
+    calls = _counting_compensations(monkeypatch)
+    _, _, logits = _layer_io(case, selector, "mean")
+    assert len(calls) == len(selector.layers)  # every layer ran the update ...
+    assert torch.equal(logits, plain)  # ... on no token
+    torch.testing.assert_close(logits[case.valid], reference[case.valid])
 
 
 def test_unknown_skipped_update_is_rejected(tiny_case, make_selector):
@@ -113,13 +136,19 @@ def test_linear_update_adds_the_mean_and_the_fitted_map_of_each_tokens_deviation
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize(("skipped_update", "skipped_keys"), [("linear", "drop"), ("stand-in", "pool")])
-def test_fitted_updates_are_exact_at_keep_ratio_one(tiny_case, make_selector, backend, skipped_update, skipped_keys):
+def test_fitted_updates_change_nothing_when_no_visual_token_skips(
+    tiny_case, make_selector, monkeypatch, backend, skipped_update, skipped_keys
+):
     case = tiny_case("llava", backend)
     reference = case.model(**case.inputs).logits
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, 1.0), hidden)
+    selector = _with_random_skip_updates(make_selector(case.model, EVERY_TOKEN_ROUTED), hidden)
+    _, _, plain = _layer_io(case, selector, "none", skipped_keys)
+    calls = _counting_compensations(monkeypatch)
     _, _, logits = _layer_io(case, selector, skipped_update, skipped_keys)
-    assert torch.equal(logits, reference)
+    assert len(calls) == len(selector.layers)  # every layer ran its fitted map ...
+    assert torch.equal(logits, plain)  # ... on no token
+    torch.testing.assert_close(logits[case.valid], reference[case.valid])
 
 
 @pytest.mark.parametrize(("skipped_update", "skipped_keys"), [("linear", "drop"), ("stand-in", "pool")])
