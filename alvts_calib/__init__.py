@@ -6,8 +6,15 @@ and the evaluation harness. Each folder's `__init__` lists the rest of its publi
 
 from .artifact.budgets import Budget
 from .artifact.calibration import Calibration, load_calibration
-from .artifact.config import SkippedKeys, SkippedUpdate
-from .artifact.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector, export
+from .artifact.config import (
+    DEFAULT_ADAPTIVE_BUDGET,
+    DEFAULT_BUDGET,
+    DEFAULT_SKIPPED_KEYS,
+    RuntimeConfig,
+    SkippedKeys,
+    SkippedUpdate,
+)
+from .artifact.export import build_selector, export
 from .artifact.selector import Selector, load_selector
 from .calibration.pipeline import calibrate
 from .data import build_labelled_items, build_samples, load_records, single_sample
@@ -21,9 +28,9 @@ from .selector.solver import Init
 from .version import __version__
 
 __all__ = [
-    "DEFAULT_BUDGET", "DEFAULT_SKIPPED_KEYS", "AlvtsError", "ArtifactError", "Budget", "Calibration", "EvalReport",
-    "Importance", "Init", "LayerPolicy", "ModelMismatchError", "SampleError", "Selector", "SkippedKeys",
-    "SkippedUpdate", "__version__", "attach", "attach_policies", "attached_selector", "build_labelled_items",
-    "build_samples", "build_selector", "calibrate", "detach", "evaluate", "export", "load_calibration",
-    "load_records", "load_selector", "single_sample", "visual_positions",
+    "DEFAULT_ADAPTIVE_BUDGET", "DEFAULT_BUDGET", "DEFAULT_SKIPPED_KEYS", "AlvtsError", "ArtifactError", "Budget",
+    "Calibration", "EvalReport", "Importance", "Init", "LayerPolicy", "ModelMismatchError", "RuntimeConfig",
+    "SampleError", "Selector", "SkippedKeys", "SkippedUpdate", "__version__", "attach", "attach_policies",
+    "attached_selector", "build_labelled_items", "build_samples", "build_selector", "calibrate", "detach", "evaluate",
+    "export", "load_calibration", "load_records", "load_selector", "single_sample", "visual_positions",
 ]

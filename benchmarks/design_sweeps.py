@@ -146,7 +146,7 @@ class Sweeper:
 
 
 def default_update(keys: str, selector) -> str:
-    """The skipped update the toolkit uses with `keys` and `selector` (`routing.default_skipped_update`)."""
+    """The skipped update the toolkit uses with `keys` and `selector` (`artifact.default_skipped_update`)."""
     return default_skipped_update(SkippedKeys(keys), selector.has_skip_updates).value
 
 

@@ -19,6 +19,7 @@ from alvts_calib import (
     DEFAULT_SKIPPED_KEYS,
     Importance,
     Init,
+    RuntimeConfig,
     SkippedKeys,
     SkippedUpdate,
     attach,
@@ -295,12 +296,12 @@ def export_command(
     """Write a selector artifact (safetensors + metadata) from a calibration."""
     if (keep_ratio is None) == (compression is None):
         raise AlvtsError("give exactly one of --keep-ratio (e.g. 0.11) and --compression (e.g. 0.89)")
+    runtime = RuntimeConfig(keep_ratio=keep_ratio, budget=budget, skipped_keys=skipped_keys)
     with _writing([out], [calibration]):
         loaded = load_calibration(calibration)
         if compression is not None:
-            keep_ratio = keep_ratio_at(loaded, compression)
-        selector = export(loaded, out, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget,
-                          skipped_keys=skipped_keys)
+            runtime = runtime.replace(keep_ratio=keep_ratio_at(loaded, compression))
+        selector = export(loaded, out, rank=rank, dtype=dtype, config=runtime)
     keep_ratios = {str(index): ratio for index, ratio in selector.keep_ratios.items()}
     if json_output:
         print_json({"out": str(out), **selector.metadata, "keep_ratios": keep_ratios})
@@ -458,14 +459,13 @@ def eval_command(
 ) -> None:
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
     from alvts_calib import evaluate, load_selector
-    from alvts_calib.artifact import parse_budget
     from alvts_calib.data import build_labelled_items
     from alvts_calib.evaluation import check_methods
     from alvts_calib.model import check_load_options
 
     method_names = tuple(name.strip() for name in methods.split(",") if name.strip())
     compressions = _compressions(compression)
-    parse_budget(budget)
+    runtime = RuntimeConfig(budget=budget, skipped_keys=skipped_keys, skipped_update=skipped_update)
     if batch_size < 1:
         raise AlvtsError(f"--batch-size must be at least 1, got {batch_size}")
     check_load_options(dtype, attn_implementation, device)
@@ -482,8 +482,7 @@ def eval_command(
         loaded, name = _load(model, dtype, attn_implementation, device)
         report = evaluate(
             loaded, processor, items, selector=artifact, calibration=calibration, methods=method_names,
-            compressions=compressions, batch_size=batch_size, skipped_update=skipped_update, skipped_keys=skipped_keys,
-            budget=budget, progress=not json_output, model_name=name,
+            compressions=compressions, batch_size=batch_size, config=runtime, progress=not json_output, model_name=name,
             data_name=str(data or "builtin:shapes test split"), data_summary=data_report.summary(),
         )
         payload = report.to_dict()

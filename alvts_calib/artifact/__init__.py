@@ -4,22 +4,25 @@
 
 from .budgets import Budget, parse_budget
 from .calibration import CALIBRATION_FORMAT, Calibration, load_calibration
-from .config import SkippedKeys, SkippedUpdate, check_skipped_update, default_skipped_update
-from .export import (
+from .config import (
     DEFAULT_ADAPTIVE_BUDGET,
     DEFAULT_BUDGET,
     DEFAULT_SKIPPED_KEYS,
-    build_selector,
-    calibrated_layers,
-    export,
-    keep_ratio_at,
-    tokens_per_layer_at,
+    UNRECORDED_SKIPPED_KEYS,
+    UNRECORDED_SKIPPED_UPDATE,
+    RuntimeConfig,
+    SkippedKeys,
+    SkippedUpdate,
+    check_skipped_update,
+    default_skipped_update,
 )
+from .export import build_selector, calibrated_layers, export, keep_ratio_at, tokens_per_layer_at
 from .selector import SELECTOR_FORMAT, Selector, load_selector, read_metadata
 
 __all__ = [
     "CALIBRATION_FORMAT", "DEFAULT_ADAPTIVE_BUDGET", "DEFAULT_BUDGET", "DEFAULT_SKIPPED_KEYS", "SELECTOR_FORMAT",
-    "Budget", "Calibration", "Selector", "SkippedKeys", "SkippedUpdate", "build_selector", "calibrated_layers",
-    "check_skipped_update", "default_skipped_update", "export", "keep_ratio_at", "load_calibration", "load_selector",
-    "parse_budget", "read_metadata", "tokens_per_layer_at",
+    "UNRECORDED_SKIPPED_KEYS", "UNRECORDED_SKIPPED_UPDATE", "Budget", "Calibration", "RuntimeConfig", "Selector",
+    "SkippedKeys", "SkippedUpdate", "build_selector", "calibrated_layers", "check_skipped_update",
+    "default_skipped_update", "export", "keep_ratio_at", "load_calibration", "load_selector", "parse_budget",
+    "read_metadata", "tokens_per_layer_at",
 ]

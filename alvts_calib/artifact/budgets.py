@@ -276,7 +276,7 @@ def allocate(
         if sum(tokens) != total:
             raise AlvtsError(f"the refined split spends {sum(tokens)} tokens, not {total}; re-run `alvts calibrate`")
     elif budget is Budget.SENSITIVITY:
-        tokens = min_damage(_damage_curves(statistics, indices, visual_tokens, pooled), total)
+        tokens = min_damage(_damage_curves(statistics, indices, visual_tokens), total)
     elif budget is Budget.ADAPTIVE:
         tokens = equal_coverage(curves, total)
     elif budget is Budget.ADAPTIVE_UPDATE:
@@ -323,21 +323,14 @@ def min_damage(curves: np.ndarray, total: int) -> list[int]:
     return result[::-1]
 
 
-def _damage_curves(
-    statistics: Mapping[int, LayerStatistics], indices: list[int], visual_tokens: int, pooled: bool
-) -> np.ndarray:
+def _damage_curves(statistics: Mapping[int, LayerStatistics], indices: list[int], visual_tokens: int) -> np.ndarray:
     """(L, n + 1) what each layer costs the answer after 0..n tokens, or a one-line error saying what is missing.
 
     The cost is the square root of the measured KL divergence: KL grows with the square of a small change of the
     logits, while the changes that routed layers make add up in the residual stream, so their square roots (Fisher
     distances) add up to a bound on the total. Summing KL itself undervalues many small contributions
-    (docs/DESIGN.md).
+    (docs/DESIGN.md). It is measured with pooled skipped keys (`RuntimeConfig.validate` holds export to them).
     """
-    if not pooled:
-        raise AlvtsError(
-            "budget 'sensitivity' is measured with pooled skipped keys; export with --skipped-keys pool or choose "
-            "another budget"
-        )
     missing = [index for index in indices if statistics[index].damage is None]
     if missing:
         raise AlvtsError(

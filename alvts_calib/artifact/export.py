@@ -5,42 +5,56 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import AlvtsError
-from ..options import check_keep_ratio, parse_choice, torch_dtype
+from ..options import torch_dtype
 from ..selector.skip_map import SkipUpdate
 from ..tokens import check_compression, keep_count_host, per_layer_count, selected_beside_stand_in
 from ..version import __version__
-from .budgets import Budget, allocate, parse_budget
+from .budgets import Budget, allocate
 from .calibration import Calibration
-from .config import SkippedKeys, default_skipped_update
+from .config import RuntimeConfig, SkippedKeys
 from .selector import Selector
 
-DEFAULT_BUDGET = Budget.SENSITIVITY  # measured on the demo (docs/DESIGN.md)
-DEFAULT_ADAPTIVE_BUDGET = Budget.SENSITIVITY  # what `alvts eval` compares with uniform
-DEFAULT_SKIPPED_KEYS = SkippedKeys.POOL
+
+def _export_config(
+    config: RuntimeConfig | None, keep_ratio: float | None, budget: str | Budget | None,
+    skipped_keys: str | SkippedKeys | None,
+) -> RuntimeConfig:
+    """`config`, or one made of the separate settings (defaults: `RuntimeConfig`'s); not both."""
+    if config is None:
+        return RuntimeConfig(keep_ratio=keep_ratio).replace(budget=budget, skipped_keys=skipped_keys)
+    if any(value is not None for value in (keep_ratio, budget, skipped_keys)):
+        raise AlvtsError("give export either a RuntimeConfig or keep_ratio/budget/skipped_keys, not both")
+    return config
 
 
 def build_selector(
     calibration: Calibration,
     *,
-    keep_ratio: float,
+    keep_ratio: float | None = None,
     rank: int | None = None,
     dtype: str = "float32",
-    budget: str | Budget = DEFAULT_BUDGET,
-    skipped_keys: str | SkippedKeys = DEFAULT_SKIPPED_KEYS,
+    budget: str | Budget | None = None,
+    skipped_keys: str | SkippedKeys | None = None,
+    config: RuntimeConfig | None = None,
 ) -> Selector:
     """The selector a calibration gives at `keep_ratio` and `rank`, in memory (ready for `attach`).
+
+    The runtime settings come from `config` or from `keep_ratio`, `budget` and `skipped_keys` (the others at their
+    defaults, `RuntimeConfig`); the artifact records them, with the skipped update that suits its skip maps.
 
     `budget` "uniform" keeps `keep_ratio` in every routed layer; the adaptive budgets ("sensitivity",
     "adaptive-update", "adaptive", "adaptive-mass") spread the same average number of visual tokens per routed
     layer over layers by calibration statistics (see `budgets`); a layer may get 0 or all of them. With
     `skipped_keys` "pool" (what `attach` then uses), a layer's pooled stand-in for its skipped tokens is one of its
     tokens: at the calibration's reference visual count it selects one token fewer than its budget, or every token
-    if the budget is all of them (`routing.selected_beside_stand_in`), and the artifact's runtime passes the
-    stand-in's update on to the skipped tokens when it carries fitted skip updates (`routing.default_skipped_update`).
+    if the budget is all of them (`tokens.selected_beside_stand_in`), and the artifact's runtime passes the
+    stand-in's update on to the skipped tokens when it carries fitted skip updates (`config.default_skipped_update`).
     """
-    check_keep_ratio(keep_ratio)
-    budget = parse_budget(budget)
-    skipped_keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
+    runtime = _export_config(config, keep_ratio, budget, skipped_keys)
+    if runtime.keep_ratio is None:
+        raise TypeError("build_selector() needs keep_ratio (or a config with one)")
+    runtime.validate(exporting=True)
+    keep_ratio, budget, skipped_keys = runtime.keep_ratio, runtime.budget, runtime.skipped_keys
     if not calibration.complete:
         raise AlvtsError("calibration is incomplete (interrupted run?); re-run `alvts calibrate` to finish it")
     rank = calibration.rank if rank is None else rank
@@ -68,14 +82,12 @@ def build_selector(
     if skipped_keys is SkippedKeys.POOL:
         ratios = _leave_room_for_pool(ratios, int(calibration.metadata["summary"].get("visual_tokens") or 0))
     fidelity = {str(i): calibration.fidelity(i, ratios[i], rank) for i in indices}
+    runtime = runtime.resolved(has_fitted_maps=set(indices) <= set(skip_updates))
     metadata = {
         "family": calibration.metadata["family"],
         "rank": rank,
         "dtype": dtype,
-        "keep_ratio": keep_ratio,
-        "budget": budget.value,
-        "skipped_keys": skipped_keys.value,
-        "skipped_update": default_skipped_update(skipped_keys, set(indices) <= set(skip_updates)).value,
+        **runtime.metadata(),
         **allocation,
         "start_layer": indices[0],
         "calibration": {
@@ -100,15 +112,17 @@ def export(
     calibration: Calibration,
     path: str | Path,
     *,
-    keep_ratio: float,
+    keep_ratio: float | None = None,
     rank: int | None = None,
     dtype: str = "float32",
-    budget: str | Budget = DEFAULT_BUDGET,
-    skipped_keys: str | SkippedKeys = DEFAULT_SKIPPED_KEYS,
+    budget: str | Budget | None = None,
+    skipped_keys: str | SkippedKeys | None = None,
+    config: RuntimeConfig | None = None,
 ) -> Selector:
     """Write the selector artifact for `calibration` to `path` (atomically) and return it (see `build_selector`)."""
     selector = build_selector(
-        calibration, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget, skipped_keys=skipped_keys
+        calibration, keep_ratio=keep_ratio, rank=rank, dtype=dtype, budget=budget, skipped_keys=skipped_keys,
+        config=config,
     )
     selector.save(path)
     return selector

@@ -16,6 +16,7 @@ from ..outputs import atomic_write
 from ..selector.importance import Importance
 from ..selector.layer import SELECTOR_TENSOR_NAMES, LayerSelector
 from ..selector.skip_map import SkipUpdate, stored_skip_update
+from .config import RuntimeConfig
 from .schema import FORMAT_VERSION, SELECTOR_FORMAT, check_metadata, check_selector_tensors
 
 METADATA_KEY = "alvts"
@@ -75,6 +76,11 @@ class Selector:
     @property
     def start_layer(self) -> int:
         return min(self.layers)
+
+    @property
+    def runtime(self) -> RuntimeConfig:
+        """The runtime this artifact records (what `attach` runs unless told otherwise)."""
+        return RuntimeConfig.of_artifact(self.metadata, self.keep_ratios, self.importance)
 
     @property
     def has_skip_updates(self) -> bool:

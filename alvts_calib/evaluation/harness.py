@@ -20,8 +20,14 @@ from torch import nn
 from ..answers import answer_matches, answer_token_budget
 from ..artifact.budgets import Budget, parse_budget
 from ..artifact.calibration import Calibration
-from ..artifact.config import SkippedKeys, SkippedUpdate, check_skipped_update, default_skipped_update
-from ..artifact.export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
+from ..artifact.config import (
+    DEFAULT_ADAPTIVE_BUDGET,
+    DEFAULT_SKIPPED_KEYS,
+    RuntimeConfig,
+    SkippedKeys,
+    SkippedUpdate,
+)
+from ..artifact.export import build_selector
 from ..artifact.selector import Selector
 from ..calibration.capture import input_device, move
 from ..data import LabelledItem
@@ -30,7 +36,7 @@ from ..model.adapters import AttentionGeometry
 from ..model.fingerprint import check_fingerprint
 from ..options import DEFAULT_START_LAYER, parse_choice
 from ..progress import track
-from ..runtime.attach import attach_policies, detach, last_visual_pass, require_skip_updates
+from ..runtime.attach import attach_policies, detach, last_visual_pass
 from ..runtime.context import ForwardContext
 from ..runtime.policies import KeepAllPolicy, LayerPolicy
 from ..tokens import check_compression
@@ -328,30 +334,30 @@ def evaluate(
     compressions: tuple[float, ...] = DEFAULT_COMPRESSIONS,
     batch_size: int = 32,
     skipped_update: SkippedUpdate | str | None = None,
-    skipped_keys: SkippedKeys | str = DEFAULT_SKIPPED_KEYS,
-    budget: Budget | str = DEFAULT_ADAPTIVE_BUDGET,
+    skipped_keys: SkippedKeys | str | None = None,
+    budget: Budget | str | None = None,
+    config: RuntimeConfig | None = None,
     progress: bool = True,
     model_name: str = "",
     data_name: str = "",
     data_summary: str = "",
 ) -> EvalReport:
     """Evaluate the full model, then every method at every compression, on `items` (see `build_plans` for
-    `skipped_keys` and `budget`). `skipped_update` applies to the layer-wise methods; None takes the toolkit's
-    default for `skipped_keys` and the selector (`routing.default_skipped_update`)."""
+    `skipped_keys` and `budget`). The runtime is `config` (default: `RuntimeConfig` with alvts-adaptive's budget,
+    DEFAULT_ADAPTIVE_BUDGET); `skipped_update`, `skipped_keys` and `budget` override one setting of it.
+    `skipped_update` applies to the layer-wise methods; None takes the toolkit's default for the selector
+    (`default_skipped_update`)."""
     check_methods(methods, selector, calibration)
-    parse_budget(budget)
+    runtime = config if config is not None else RuntimeConfig(budget=DEFAULT_ADAPTIVE_BUDGET)
+    runtime = runtime.replace(skipped_update=skipped_update, skipped_keys=skipped_keys, budget=budget)
     if batch_size < 1:
         raise AlvtsError(f"batch size must be at least 1, got {batch_size}")
     if selector is not None:
         check_fingerprint(selector.fingerprint, model)
-    keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
     layers = sorted(selector.layers) if selector is not None else [1]
-    if skipped_update is None:
-        skipped_update = default_skipped_update(keys, selector is not None and selector.has_skip_updates)
-    skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
-    check_skipped_update(skipped_update, keys)
-    if skipped_update.fitted:
-        require_skip_updates(selector, layers, skipped_update)
+    runtime = runtime.resolved(selector is not None and selector.has_skip_updates)
+    runtime.validate(routed_layers=layers, fitted_layers={} if selector is None else selector.skip_updates)
+    skipped_update, skipped_keys, budget = runtime.skipped_update, runtime.skipped_keys, runtime.budget
     started = time.perf_counter()
     harness = Harness(model, processor, items, batch_size, skipped_update, progress, selector)
     full = harness.run(None, "full", None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..artifact.config import SkippedKeys, SkippedUpdate, check_skipped_update
+from ..artifact.config import RuntimeConfig, SkippedKeys, SkippedUpdate, require_fitted_maps
 from ..artifact.selector import Selector, check_selector, load_selector
 from ..errors import AlvtsError
 from ..model.adapters import decoder_layers, get_adapter
@@ -84,17 +84,19 @@ def attach(
     keep_ratio: float | None = None,
     skipped_update: SkippedUpdate | str | None = None,
     skipped_keys: SkippedKeys | str | None = None,
+    config: RuntimeConfig | None = None,
 ) -> nn.Module:
     """Patch `model` in place so routed layers process only their selected visual tokens; returns `model`.
 
-    `keep_ratio` overrides the artifact's per-layer ratios with one uniform ratio. `skipped_keys` "pool" lets
-    the text attend to one stand-in per row for the skipped visual tokens, with their mean key and value and their
-    attention mass (one token per layer, which the exported budgets count; eager or SDPA attention). What visual
-    tokens that skip a layer receive (`SkippedUpdate`): "stand-in" the update the layer gave that stand-in plus the
-    artifact's fitted map of how each token's input differs from the stand-in's, "mean" the mean update of the
-    tokens it processed, "linear" that mean plus the fitted map, "none" nothing. None, for either, takes the
-    artifact's own setting. The artifact must have been calibrated on this model (checked by fingerprint).
-    Everything is checked before the model is changed, and an error leaves it as it was.
+    It runs the artifact's own runtime (`Selector.runtime`), or `config` instead (a config without keep ratios
+    keeps the artifact's). `keep_ratio`, `skipped_update` and `skipped_keys` override one setting of it:
+    `keep_ratio` replaces the per-layer ratios with one uniform ratio. `skipped_keys` "pool" lets the text attend
+    to one stand-in per row for the skipped visual tokens, with their mean key and value and their attention mass
+    (one token per layer, which the exported budgets count; eager or SDPA attention). What visual tokens that skip
+    a layer receive (`SkippedUpdate`): "stand-in" the update the layer gave that stand-in plus the artifact's fitted
+    map of how each token's input differs from the stand-in's, "mean" the mean update of the tokens it processed,
+    "linear" that mean plus the fitted map, "none" nothing. The artifact must have been calibrated on this model
+    (checked by fingerprint). Everything is checked before the model is changed, and an error leaves it as it was.
     """
     _check_not_attached(model)
     if isinstance(selector, Selector):
@@ -104,20 +106,23 @@ def attach(
     check_fingerprint(selector.fingerprint, model)
     if keep_ratio is not None:
         check_keep_ratio(keep_ratio)
-    policies = {
-        index: SelectorPolicy(selector.layers[index], ratio if keep_ratio is None else keep_ratio, selector.importance)
-        for index, ratio in selector.keep_ratios.items()
-    }
-    if skipped_keys is None:
-        skipped_keys = selector.metadata.get("skipped_keys", SkippedKeys.DROP)
-    if skipped_update is None:
-        skipped_update = selector.metadata.get("skipped_update", SkippedUpdate.NONE)
-    check_skipped_update(
-        parse_choice(SkippedUpdate, skipped_update, "skipped_update"),
-        parse_choice(SkippedKeys, skipped_keys, "skipped_keys"),
+    runtime = selector.runtime if config is None else config
+    if keep_ratio is not None:
+        runtime = replace(runtime, keep_ratio=keep_ratio, keep_ratios={})
+    runtime = runtime.replace(skipped_update=skipped_update, skipped_keys=skipped_keys)
+    runtime = runtime.resolved(selector.has_skip_updates).validate()
+    ratios = runtime.keep_ratios or (
+        selector.keep_ratios if runtime.keep_ratio is None else dict.fromkeys(selector.keep_ratios, runtime.keep_ratio)
     )
+    if set(ratios) != set(selector.keep_ratios):
+        raise AlvtsError(
+            f"the runtime's keep ratios are for layers {sorted(ratios)}, the selector's for {sorted(selector.layers)}"
+        )
+    policies = {
+        index: SelectorPolicy(selector.layers[index], ratio, selector.importance) for index, ratio in ratios.items()
+    }
     return attach_policies(
-        model, policies, selector=selector, skipped_update=skipped_update, skipped_keys=skipped_keys
+        model, policies, selector=selector, skipped_update=runtime.skipped_update, skipped_keys=runtime.skipped_keys
     )
 
 
@@ -179,25 +184,16 @@ def _undo(layers: nn.ModuleList, runtime: _Runtime) -> None:
     runtime.tracker.remove()
 
 
-def require_skip_updates(selector: Selector | None, layers: list[int], skipped_update: SkippedUpdate) -> None:
-    """Fail unless `selector` has fitted skip updates for `layers` (what "linear" and "stand-in" need)."""
-    missing = sorted(set(layers) - set({} if selector is None else selector.skip_updates))
-    if missing:
-        raise AlvtsError(
-            f"skipped_update '{skipped_update.value}' needs fitted skip updates for layers {missing}, and the "
-            "selector has none there; calibrate with --skip-update-rank above 0 and export again, or use 'none' "
-            "or 'mean'"
-        )
-
-
 def _skip_modules(
     skipped_update: SkippedUpdate, selector: Selector | None, policies: dict[int, LayerPolicy]
 ) -> dict[int, nn.Module]:
     """The fitted skip updates "linear" and "stand-in" need, for every layer that may skip visual tokens."""
     if not skipped_update.fitted:
         return {}
-    require_skip_updates(selector, [index for index, policy in policies.items() if not policy.keeps_all],
-                         skipped_update)
+    require_fitted_maps(
+        skipped_update, [index for index, policy in policies.items() if not policy.keeps_all],
+        {} if selector is None else selector.skip_updates,
+    )
     return {index: selector.skip_updates[index] for index in policies if index in selector.skip_updates}
 
 
