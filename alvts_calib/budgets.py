@@ -275,13 +275,15 @@ def allocate(
     budget: Budget,
     pooled: bool = False,
     refined: Mapping[int, int] | None = None,
+    sees_skipped: bool | None = None,
 ) -> Allocation:
     """Adaptive per-layer budgets averaging keep_count(visual_tokens, keep_ratio) tokens over the layers.
 
     `pooled`: skipped tokens are seen through a pooled stand-in, so `adaptive-update` values a layer's tokens by
     `pooled_coverage` (what pooling gets wrong) instead of the importance mass they hold. `refined`: the
     calibration's jointly refined split for this total (layer -> tokens), which "sensitivity" then uses (the other
-    budgets ignore it)."""
+    budgets ignore it). `sees_skipped` (default: `pooled`): the runtime's text reads the skipped tokens (pooled, or
+    every one's own key), which the sensitivity measurement (made with pooled keys) stands for."""
     indices = sorted(statistics)
     if budget is Budget.UNIFORM or visual_tokens <= 0 or not indices:
         raise AlvtsError("adaptive allocation needs an adaptive budget, routed layers and visual tokens")
@@ -293,7 +295,8 @@ def allocate(
         if sum(tokens) != total:
             raise AlvtsError(f"the refined split spends {sum(tokens)} tokens, not {total}; re-run `alvts calibrate`")
     elif budget is Budget.SENSITIVITY:
-        tokens = min_damage(_damage_curves(statistics, indices, visual_tokens, pooled), total)
+        sees_skipped = pooled if sees_skipped is None else sees_skipped
+        tokens = min_damage(_damage_curves(statistics, indices, visual_tokens, sees_skipped), total)
     elif budget is Budget.ADAPTIVE:
         tokens = equal_coverage(curves, total)
     elif budget is Budget.ADAPTIVE_UPDATE:
@@ -341,7 +344,7 @@ def min_damage(curves: np.ndarray, total: int) -> list[int]:
 
 
 def _damage_curves(
-    statistics: Mapping[int, LayerStatistics], indices: list[int], visual_tokens: int, pooled: bool
+    statistics: Mapping[int, LayerStatistics], indices: list[int], visual_tokens: int, sees_skipped: bool
 ) -> np.ndarray:
     """(L, n + 1) what each layer costs the answer after 0..n tokens, or a one-line error saying what is missing.
 
@@ -350,10 +353,10 @@ def _damage_curves(
     distances) add up to a bound on the total. Summing KL itself undervalues many small contributions (on the demo
     at 89% compression, commit 6442c98, it left layers 7-11 blind and kept 94.1%, column questions 81.1%).
     """
-    if not pooled:
+    if not sees_skipped:
         raise AlvtsError(
-            "budget 'sensitivity' is measured with pooled skipped keys; export with --skipped-keys pool or choose "
-            "another budget"
+            "budget 'sensitivity' is measured with pooled skipped keys; export with --skipped-keys pool (or all) or "
+            "choose another budget"
         )
     missing = [index for index in indices if statistics[index].damage is None]
     if missing:

@@ -28,7 +28,7 @@ from .data import LabelledItem
 from .errors import AlvtsError
 from .export import DEFAULT_ADAPTIVE_BUDGET, DEFAULT_SKIPPED_KEYS, build_selector
 from .fingerprint import check_fingerprint
-from .flops import layer_flops, skip_update_flops
+from .flops import attention_on_all_layer_flops, layer_flops, skip_update_flops
 from .methods import (
     Plan,
     alvts_plan,
@@ -176,7 +176,7 @@ class Harness:
                     if item.kind is not None:
                         total_by_kind[item.kind] += 1
                         correct_by_kind[item.kind] += right
-                batch_tokens, batch_flops, batch_selection = self._costs(context, policies, update_ranks)
+                batch_tokens, batch_flops, batch_selection = self._costs(context, policies, update_ranks, skipped_keys)
                 tokens.append(batch_tokens)
                 flops.extend(batch_flops)
                 selection.extend(batch_selection)
@@ -213,9 +213,11 @@ class Harness:
             for index, policy in policies.items() if not policy.keeps_all
         }
 
-    def _costs(self, context, policies, update_ranks) -> tuple[torch.Tensor, list[float], list[float]]:
+    def _costs(
+        self, context, policies, update_ranks, skipped_keys: SkippedKeys
+    ) -> tuple[torch.Tensor, list[float], list[float]]:
         """(B, layers) processed visual tokens, and per row the prefill FLOPs (with the fitted skip updates' on
-        `update_ranks`' layers) and the selection FLOPs."""
+        `update_ranks`' layers, and with SkippedKeys.ALL attention on every token) and the selection FLOPs."""
         processed = context.processed_counts()
         tokens = torch.stack([processed[i].cpu() for i in range(self.geometry.num_layers)], dim=1)
         text = (context.valid & ~context.visual).sum(-1).cpu()
@@ -224,7 +226,11 @@ class Harness:
         flops, selection = [], []
         for row in range(tokens.shape[0]):
             positions = (tokens[row] + text[row]).tolist()
-            flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in positions)
+            if skipped_keys is SkippedKeys.ALL:
+                total, intermediate = int(length[row]), self.intermediate_size
+                flops_row = sum(attention_on_all_layer_flops(n, total, self.geometry, intermediate) for n in positions)
+            else:
+                flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in positions)
             flops_row += sum(
                 skip_update_flops(int(skipped[index][row]), self.geometry.hidden_size, rank)
                 for index, rank in update_ranks.items()

@@ -38,6 +38,7 @@ def build_selector(
     tokens: at the calibration's reference visual count it selects one token fewer than its budget, or every token
     if the budget is all of them (`routing.selected_beside_stand_in`), and the artifact's runtime passes the
     stand-in's update on to the skipped tokens when it carries fitted skip updates (`routing.default_skipped_update`).
+    With "all", every layer selects its whole budget and the "sensitivity" split is the one measured with pooled keys.
     """
     check_keep_ratio(keep_ratio)
     budget = parse_budget(budget)
@@ -62,9 +63,10 @@ def build_selector(
     allocation: dict[str, object] = {}
     if budget is not Budget.UNIFORM:
         statistics, visual_tokens = calibration.budget_statistics()
-        pooled = skipped_keys is SkippedKeys.POOL
-        refined = calibration.refined_budget(keep_count_host(visual_tokens, keep_ratio)) if pooled else None
-        result = allocate(statistics, keep_ratio, visual_tokens, budget, pooled=pooled, refined=refined)
+        sees_skipped = skipped_keys is not SkippedKeys.DROP  # as the sensitivity measurement's pooled runtime does
+        refined = calibration.refined_budget(keep_count_host(visual_tokens, keep_ratio)) if sees_skipped else None
+        result = allocate(statistics, keep_ratio, visual_tokens, budget, pooled=skipped_keys is SkippedKeys.POOL,
+                          refined=refined, sees_skipped=sees_skipped)
         ratios, allocation = result.ratios, {"allocation": result.summary()}
     if skipped_keys is SkippedKeys.POOL:
         ratios = _leave_room_for_pool(ratios, int(calibration.metadata["summary"].get("visual_tokens") or 0))

@@ -10,8 +10,9 @@ Rows:
 - the peers: FastV, PyramidDrop, DART (as published), random per-layer selection and the exact-attention oracle
   (both in the toolkit's default runtime);
 - the toolkit's runtime, piece by piece: the paper's (uniform budget, skipped keys dropped, no update), pooled keys
-  (uniform budget, pooled stand-in and its update), and the toolkit's defaults (what `alvts export` and `attach`
-  give);
+  (uniform budget, pooled stand-in and its update), the toolkit's defaults (what `alvts export` and `attach`
+  give), and `keys-all` (the defaults, but the text reads every span token's own key and value, the variant that
+  keeps a serving engine's cache layout: docs/SERVING.md);
 - `bound`: the exact-attention oracle with every span token still updated in every layer (the text sees only the
   selected tokens' keys): no saving, a bound on selection.
 
@@ -70,6 +71,7 @@ TOOLKIT = (
     Variant("alvts paper runtime", "alvts", "uniform", "drop", "none"),
     Variant("alvts pooled", "alvts", "uniform", "pool"),
     Variant("alvts (defaults)", "alvts"),
+    Variant("alvts keys-all", "alvts", skipped_keys="all"),
 )
 BOUND = Variant("bound (oracle, every token updated)", "oracle", skipped_keys="drop", skipped_update="exact")
 VARIANTS = (*PEERS, *TOOLKIT, BOUND)
@@ -136,10 +138,13 @@ def needs_calibration(variant: Variant) -> bool:
     return variant.method in ("alvts", "oracle", "random")
 
 
-def methods_table(surface: Surface, calibration: Calibration, compressions: list[float]) -> list[dict]:
+def methods_table(
+    surface: Surface, calibration: Calibration, compressions: list[float], labels: set[str] | None = None
+) -> list[dict]:
+    """Every variant (or those labelled in `labels`) at each compression."""
     rows = []
     for compression in compressions:
-        for variant in VARIANTS:
+        for variant in VARIANTS if labels is None else [v for v in VARIANTS if v.label in labels]:
             result = run_variant(surface, variant, compression, calibration if needs_calibration(variant) else None)
             if result is not None:
                 rows.append(result_row(result, SPAN_TOKENS))
@@ -159,6 +164,8 @@ SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
     ("skipped keys pool, update none", {}, Variant("pool / none", "alvts", None, "pool", "none")),
     ("skipped keys pool, update mean", {}, Variant("pool / mean", "alvts", None, "pool", "mean")),
     ("skipped keys pool, update stand-in", {}, Variant("pool / stand-in", "alvts", None, "pool", "stand-in")),
+    ("skipped keys all, update none", {}, Variant("all / none", "alvts", None, "all", "none")),
+    ("skipped keys all, update linear", {}, Variant("all / linear", "alvts", None, "all", "linear")),
     ("skipped update exact (bound: every token updated)", {}, Variant("exact", "alvts", None, None, "exact")),
     ("budget uniform (the reference for the rows below)", {}, UNIFORM),
     ("importance paper (S_V2V x S_T2V), uniform budget", {**UNMEASURED, "importance": "paper"}, UNIFORM),
@@ -218,6 +225,7 @@ def main() -> None:
     parser.add_argument("--compressions", default="0.67,0.78,0.89")
     parser.add_argument("--sweep", action="store_true",
                         help="instead of the methods table: each design choice changed alone, at the last compression")
+    parser.add_argument("--rows", help="comma-separated labels of the methods table's rows to run (default: all)")
     parser.add_argument("--out", type=Path, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -244,7 +252,11 @@ def main() -> None:
     if args.sweep:
         rows = sweep_table(surface, compressions[-1], on_row=save)
     else:
-        rows = methods_table(surface, surface.calibration()[0], compressions)
+        labels = None if args.rows is None else {label.strip() for label in args.rows.split(",")}
+        unknown = sorted((labels or set()) - {variant.label for variant in VARIANTS})
+        if unknown:
+            parser.error(f"unknown --rows {', '.join(unknown)}; choose from: {', '.join(v.label for v in VARIANTS)}")
+        rows = methods_table(surface, surface.calibration()[0], compressions, labels)
     save(rows)
     if args.json:
         print(json.dumps(report(rows), indent=2))
