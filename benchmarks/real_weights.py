@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,12 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alvts_calib.adapters import AttentionGeometry
 from alvts_calib.calibration import Calibration, load_calibration
 from alvts_calib.divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
 from alvts_calib.evaluation import build_plans
 from alvts_calib.export import DEFAULT_BUDGET, DEFAULT_SKIPPED_KEYS, calibrated_layers
+from alvts_calib.flops import attention_on_all_layer_flops, layer_flops
 from alvts_calib.pipeline import calibrate
 from alvts_calib.routing import SkippedKeys, SkippedUpdate, default_skipped_update
 
@@ -133,6 +136,22 @@ def run_variant(
                         selector=selector)
 
 
+def flops_ratio(surface: Surface, result: DivergenceResult) -> float:
+    """The method's decoder prefill FLOPs over the full model's (matmuls, as `alvts eval` counts them; selection
+    and skipped updates left out), at the mean prompt length and the measured tokens per layer."""
+    config = surface.model.config
+    geometry = AttentionGeometry.of(surface.model)
+    total = statistics.fmean(reference.input_ids.shape[1] for reference in surface.references)
+    text = total - SPAN_TOKENS
+    keys_all = result.runtime.get("skipped_keys") == SkippedKeys.ALL.value
+    routed = sum(
+        attention_on_all_layer_flops(visual + text, total, geometry, config.intermediate_size) if keys_all
+        else layer_flops(visual + text, geometry, config.intermediate_size)
+        for visual in result.visual_tokens_per_layer
+    )
+    return routed / (geometry.num_layers * layer_flops(total, geometry, config.intermediate_size))
+
+
 def needs_calibration(variant: Variant) -> bool:
     """The selector-based methods, and the layer-wise ones, which run with the calibration's fitted updates."""
     return variant.method in ("alvts", "oracle", "random")
@@ -147,7 +166,7 @@ def methods_table(
         for variant in VARIANTS if labels is None else [v for v in VARIANTS if v.label in labels]:
             result = run_variant(surface, variant, compression, calibration if needs_calibration(variant) else None)
             if result is not None:
-                rows.append(result_row(result, SPAN_TOKENS))
+                rows.append({**result_row(result, SPAN_TOKENS), "flops_ratio": flops_ratio(surface, result)})
                 print(f"{compression:.2f} {variant.label:40s} KL {result.kl:.3f} top1 {result.top1:.3f}", flush=True)
     return rows
 
@@ -183,7 +202,8 @@ def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]
         samples = options.pop("samples", None)
         calibration, seconds = surface.calibration(samples, **options)
         result = run_variant(surface, variant, compression, calibration)
-        rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS)})
+        rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS),
+                     "flops_ratio": flops_ratio(surface, result)})
         print(f"{label:55s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
         if on_row is not None:
             on_row(rows)
@@ -191,13 +211,13 @@ def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]
 
 
 def _cells(row: dict) -> list[str]:
-    """compression, method (or sweep setting), measured compression, KL, top-1, skipped keys / update."""
+    """compression, method (or sweep setting), measured compression, FLOPs, KL, top-1, skipped keys / update."""
     runtime = f"{row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']}"
     return [f"{row['compression']:.0%}", row.get("setting", row["method"]), f"{row['measured_compression']:.1%}",
-            f"{row['kl']:.3f}", f"{row['top1']:.1%}", runtime]
+            f"{row['flops_ratio']:.2f}", f"{row['kl']:.3f}", f"{row['top1']:.1%}", runtime]
 
 
-COLUMNS = ("compression", "method", "measured", "KL", "top-1", "skipped keys / update")
+COLUMNS = ("compression", "method", "measured", "FLOPs vs full", "KL", "top-1", "skipped keys / update")
 
 
 def render(rows: list[dict], title: str) -> Table:
@@ -210,7 +230,7 @@ def render(rows: list[dict], title: str) -> Table:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
