@@ -10,8 +10,9 @@ Rows:
 - the peers: FastV, PyramidDrop, DART (as published), random per-layer selection and the exact-attention oracle
   (both in the toolkit's default runtime);
 - the toolkit's runtime, piece by piece: the paper's (uniform budget, skipped keys dropped, no update), pooled keys
-  (uniform budget, pooled stand-in and its update), and the toolkit's defaults (what `alvts export` and `attach`
-  give);
+  (uniform budget, pooled stand-in and its update), the toolkit's defaults (what `alvts export` and `attach`
+  give), and `keys-all` (the defaults, but the text reads every span token's own key and value, the variant that
+  keeps a serving engine's cache layout: docs/SERVING.md);
 - `bound`: the exact-attention oracle with every span token still updated in every layer (the text sees only the
   selected tokens' keys): no saving, a bound on selection.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,17 @@ from alvts_calib.artifact import (
     load_calibration,
 )
 from alvts_calib.calibration import calibrate
-from alvts_calib.evaluation import DivergenceResult, Reference, build_plans, full_references, measure_plan, result_row
+from alvts_calib.evaluation import (
+    DivergenceResult,
+    Reference,
+    attention_on_all_layer_flops,
+    build_plans,
+    full_references,
+    layer_flops,
+    measure_plan,
+    result_row,
+)
+from alvts_calib.model import AttentionGeometry
 
 CACHE = Path("runs/real-weights")
 SPAN_TOKENS = 400
@@ -76,6 +88,7 @@ TOOLKIT = (
     Variant("alvts paper runtime", "alvts", "uniform", "drop", "none"),
     Variant("alvts pooled", "alvts", "uniform", "pool"),
     Variant("alvts (defaults)", "alvts"),
+    Variant("alvts keys-all", "alvts", skipped_keys="all"),
 )
 BOUND = Variant("bound (oracle, every token updated)", "oracle", skipped_keys="drop", skipped_update="exact")
 VARIANTS = (*PEERS, *TOOLKIT, BOUND)
@@ -137,18 +150,37 @@ def run_variant(
                         selector=selector)
 
 
+def flops_ratio(surface: Surface, result: DivergenceResult) -> float:
+    """The method's decoder prefill FLOPs over the full model's (matmuls, as `alvts eval` counts them; selection
+    and skipped updates left out), at the mean prompt length and the measured tokens per layer."""
+    config = surface.model.config
+    geometry = AttentionGeometry.of(surface.model)
+    total = statistics.fmean(reference.input_ids.shape[1] for reference in surface.references)
+    text = total - SPAN_TOKENS
+    keys_all = result.runtime.get("skipped_keys") == SkippedKeys.ALL.value
+    routed = sum(
+        attention_on_all_layer_flops(visual + text, total, geometry, config.intermediate_size) if keys_all
+        else layer_flops(visual + text, geometry, config.intermediate_size)
+        for visual in result.visual_tokens_per_layer
+    )
+    return routed / (geometry.num_layers * layer_flops(total, geometry, config.intermediate_size))
+
+
 def needs_calibration(variant: Variant) -> bool:
     """The selector-based methods, and the layer-wise ones, which run with the calibration's fitted updates."""
     return variant.method in ("alvts", "oracle", "random")
 
 
-def methods_table(surface: Surface, calibration: Calibration, compressions: list[float]) -> list[dict]:
+def methods_table(
+    surface: Surface, calibration: Calibration, compressions: list[float], labels: set[str] | None = None
+) -> list[dict]:
+    """Every variant (or those labelled in `labels`) at each compression."""
     rows = []
     for compression in compressions:
-        for variant in VARIANTS:
+        for variant in VARIANTS if labels is None else [v for v in VARIANTS if v.label in labels]:
             result = run_variant(surface, variant, compression, calibration if needs_calibration(variant) else None)
             if result is not None:
-                rows.append(result_row(result, SPAN_TOKENS))
+                rows.append({**result_row(result, SPAN_TOKENS), "flops_ratio": flops_ratio(surface, result)})
                 print(f"{compression:.2f} {variant.label:40s} KL {result.kl:.3f} top1 {result.top1:.3f}", flush=True)
     return rows
 
@@ -165,6 +197,8 @@ SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
     ("skipped keys pool, update none", {}, Variant("pool / none", "alvts", None, "pool", "none")),
     ("skipped keys pool, update mean", {}, Variant("pool / mean", "alvts", None, "pool", "mean")),
     ("skipped keys pool, update stand-in", {}, Variant("pool / stand-in", "alvts", None, "pool", "stand-in")),
+    ("skipped keys all, update none", {}, Variant("all / none", "alvts", None, "all", "none")),
+    ("skipped keys all, update linear", {}, Variant("all / linear", "alvts", None, "all", "linear")),
     ("skipped update exact (bound: every token updated)", {}, Variant("exact", "alvts", None, None, "exact")),
     ("budget uniform (the reference for the rows below)", {}, UNIFORM),
     ("importance paper (S_V2V x S_T2V), uniform budget", {**UNMEASURED, "importance": "paper"}, UNIFORM),
@@ -182,7 +216,8 @@ def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]
         samples = options.pop("samples", None)
         calibration, seconds = surface.calibration(samples, **options)
         result = run_variant(surface, variant, compression, calibration)
-        rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS)})
+        rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS),
+                     "flops_ratio": flops_ratio(surface, result)})
         print(f"{label:55s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
         if on_row is not None:
             on_row(rows)
@@ -190,13 +225,13 @@ def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]
 
 
 def _cells(row: dict) -> list[str]:
-    """compression, method (or sweep setting), measured compression, KL, top-1, skipped keys / update."""
+    """compression, method (or sweep setting), measured compression, FLOPs, KL, top-1, skipped keys / update."""
     runtime = f"{row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']}"
     return [f"{row['compression']:.0%}", row.get("setting", row["method"]), f"{row['measured_compression']:.1%}",
-            f"{row['kl']:.3f}", f"{row['top1']:.1%}", runtime]
+            f"{row['flops_ratio']:.2f}", f"{row['kl']:.3f}", f"{row['top1']:.1%}", runtime]
 
 
-COLUMNS = ("compression", "method", "measured", "KL", "top-1", "skipped keys / update")
+COLUMNS = ("compression", "method", "measured", "FLOPs vs full", "KL", "top-1", "skipped keys / update")
 
 
 def render(rows: list[dict], title: str) -> Table:
@@ -209,7 +244,7 @@ def render(rows: list[dict], title: str) -> Table:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -224,6 +259,7 @@ def main() -> None:
     parser.add_argument("--compressions", default="0.67,0.78,0.89")
     parser.add_argument("--sweep", action="store_true",
                         help="instead of the methods table: each design choice changed alone, at the last compression")
+    parser.add_argument("--rows", help="comma-separated labels of the methods table's rows to run (default: all)")
     parser.add_argument("--out", type=Path, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -250,7 +286,11 @@ def main() -> None:
     if args.sweep:
         rows = sweep_table(surface, compressions[-1], on_row=save)
     else:
-        rows = methods_table(surface, surface.calibration()[0], compressions)
+        labels = None if args.rows is None else {label.strip() for label in args.rows.split(",")}
+        unknown = sorted((labels or set()) - {variant.label for variant in VARIANTS})
+        if unknown:
+            parser.error(f"unknown --rows {', '.join(unknown)}; choose from: {', '.join(v.label for v in VARIANTS)}")
+        rows = methods_table(surface, surface.calibration()[0], compressions, labels)
     save(rows)
     if args.json:
         print(json.dumps(report(rows), indent=2))

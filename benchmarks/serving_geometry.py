@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from alvts_calib.evaluation import layer_flops
+from alvts_calib.evaluation import attention_flops, keys_all_layer_flops, layer_flops, projection_flops
 from alvts_calib.model import AttentionGeometry
 from alvts_calib.tokens import per_layer_count
 
@@ -43,29 +43,15 @@ GEOMETRIES = (
 )
 
 
-def per_token(geometry: Geometry) -> dict[str, float]:
-    """Matmul FLOPs per token per layer of each projection group."""
-    attention, hidden = geometry.attention, geometry.attention.hidden_size
-    width = attention.num_heads * attention.head_dim
-    return {"q": 2.0 * hidden * width, "kv": 2.0 * hidden * 2 * attention.num_kv_heads * attention.head_dim,
-            "o": 2.0 * width * hidden, "mlp": 2.0 * 3 * hidden * geometry.intermediate}
-
-
-def attention_flops(tokens: int, attention: AttentionGeometry) -> float:
-    """QK^T and AV over the causal triangle of `tokens` positions (as `flops.layer_flops` counts them)."""
-    return 2.0 * attention.num_heads * attention.head_dim * tokens * (tokens + 1)
-
-
 def costs(geometry: Geometry, compression: float, text: int) -> dict[str, float]:
     """Prefill FLOPs relative to the unpruned model, per runtime, and each runtime's KV cache in MiB."""
     attention, n = geometry.attention, geometry.visual_tokens
     k = per_layer_count(1.0 - compression, attention.num_layers, n, 0)
-    total, processed, skipped = n + text, k + text, n - k
-    unit = per_token(geometry)
+    total, processed = n + text, k + text
+    unit = projection_flops(attention, geometry.intermediate)
     full = layer_flops(total, attention, geometry.intermediate)
     default = layer_flops(processed, attention, geometry.intermediate)
-    keys_all = (processed * sum(unit.values()) + skipped * unit["kv"]
-                + processed / total * attention_flops(total, attention))
+    keys_all = keys_all_layer_flops(processed, total, attention, geometry.intermediate)
     engine = (total * (unit["q"] + unit["kv"]) + attention_flops(total, attention)
               + processed * (unit["o"] + unit["mlp"]))
     kv_token = 2 * attention.num_kv_heads * attention.head_dim * KV_BYTES * attention.num_layers / 2**20

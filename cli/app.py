@@ -290,7 +290,9 @@ def export_command(
         "the same average visual tokens per routed layer, spread by calibration statistics.")] = DEFAULT_BUDGET.value,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="pool: the text attends to one stand-in for a layer's skipped visual tokens (counted in its budget); "
-        "drop: it does not see them (the paper).")] = DEFAULT_SKIPPED_KEYS,
+        "drop: it does not see them (the paper); all: it reads every visual token's own key and value, from its "
+        "current state (the layout a serving engine keeps; costs their key/value projections and cache).")
+    ] = DEFAULT_SKIPPED_KEYS,
     json_output: JsonOption = False,
 ) -> None:
     """Write a selector artifact (safetensors + metadata) from a calibration."""
@@ -445,7 +447,9 @@ def eval_command(
     ] = None,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
         help="For alvts, alvts-adaptive, oracle and random: pool (one stand-in for the skipped visual tokens, "
-        "counted in the budget) or drop (the paper). FastV, PyramidDrop and DART run as published.")
+        "counted in the budget), drop (the paper) or all (every visual token's own key and value, from its current "
+        "state: the serving-friendly layout, which costs their key/value projections and cache). FastV, "
+        "PyramidDrop and DART run as published.")
     ] = DEFAULT_SKIPPED_KEYS,
     budget: Annotated[str, typer.Option(
         help="How alvts-adaptive spreads its tokens: sensitivity, adaptive-update, adaptive or adaptive-mass.")

@@ -264,7 +264,8 @@ def allocate(
     `pooled`: skipped tokens are seen through a pooled stand-in, so `adaptive-update` values a layer's tokens by
     `pooled_coverage` (what pooling gets wrong) instead of the importance mass they hold. `refined`: the
     calibration's jointly refined split for this total (layer -> tokens), which "sensitivity" then uses (the other
-    budgets ignore it)."""
+    budgets ignore it). "sensitivity" was measured with pooled keys: it stands for runtimes whose text reads the
+    skipped tokens (`RuntimeConfig.validate`)."""
     indices = sorted(statistics)
     if budget is Budget.UNIFORM or visual_tokens <= 0 or not indices:
         raise AlvtsError("adaptive allocation needs an adaptive budget, routed layers and visual tokens")
@@ -329,7 +330,8 @@ def _damage_curves(statistics: Mapping[int, LayerStatistics], indices: list[int]
     The cost is the square root of the measured KL divergence: KL grows with the square of a small change of the
     logits, while the changes that routed layers make add up in the residual stream, so their square roots (Fisher
     distances) add up to a bound on the total. Summing KL itself undervalues many small contributions
-    (docs/DESIGN.md). It is measured with pooled skipped keys (`RuntimeConfig.validate` holds export to them).
+    (docs/DESIGN.md). It is measured with pooled skipped keys (`RuntimeConfig.validate` holds export to runtimes
+    whose text reads the skipped tokens).
     """
     missing = [index for index in indices if statistics[index].damage is None]
     if missing:

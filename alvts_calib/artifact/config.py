@@ -23,6 +23,8 @@ class SkippedKeys(str, Enum):
 
     DROP = "drop"  # nothing: they are not among the layer's keys (the paper)
     POOL = "pool"  # one stand-in per row with their mean key and value and their attention mass (see `Pool`)
+    ALL = "all"  # every one's own key and value, from its current state: attention runs on every token (see
+    # `RoutedLayerMixin._keys_all_forward`), as a serving engine's unchanged attention call would; the MLP does not
 
 
 class SkippedUpdate(str, Enum):
@@ -98,6 +100,12 @@ class RuntimeConfig:
     def pooled(self) -> bool:
         return self.skipped_keys is SkippedKeys.POOL
 
+    @property
+    def sees_skipped(self) -> bool:
+        """The text reads the skipped visual tokens (pooled, or every one's own key), as when sensitivity was
+        measured (with pooled keys)."""
+        return self.skipped_keys is not SkippedKeys.DROP
+
     def replace(self, **changes: Any) -> RuntimeConfig:
         """A copy with `changes`; None values leave a field as it is."""
         return replace(self, **{name: value for name, value in changes.items() if value is not None})
@@ -133,10 +141,10 @@ class RuntimeConfig:
         if exporting:
             if self.keep_ratio is None:
                 raise AlvtsError("export needs a keep ratio (or a compression)")
-            if self.budget is Budget.SENSITIVITY and not self.pooled:
+            if self.budget is Budget.SENSITIVITY and not self.sees_skipped:
                 raise AlvtsError(
-                    "budget 'sensitivity' is measured with pooled skipped keys; export with --skipped-keys pool or "
-                    "choose another budget"
+                    "budget 'sensitivity' is measured with pooled skipped keys; export with --skipped-keys pool (or "
+                    "all) or choose another budget"
                 )
         return self
 

@@ -49,6 +49,7 @@ def build_selector(
     tokens: at the calibration's reference visual count it selects one token fewer than its budget, or every token
     if the budget is all of them (`tokens.selected_beside_stand_in`), and the artifact's runtime passes the
     stand-in's update on to the skipped tokens when it carries fitted skip updates (`config.default_skipped_update`).
+    With "all", every layer selects its whole budget and the "sensitivity" split is the one measured with pooled keys.
     """
     runtime = _export_config(config, keep_ratio, budget, skipped_keys)
     if runtime.keep_ratio is None:
@@ -75,9 +76,10 @@ def build_selector(
     allocation: dict[str, object] = {}
     if budget is not Budget.UNIFORM:
         statistics, visual_tokens = calibration.budget_statistics()
-        pooled = skipped_keys is SkippedKeys.POOL
-        refined = calibration.refined_budget(keep_count_host(visual_tokens, keep_ratio)) if pooled else None
-        result = allocate(statistics, keep_ratio, visual_tokens, budget, pooled=pooled, refined=refined)
+        # the refined split, like the sensitivity measurement, stands for runtimes whose text reads skipped tokens
+        total = keep_count_host(visual_tokens, keep_ratio)
+        refined = calibration.refined_budget(total) if runtime.sees_skipped else None
+        result = allocate(statistics, keep_ratio, visual_tokens, budget, pooled=runtime.pooled, refined=refined)
         ratios, allocation = result.ratios, {"allocation": result.summary()}
     if skipped_keys is SkippedKeys.POOL:
         ratios = _leave_room_for_pool(ratios, int(calibration.metadata["summary"].get("visual_tokens") or 0))

@@ -4,7 +4,14 @@ Not part of the product: nothing in model/, selector/, artifact/, runtime/ or ca
 """
 
 from .divergence import DivergenceResult, Reference, full_references, measure_plan, result_row
-from .flops import layer_flops
+from .flops import (
+    attention_flops,
+    attention_on_all_layer_flops,
+    keys_all_layer_flops,
+    layer_flops,
+    projection_flops,
+    skip_update_flops,
+)
 from .harness import (
     DEFAULT_COMPRESSIONS,
     DEFAULT_METHODS,
@@ -21,6 +28,7 @@ from .plans import Plan, alvts_plan, fastv_plan, pyramid_plan
 
 __all__ = [
     "DEFAULT_COMPRESSIONS", "DEFAULT_METHODS", "METHODS", "DivergenceResult", "EvalReport", "Harness", "MethodResult",
-    "Plan", "Reference", "alvts_plan", "build_plans", "check_methods", "evaluate", "fastv_plan", "full_references",
-    "layer_flops", "measure_plan", "pyramid_plan", "reference_visual_count", "result_row",
+    "Plan", "Reference", "alvts_plan", "attention_flops", "attention_on_all_layer_flops", "build_plans",
+    "check_methods", "evaluate", "fastv_plan", "full_references", "keys_all_layer_flops", "layer_flops",
+    "measure_plan", "projection_flops", "pyramid_plan", "reference_visual_count", "result_row", "skip_update_flops",
 ]

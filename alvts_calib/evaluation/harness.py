@@ -40,7 +40,7 @@ from ..runtime.attach import attach_policies, detach, last_visual_pass
 from ..runtime.context import ForwardContext
 from ..runtime.policies import KeepAllPolicy, LayerPolicy
 from ..tokens import check_compression
-from .flops import layer_flops, skip_update_flops
+from .flops import attention_on_all_layer_flops, layer_flops, skip_update_flops
 from .plans import Plan, alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan, selector_plan
 
 METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
@@ -174,7 +174,7 @@ class Harness:
                     if item.kind is not None:
                         total_by_kind[item.kind] += 1
                         correct_by_kind[item.kind] += right
-                batch_tokens, batch_flops, batch_selection = self._costs(context, policies, update_ranks)
+                batch_tokens, batch_flops, batch_selection = self._costs(context, policies, update_ranks, skipped_keys)
                 tokens.append(batch_tokens)
                 flops.extend(batch_flops)
                 selection.extend(batch_selection)
@@ -211,9 +211,11 @@ class Harness:
             for index, policy in policies.items() if not policy.keeps_all
         }
 
-    def _costs(self, context, policies, update_ranks) -> tuple[torch.Tensor, list[float], list[float]]:
+    def _costs(
+        self, context, policies, update_ranks, skipped_keys: SkippedKeys
+    ) -> tuple[torch.Tensor, list[float], list[float]]:
         """(B, layers) processed visual tokens, and per row the prefill FLOPs (with the fitted skip updates' on
-        `update_ranks`' layers) and the selection FLOPs."""
+        `update_ranks`' layers, and with SkippedKeys.ALL attention on every token) and the selection FLOPs."""
         processed = context.processed_counts()
         tokens = torch.stack([processed[i].cpu() for i in range(self.geometry.num_layers)], dim=1)
         text = (context.valid & ~context.visual).sum(-1).cpu()
@@ -222,7 +224,11 @@ class Harness:
         flops, selection = [], []
         for row in range(tokens.shape[0]):
             positions = (tokens[row] + text[row]).tolist()
-            flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in positions)
+            if skipped_keys is SkippedKeys.ALL:
+                total, intermediate = int(length[row]), self.intermediate_size
+                flops_row = sum(attention_on_all_layer_flops(n, total, self.geometry, intermediate) for n in positions)
+            else:
+                flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in positions)
             flops_row += sum(
                 skip_update_flops(int(skipped[index][row]), self.geometry.hidden_size, rank)
                 for index, rank in update_ranks.items()

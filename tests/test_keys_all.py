@@ -1,0 +1,142 @@
+"""SkippedKeys.ALL: processed tokens see every visual token's own key and value; skipped tokens keep their state
+plus the skipped update; every layer caches every token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alvts_calib.errors import AlvtsError
+from alvts_calib.evaluation.flops import (
+    attention_on_all_layer_flops,
+    keys_all_layer_flops,
+    layer_flops,
+    projection_flops,
+)
+from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
+from alvts_calib.runtime.attach import attach, detach
+from alvts_calib.selector.skip_map import SkipUpdate
+from alvts_calib.testing.tiny_models import TINY_MODELS
+
+RATIO = 0.25
+FAMILY = pytest.mark.parametrize("family", list(TINY_MODELS))
+BACKEND = pytest.mark.parametrize("backend", ["eager", "sdpa"])
+
+
+def _with_random_skip_updates(selector, hidden_size: int, rank: int = 4):
+    torch.manual_seed(0)
+    selector.skip_updates = {index: SkipUpdate(hidden_size, rank) for index in selector.layers}
+    return selector
+
+
+def _layer_one_io(case, skipped_update: str | None, selector) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of decoder layer 1 in one prefill; `skipped_update` None runs the model unpatched."""
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
+        seen["output"] = output.clone()
+
+    handle = decoder_layers(case.model)[1].register_forward_hook(hook, with_kwargs=True)
+    try:
+        if skipped_update is None:
+            case.model(**case.inputs)
+        else:
+            attach(case.model, selector, skipped_keys="all", skipped_update=skipped_update)
+            with case.routing():
+                case.model(**case.inputs)
+            detach(case.model)
+    finally:
+        handle.remove()
+    return seen["input"], seen["output"]
+
+
+@FAMILY
+@BACKEND
+def test_keys_all_is_exact_at_keep_ratio_one(tiny_case, make_selector, family, backend):
+    case = tiny_case(family, backend)
+    reference = case.model(**case.inputs).logits
+    reference_gen = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
+    hidden = case.model.config.get_text_config(decoder=True).hidden_size
+    attach(case.model, _with_random_skip_updates(make_selector(case.model, 1.0), hidden), skipped_keys="all",
+           skipped_update="linear")
+    with case.routing():
+        assert torch.equal(case.model(**case.inputs).logits, reference)
+        assert torch.equal(case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False), reference_gen)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_processed_tokens_get_the_unrouted_output_and_skipped_tokens_the_linear_update(
+    tiny_case, make_selector, family
+):
+    case = tiny_case(family, "sdpa")
+    hidden = case.model.config.get_text_config(decoder=True).hidden_size
+    selector = _with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    before, full = _layer_one_io(case, None, selector)  # layer 1's input is the unrouted model's
+    before_routed, routed = _layer_one_io(case, "linear", selector)
+    _, plain = _layer_one_io(case, "none", selector)
+    assert torch.equal(before, before_routed)
+    visual = case.visual & case.valid
+    skipped = visual & (plain == before).all(-1)
+    processed = visual & ~skipped
+    assert bool(skipped.any()) and bool(processed.any())
+    torch.testing.assert_close(routed[~skipped], full[~skipped])
+    normed = decoder_layers(case.model)[1].input_layernorm(before)
+    fitted = selector.skip_updates[1]
+    for row in range(before.shape[0]):
+        mean_update = (full[row][processed[row]] - before[row][processed[row]]).mean(0)
+        mean_normed = normed[row][processed[row]].mean(0)
+        expected = before[row] + mean_update + fitted(normed[row]) - fitted(mean_normed)
+        torch.testing.assert_close(routed[row][skipped[row]], expected[skipped[row]])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_keys_all_caches_every_token_and_decodes_consistently(tiny_case, make_selector, backend):
+    case = tiny_case("llava", backend)
+    attach(case.model, make_selector(case.model, RATIO), skipped_keys="all")
+    with case.routing():
+        prefill = case.model(**case.inputs, use_cache=True)
+        gen = case.model.generate(**case.inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True)
+    length = case.inputs["input_ids"].shape[1]
+    for layer in prefill.past_key_values.layers:
+        assert layer.keys.shape[-2] == length  # every layer caches every token, as unpruned
+    torch.testing.assert_close(gen.scores[0], prefill.logits[:, -1])
+    detach(case.model)
+    assert not torch.equal(prefill.logits, case.model(**case.inputs).logits)  # routing changed the prefill
+
+
+def test_keys_all_takes_no_stand_in_update(tiny_case, make_selector):
+    case = tiny_case("llava", "sdpa")
+    hidden = case.model.config.get_text_config(decoder=True).hidden_size
+    selector = _with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    with pytest.raises(AlvtsError, match="skipped_keys 'all' does not have; use skipped_keys 'pool'"):
+        attach(case.model, selector, skipped_update="stand-in", skipped_keys="all")
+
+
+def test_keys_all_flops_add_the_skipped_tokens_keys_and_values_to_the_routed_layers():
+    geometry = AttentionGeometry(32, 4096, 32, 8, 128)
+    assert keys_all_layer_flops(600, 600, geometry, 14336) == layer_flops(600, geometry, 14336)
+    routed = layer_flops(100, geometry, 14336)
+    keys_all = keys_all_layer_flops(100, 600, geometry, 14336)
+    skipped_kv = 500 * projection_flops(geometry, 14336)["kv"]
+    assert routed + skipped_kv < keys_all < layer_flops(600, geometry, 14336)
+    this_runtime = attention_on_all_layer_flops(100, 600, geometry, 14336)  # what SkippedKeys.ALL runs here
+    assert attention_on_all_layer_flops(600, 600, geometry, 14336) == layer_flops(600, geometry, 14336)
+    assert keys_all < this_runtime < layer_flops(600, geometry, 14336)
+
+
+def test_keys_all_runs_the_mlp_on_the_processed_tokens_only(tiny_case, make_selector):
+    case = tiny_case("llava", "sdpa")
+    attach(case.model, make_selector(case.model, RATIO), skipped_keys="all")
+    widths = []
+    handle = decoder_layers(case.model)[0].mlp.register_forward_hook(
+        lambda module, args, output: widths.append(args[0].shape[1])
+    )
+    try:
+        with case.routing():
+            case.model(**case.inputs)
+    finally:
+        handle.remove()
+    num_visual = int((case.visual & case.valid).sum(-1).min())
+    assert 0 < widths[0] <= case.inputs["input_ids"].shape[1] - num_visual // 2  # most visual tokens skip the MLP
