@@ -14,9 +14,10 @@ from torch import nn
 
 from alvts_calib.artifact import Selector, SkippedKeys, SkippedUpdate
 from alvts_calib.evaluation import alvts_plan, fastv_plan, layer_flops, pyramid_plan
-from alvts_calib.model import AttentionGeometry, decoder_layers, model_fingerprint
+from alvts_calib.model import AttentionGeometry
 from alvts_calib.runtime import LayerPolicy, SelectorPolicy
-from alvts_calib.selector import SKIP_UPDATE_RANK, Importance, LayerSelector, SkipUpdate, rope_svd_init
+from alvts_calib.selector import SKIP_UPDATE_RANK
+from alvts_calib.testing import weight_svd_selector as svd_selector
 
 COMPRESSIONS = (0.67, 0.78, 0.89)
 SELECTOR_HEADS = 2  # rank 2 x head_dim, the calibration default
@@ -37,18 +38,7 @@ class Variant:
 def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
     """A Selector from each layer's RoPE-aware weight SVD (no calibration data), for layers start_layer and up,
     with randomly initialised skip-update maps of the default rank (for speed only their shapes matter)."""
-    geometry = AttentionGeometry.of(model)
-    layers = decoder_layers(model)
-    selectors = {}
-    for index in range(start_layer, geometry.num_layers):
-        attention = layers[index].self_attn
-        tensors = rope_svd_init(attention, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim,
-                                SELECTOR_HEADS)
-        weight = attention.q_proj.weight
-        selectors[index] = LayerSelector.from_tensors(tensors, geometry.head_dim).to(weight.device, weight.dtype)
-    skip_updates = {index: SkipUpdate(geometry.hidden_size, SKIP_UPDATE_RANK) for index in selectors}
-    return Selector(selectors, dict.fromkeys(selectors, 1.0), Importance.PAPER, model_fingerprint(model),
-                    skip_updates=skip_updates)
+    return svd_selector(model, start_layer=start_layer, heads=SELECTOR_HEADS, skip_rank=SKIP_UPDATE_RANK)
 
 
 def _alternating(selector: Selector, uniform: dict[int, LayerPolicy], num_visual: int) -> dict[int, int]:

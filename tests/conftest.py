@@ -11,30 +11,12 @@ import torch
 from torch import nn
 
 from alvts_calib.artifact.selector import Selector
-from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
-from alvts_calib.model.fingerprint import model_fingerprint
 from alvts_calib.model.visual import visual_positions
-from alvts_calib.selector.importance import Importance
-from alvts_calib.selector.layer import LayerSelector
-from alvts_calib.selector.solver import rope_svd_init
+from alvts_calib.testing.selectors import weight_svd_selector
 from alvts_calib.testing.tiny_models import IMAGE_TOKEN, TINY_MODELS, tiny_inputs
 
 FAMILIES = tuple(TINY_MODELS)
 BACKENDS = ("eager", "sdpa")
-
-
-def build_selector(model: nn.Module, keep_ratio: float, start_layer: int = 0) -> Selector:
-    """A selector from the RoPE-aware weight SVD of each layer (one selector head), no calibration data."""
-    geometry = AttentionGeometry.of(model)
-    layers = decoder_layers(model)
-    selectors = {
-        index: LayerSelector.from_tensors(
-            rope_svd_init(layers[index].self_attn, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim, 1),
-            geometry.head_dim,
-        )
-        for index in range(start_layer, geometry.num_layers)
-    }
-    return Selector(selectors, dict.fromkeys(selectors, keep_ratio), Importance.PAPER, model_fingerprint(model))
 
 
 @dataclass
@@ -75,7 +57,7 @@ def build_case(family: str, backend: str, batch: int = 2, seed: int = 0, model_s
 @pytest.fixture
 def make_selector() -> Callable[..., Selector]:
     """`make_selector(model, keep_ratio, start_layer=0)`: a Selector for layers start_layer..L-1."""
-    return build_selector
+    return weight_svd_selector
 
 
 @pytest.fixture

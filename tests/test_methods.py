@@ -14,8 +14,7 @@ from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.runtime.attach import attach_policies, detach, last_visual_pass
 from alvts_calib.runtime.policies import KeepAllPolicy, SelectorPolicy
 from alvts_calib.selector.importance import Importance
-from alvts_calib.selector.layer import LayerSelector
-from alvts_calib.selector.solver import rope_svd_init
+from alvts_calib.testing.selectors import weight_svd_selector
 from alvts_calib.tokens import check_compression, per_layer_count
 
 STATIC_PLANS = {"fastv": fastv_plan, "pyramiddrop": pyramid_plan, "dart": dart_plan}
@@ -157,18 +156,8 @@ def test_the_oracle_matches_a_full_rank_selector(tiny_case, family):
     case = tiny_case(family, "eager")
     sharpen_attention(case.model)
     geometry = AttentionGeometry.of(case.model)
-    layers = decoder_layers(case.model)
-    full_rank = {
-        i: SelectorPolicy(
-            LayerSelector.from_tensors(
-                rope_svd_init(layers[i].self_attn, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim,
-                              geometry.num_heads),
-                geometry.head_dim,
-            ),
-            0.5, Importance.PAPER,
-        )
-        for i in range(1, geometry.num_layers)
-    }
+    selector = weight_svd_selector(case.model, start_layer=1, heads=geometry.num_heads)
+    full_rank = {i: SelectorPolicy(layer, 0.5, Importance.PAPER) for i, layer in selector.layers.items()}
     oracle = {i: ExactPolicy(0.5, Importance.PAPER) for i in range(1, geometry.num_layers)}
     logits_selector, _ = _run(case, full_rank)
     logits_oracle, _ = _run(case, oracle)
