@@ -160,6 +160,7 @@ class RoutedLayerMixin:
     alvts_skipped_keys: SkippedKeys
     alvts_stand_in: tuple[torch.Tensor, torch.Tensor] | None  # (B, L_c, 1) stand-in slots and their normed input
     alvts_norm_hook: RemovableHandle
+    alvts_layer_class: type  # the decoder layer class it was (set by `routed_class`)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
@@ -230,82 +231,144 @@ class RoutedLayerMixin:
         normed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the layer on valid text tokens, the kept visual tokens and the last position (and, with
-        SkippedKeys.POOL, one stand-in for the skipped visual tokens); scatter back.
+        SkippedKeys.POOL, one stand-in for the skipped visual tokens), in five steps: compact (which positions),
+        pool (the stand-in), run (the layer on the compact sequence, with its masks and cache), scatter (back into
+        place) and compensate (the skipped tokens' update).
 
         `rows` (positions processed per row, if known on the host) avoids host syncs for the compact length
         and for the masks. `normed` is the layer's normed input if selection already computed it.
         """
-        layer_idx = self.self_attn.layer_idx
-        length = hidden_states.shape[1]
         exact = None
         if self.alvts_skipped_update is SkippedUpdate.EXACT and visual_keep is not None:
             uncached = {key: None if key in ("cache", "past_key_values") else value for key, value in kwargs.items()}
             exact = super().forward(hidden_states, **uncached)
         with record_function(COMPACT_RANGE):
-            keep = processed_positions(context, visual_keep)
-            dense = bool(keep.all()) if rows is None else min(rows) == length
+            call = RoutedCall.compact(hidden_states, context, visual_keep, rows, normed)
             cos, sin = kwargs["position_embeddings"]
-            states, extended_keep, pool, key_bias = hidden_states, keep, None, None
-            if not dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
-                normed = self.input_layernorm(hidden_states) if normed is None else normed
-                pool = Pool.of(hidden_states, normed, context, keep, cos, sin)
-                context.pooled[layer_idx] = pool.present
-                states, extended_keep, cos, sin = pool.extend(hidden_states, keep, cos, sin)
-                rows = None if rows is None else _with_pool(rows, context.host_counts())
-            compaction = None if dense else Compaction.from_keep(
-                extended_keep, None if rows is None else max(rows), None if pool is None else pool.sort_keys
-            )
-            compact = hidden_states if dense else compaction.gather(states)
-            new_valid = keep if dense else ~compaction.filler
-            all_valid = True if dense else None if rows is None else min(rows) == max(rows)
-            if pool is not None:
-                key_bias = torch.where(compaction.index == length, pool.log_count[:, None], 0.0)
+            if not call.dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
+                cos, sin = self._pool(call, cos, sin)
+            compact = call.gather(hidden_states)
+            cache = self._attention_inputs(call, compact, kwargs, cos, sin)
+        output = self._run(call, compact, kwargs, cache)
+        if call.dense:
+            return output
+        with record_function(SCATTER_RANGE):
+            scattered = call.compaction.scatter(call.states, output)
+            return self._compensate(call, scattered, exact)
 
-            cache = kwargs.get("cache")
-            layer_cache = routed_cache_layer(cache, layer_idx) if cache is not None else None
-            key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
-            keys_all_valid = all_valid if layer_cache is None else layer_cache.all_valid_after(all_valid)
-            key_bias = key_bias if layer_cache is None else layer_cache.append_bias(key_bias, new_valid)
-            kwargs["attention_mask"] = routed_attention_mask(
-                key_valid, compact.shape[1], self.self_attn.config._attn_implementation, hidden_states.dtype,
-                keys_all_valid, key_bias,
+    def _pool(self, call: RoutedCall, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the row's stand-in for the visual tokens it skips at slot L (`Pool`); the extended cos/sin."""
+        if call.normed is None:
+            call.normed = self.input_layernorm(call.hidden_states)
+        call.pool = Pool.of(call.hidden_states, call.normed, call.context, call.keep, cos, sin)
+        call.context.pooled[self.self_attn.layer_idx] = call.pool.present
+        call.states, call.extended_keep, cos, sin = call.pool.extend(call.hidden_states, call.keep, cos, sin)
+        call.rows = None if call.rows is None else _with_pool(call.rows, call.context.host_counts())
+        return cos, sin
+
+    def _attention_inputs(
+        self, call: RoutedCall, compact: torch.Tensor, kwargs: dict, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple | None:
+        """Set the compact sequence's attention mask and rotary tables in `kwargs`; the cache layer's bookkeeping
+        to record once the layer ran (None without a cache)."""
+        dense, compaction, length = call.dense, call.compaction, call.length
+        new_valid = call.keep if dense else ~compaction.filler
+        all_valid = True if dense else None if call.rows is None else min(call.rows) == max(call.rows)
+        key_bias = None
+        if call.pool is not None:
+            key_bias = torch.where(compaction.index == length, call.pool.log_count[:, None], 0.0)
+        cache = kwargs.get("cache")
+        layer_cache = routed_cache_layer(cache, self.self_attn.layer_idx) if cache is not None else None
+        key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
+        keys_all_valid = all_valid if layer_cache is None else layer_cache.all_valid_after(all_valid)
+        key_bias = key_bias if layer_cache is None else layer_cache.append_bias(key_bias, new_valid)
+        kwargs["attention_mask"] = routed_attention_mask(
+            key_valid, compact.shape[1], self.self_attn.config._attn_implementation, call.hidden_states.dtype,
+            keys_all_valid, key_bias,
+        )
+        kwargs["position_ids"] = None
+        if not dense:
+            batch = call.hidden_states.shape[0]
+            kwargs["position_embeddings"] = (
+                compaction.gather(cos.expand(batch, -1, -1)),
+                compaction.gather(sin.expand(batch, -1, -1)),
             )
-            kwargs["position_ids"] = None
-            if not dense:
-                batch = hidden_states.shape[0]
-                kwargs["position_embeddings"] = (
-                    compaction.gather(cos.expand(batch, -1, -1)),
-                    compaction.gather(sin.expand(batch, -1, -1)),
-                )
-        self.alvts_stand_in = None if pool is None else (
-            ((compaction.index == length) & ~compaction.filler)[..., None], pool.normed
+        return None if layer_cache is None else (layer_cache, key_valid, keys_all_valid, key_bias)
+
+    def _run(self, call: RoutedCall, compact: torch.Tensor, kwargs: dict, cache: tuple | None) -> torch.Tensor:
+        """The layer on the compact sequence (its stand-ins' normed input replaced, see `stand_in_norm_hook`); then
+        the cache layer records which of the keys it appended are real."""
+        self.alvts_stand_in = None if call.pool is None else (
+            ((call.compaction.index == call.length) & ~call.compaction.filler)[..., None], call.pool.normed
         )
         try:
             output = super().forward(compact, **kwargs)
         finally:
             self.alvts_stand_in = None
-        if layer_cache is not None:
+        if cache is not None:
+            layer_cache, key_valid, keys_all_valid, key_bias = cache
             layer_cache.key_valid, layer_cache.keys_all_valid = key_valid, keys_all_valid
             layer_cache.key_bias = key_bias
-            layer_cache.seen += length
-        if dense:
-            return output
-        with record_function(SCATTER_RANGE):
-            scattered = compaction.scatter(states, output)
-            merged = scattered[:, :length]
-            if exact is not None:
-                return torch.where((context.visual & context.valid & ~keep)[..., None], exact, merged)
-            update = self.alvts_skipped_update
-            if update is SkippedUpdate.NONE or (update is SkippedUpdate.STAND_IN and pool is None):
-                return merged
-            skip_module = self.alvts_skip_module if update is not SkippedUpdate.MEAN else None
-            if skip_module is not None and normed is None:
-                normed = self.input_layernorm(hidden_states)
-            if update is SkippedUpdate.STAND_IN:
-                anchor = Anchor.of_stand_in(scattered[:, length:] - pool.state, pool)
-            else:
-                anchor = Anchor.of_processed(merged, hidden_states, keep, context, normed)
-            return compensate_skipped(merged, keep, context, anchor, skip_module, normed)
+            layer_cache.seen += call.length
+        return output
+
+    def _compensate(self, call: RoutedCall, scattered: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
+        """The scattered outputs, with the skipped visual tokens given the layer's SkippedUpdate."""
+        length, context, keep, pool = call.length, call.context, call.keep, call.pool
+        merged = scattered[:, :length]
+        if exact is not None:
+            return torch.where((context.visual & context.valid & ~keep)[..., None], exact, merged)
+        update = self.alvts_skipped_update
+        if update is SkippedUpdate.NONE or (update is SkippedUpdate.STAND_IN and pool is None):
+            return merged
+        skip_module = self.alvts_skip_module if update is not SkippedUpdate.MEAN else None
+        normed = call.normed
+        if skip_module is not None and normed is None:
+            normed = self.input_layernorm(call.hidden_states)
+        if update is SkippedUpdate.STAND_IN:
+            anchor = Anchor.of_stand_in(scattered[:, length:] - pool.state, pool)
+        else:
+            anchor = Anchor.of_processed(merged, call.hidden_states, keep, context, normed)
+        return compensate_skipped(merged, keep, context, anchor, skip_module, normed)
+
+
+@dataclass
+class RoutedCall:
+    """One call of a routed layer: which positions it processes and how its compact sequence maps back."""
+
+    hidden_states: torch.Tensor  # (B, L, D) the layer's input
+    context: ForwardContext
+    keep: torch.Tensor  # (B, L) bool: the positions it processes
+    rows: list[int] | None  # positions processed per row, when known on the host
+    normed: torch.Tensor | None  # the layer's normed input, once computed
+    dense: bool  # it processes every position: no compaction
+    states: torch.Tensor  # what the compact sequence is gathered from: the input (and the stand-ins at slot L)
+    extended_keep: torch.Tensor  # `keep` over `states`
+    pool: Pool | None = None
+    compaction: Compaction | None = None
+
+    @classmethod
+    def compact(
+        cls, hidden_states: torch.Tensor, context: ForwardContext, visual_keep: torch.Tensor | None,
+        rows: list[int] | None, normed: torch.Tensor | None,
+    ) -> RoutedCall:
+        keep = processed_positions(context, visual_keep)
+        dense = bool(keep.all()) if rows is None else min(rows) == hidden_states.shape[1]
+        return cls(hidden_states, context, keep, rows, normed, dense, hidden_states, keep)
+
+    @property
+    def length(self) -> int:
+        return self.hidden_states.shape[1]
+
+    def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The compact sequence (fixing `compaction` once the stand-in, if any, is in `states`)."""
+        if self.dense:
+            return hidden_states
+        self.compaction = Compaction.from_keep(
+            self.extended_keep, None if self.rows is None else max(self.rows),
+            None if self.pool is None else self.pool.sort_keys,
+        )
+        return self.compaction.gather(self.states)
 
 
 def _with_pool(rows: list[int], counts: PassCounts) -> list[int]:
@@ -381,7 +444,9 @@ _ROUTED_CLASSES: dict[type, type] = {}
 def routed_class(layer_class: type) -> type:
     """The routed subclass of a decoder layer class (one per class, created on first use)."""
     if layer_class not in _ROUTED_CLASSES:
-        _ROUTED_CLASSES[layer_class] = type(f"Routed{layer_class.__name__}", (RoutedLayerMixin, layer_class), {})
+        _ROUTED_CLASSES[layer_class] = type(
+            f"Routed{layer_class.__name__}", (RoutedLayerMixin, layer_class), {"alvts_layer_class": layer_class}
+        )
     return _ROUTED_CLASSES[layer_class]
 
 
@@ -417,7 +482,7 @@ def unroute_layer(layer: nn.Module) -> None:
     """Undo `route_layer`."""
     if not isinstance(layer, RoutedLayerMixin):
         return
-    layer.__class__ = layer.__class__.__mro__[2]
+    layer.__class__ = layer.alvts_layer_class
     follow_class_forward(layer)
     del layer.alvts_policy
     del layer.alvts_skipped_update
