@@ -16,7 +16,7 @@ from .artifact.config import (
 )
 from .artifact.export import build_selector, export
 from .artifact.selector import Selector, load_selector
-from .calibration.pipeline import calibrate
+from .calibration.pipeline import CalibrationOptions, calibrate
 from .data import build_labelled_items, build_samples, load_records, single_sample
 from .errors import AlvtsError, ArtifactError, ModelMismatchError, SampleError
 from .evaluation.harness import EvalReport, evaluate
@@ -29,8 +29,9 @@ from .version import __version__
 
 __all__ = [
     "DEFAULT_ADAPTIVE_BUDGET", "DEFAULT_BUDGET", "DEFAULT_SKIPPED_KEYS", "AlvtsError", "ArtifactError", "Budget",
-    "Calibration", "EvalReport", "Importance", "Init", "LayerPolicy", "ModelMismatchError", "RuntimeConfig",
-    "SampleError", "Selector", "SkippedKeys", "SkippedUpdate", "__version__", "attach", "attach_policies",
-    "attached_selector", "build_labelled_items", "build_samples", "build_selector", "calibrate", "detach", "evaluate",
-    "export", "load_calibration", "load_records", "load_selector", "single_sample", "visual_positions",
+    "Calibration", "CalibrationOptions", "EvalReport", "Importance", "Init", "LayerPolicy", "ModelMismatchError",
+    "RuntimeConfig", "SampleError", "Selector", "SkippedKeys", "SkippedUpdate", "__version__", "attach",
+    "attach_policies", "attached_selector", "build_labelled_items", "build_samples", "build_selector", "calibrate",
+    "detach", "evaluate", "export", "load_calibration", "load_records", "load_selector", "single_sample",
+    "visual_positions",
 ]

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 import alvts_calib.calibration.pipeline as calibrate_module
-from alvts_calib import AlvtsError, Importance, attach, calibrate, detach, export, load_calibration, load_selector
+from alvts_calib import (
+    AlvtsError,
+    CalibrationOptions,
+    Importance,
+    attach,
+    calibrate,
+    detach,
+    export,
+    load_calibration,
+    load_selector,
+)
 from alvts_calib.errors import SampleError
 from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.testing.random_model import demo_model, demo_samples, sharpen_attention
@@ -102,6 +112,19 @@ def test_same_inputs_and_seed_give_byte_identical_calibrations_and_artifacts(tmp
     assert (tmp_path / "calib0.safetensors").read_bytes() == (tmp_path / "calib1.safetensors").read_bytes()
     assert (tmp_path / "run0.safetensors").read_bytes() == (tmp_path / "run1.safetensors").read_bytes()
     assert (tmp_path / "run0.safetensors").read_bytes() == (tmp_path / "again.safetensors").read_bytes()
+
+
+def test_the_recorded_options_as_a_config_calibrate_the_same(tmp_path):
+    model = demo_model()
+    samples = demo_samples(model, 3)
+    by_options = calibrate(model, samples, rank=16, refine_steps=5, seed=3, sensitivity_samples=1, progress=False)
+    config = CalibrationOptions(**by_options.metadata["options"])
+    by_config = calibrate(model, samples, config, progress=False)
+    by_options.save(tmp_path / "options.safetensors")
+    by_config.save(tmp_path / "config.safetensors")
+    assert (tmp_path / "options.safetensors").read_bytes() == (tmp_path / "config.safetensors").read_bytes()
+    with pytest.raises(AlvtsError, match="either a CalibrationOptions or the separate options"):
+        calibrate(model, samples, config, rank=32, progress=False)
 
 
 def test_interrupted_calibration_resumes_with_identical_results(tmp_path, monkeypatch):

@@ -8,9 +8,10 @@ resumes from its last finished layer with identical results.
 
 from __future__ import annotations
 
+import inspect
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,6 @@ def check_start_layer(start_layer: int, geometry: AttentionGeometry) -> None:
         raise AlvtsError(f"start layer must be between 0 and {geometry.num_layers - 1}, got {start_layer}")
 
 
-
 def calibration_options(
     config: Any, *, rank: int | None, start_layer: int, importance: str | Importance, init: str | Init,
     refine_steps: int, heldout_fraction: float, report_keep_ratio: float, seed: int, skip_update_rank: int,
@@ -269,6 +269,7 @@ def calibration_options(
 def calibrate(
     model: nn.Module,
     samples: Iterable[Mapping[str, Any]],
+    config: CalibrationOptions | None = None,
     *,
     rank: int | None = None,
     start_layer: int = DEFAULT_START_LAYER,
@@ -289,55 +290,52 @@ def calibrate(
     """Calibrate ALVTS selectors for every decoder layer from `start_layer` on.
 
     `samples` yields dicts of model inputs as a processor returns them; for a language model alone a sample
-    may carry a bool `visual_mask` (B, L). `rank` defaults to two heads (2 x head_dim). `skip_update_rank` is the
-    rank of each layer's fitted update for skipped visual tokens (0: none; see `skip_update`). Then, on the first
-    `sensitivity_samples` samples, each layer's effect on the answer is measured at a grid of budgets (0: skip; see
-    `sensitivity`), for the "sensitivity" budget; at each of `refine_compressions` its split is then refined with
-    every layer routed at once, on the same samples, in up to `refine_evaluations` evaluated splits (see
-    `joint_search`; export uses a refined split when its keep ratio gives the same tokens per layer). With
-    `checkpoint`, finished layers, measurements and refined splits are saved there and a rerun with the same model,
-    data and options resumes from them.
+    may carry a bool `visual_mask` (B, L). The options that shape the result are `config` (a `CalibrationOptions`,
+    as a calibration records them) or the separate keywords, not both. `rank` defaults to two heads
+    (2 x head_dim). `skip_update_rank` is the rank of each layer's fitted update for skipped visual tokens (0: none;
+    see `selector.skip_map`).
+
+    The steps, each saved to `checkpoint` as it finishes (a rerun with the same model, data and options resumes
+    from them): capture every sample's input to layer 0; per layer, solve its selector and fit its skip map
+    (`_solve_layers`); on the first `sensitivity_samples` samples, measure each layer's effect on the answer at a
+    grid of budgets (0: skip; see `sensitivity`), for the "sensitivity" budget; at each of `refine_compressions`,
+    refine that split with every layer routed at once, in up to `refine_evaluations` evaluated splits (see
+    `joint_search`; export uses a refined split when its keep ratio gives the same tokens per layer).
     """
-    options = calibration_options(
-        model.config, rank=rank, start_layer=start_layer, importance=importance, init=init, refine_steps=refine_steps,
+    separate = dict(
+        rank=rank, start_layer=start_layer, importance=importance, init=init, refine_steps=refine_steps,
         heldout_fraction=heldout_fraction, report_keep_ratio=report_keep_ratio, seed=seed,
         skip_update_rank=skip_update_rank, sensitivity_samples=sensitivity_samples,
-        refine_compressions=refine_compressions, refine_evaluations=refine_evaluations,
     )
-    adapter = get_adapter(model)
-    geometry = AttentionGeometry.of(model)
+    if config is not None:
+        if separate != _DEFAULT_OPTIONS:
+            raise AlvtsError("give calibrate either a CalibrationOptions or the separate options, not both")
+        separate = asdict(config)
+    options = calibration_options(
+        model.config, **separate, refine_compressions=refine_compressions, refine_evaluations=refine_evaluations
+    )
     samples = list(samples)
     if not samples:
         raise AlvtsError("the calibration set is empty; give at least one sample")
-    tracker = VisualTracker(model, adapter)
-    tracker.install()
-    try:
-        captured = _capture(model, samples, tracker, storage, progress)
-    finally:
-        tracker.remove()
-    keep = [i for i, batch in enumerate(captured) if bool(batch.visual.any())]
-    if not keep:
-        raise AlvtsError("no calibration sample contains visual tokens (are the image tokens in the prompts?)")
-    skipped = len(captured) - len(keep)
-    captured = [captured[i] for i in keep]
+    captured, kept = _capture_step(model, samples, storage, progress)
     identity = {
         "fingerprint": model_fingerprint(model),
-        "data_sha256": data_digest([samples[i] for i in keep]),
+        "data_sha256": data_digest([samples[i] for i in kept]),
         "options": asdict(options),
     }
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     results, refined = _resume(checkpoint, identity, progress)
-    heldout = _heldout_indices(len(captured), heldout_fraction)
+    heldout = _heldout_indices(len(captured), options.heldout_fraction)
     counts = [int(row.sum()) for i in heldout for row in captured[i].visual]
     metadata = {
         **identity,
-        "family": adapter.name,
+        "family": get_adapter(model).name,
         "summary": {
             "samples": len(captured),
             "rows": sum(b.visual.shape[0] for b in captured),
             "heldout_samples": len(heldout),
             "heldout_is_train": len(captured) < 2,
-            "skipped_without_visual": skipped,
+            "skipped_without_visual": len(samples) - len(kept),
             "visual_tokens": statistics.median_low(
                 int(row.sum()) for batch in captured for row in batch.visual if bool(row.any())
             ),
@@ -345,23 +343,16 @@ def calibrate(
         "toolkit_version": __version__,
         **({"refined_budgets": refined} if refined else {}),
     }
-    layers = decoder_layers(model)
-    last = geometry.num_layers - 1
-    for index in track(range(geometry.num_layers), "calibrating layers", enabled=progress):
-        layer = layers[index]
-        if index >= start_layer and index not in results:
-            with materialized(layer):  # offloaded weights (accelerate) stay loaded while the layer is solved
-                result = _solve_layer(layer, index, captured, heldout, geometry, options)
-            _propagate_routed(layer, captured, result, skip_update_rank, index == last)
-            results[index] = result
-            if checkpoint is not None:
-                Calibration(results, counts, metadata).save(checkpoint)
-        elif index < last:
-            _propagate(layer, captured)
+
+    def save_layers() -> None:
+        Calibration(results, counts, metadata).save(checkpoint)
+
+    _solve_layers(model, captured, heldout, options, results, save_layers if checkpoint is not None else None,
+                  progress)
     del captured
     calibration = Calibration(results, counts, metadata)
-    if sensitivity_samples:
-        used = [samples[i] for i in keep][:sensitivity_samples]
+    if options.sensitivity_samples:
+        used = [samples[i] for i in kept][: options.sensitivity_samples]
         selector = calibrated_layers(calibration)
         skipped_update = default_skipped_update(SkippedKeys.POOL, selector.has_skip_updates)
         metadata["summary"].update(sensitivity_samples=len(used), sensitivity_update=skipped_update.value)
@@ -370,6 +361,50 @@ def calibrate(
             _refine_budget(model, used, calibration, selector, skipped_update, compression, refine_evaluations,
                            checkpoint, progress)
     return calibration
+
+
+_DEFAULT_OPTIONS = {
+    name: parameter.default for name, parameter in inspect.signature(calibrate).parameters.items()
+    if name in {field.name for field in fields(CalibrationOptions)}
+}
+
+
+def _capture_step(
+    model: nn.Module, samples: list[Mapping[str, Any]], storage: torch.device | str, progress: bool
+) -> tuple[list[CapturedBatch], list[int]]:
+    """Every sample's input to decoder layer 0, for the samples with visual tokens, and their indices."""
+    tracker = VisualTracker(model, get_adapter(model))
+    tracker.install()
+    try:
+        captured = _capture(model, samples, tracker, storage, progress)
+    finally:
+        tracker.remove()
+    kept = [i for i, batch in enumerate(captured) if bool(batch.visual.any())]
+    if not kept:
+        raise AlvtsError("no calibration sample contains visual tokens (are the image tokens in the prompts?)")
+    return [captured[i] for i in kept], kept
+
+
+def _solve_layers(
+    model: nn.Module, captured: list[CapturedBatch], heldout: list[int], options: CalibrationOptions,
+    results: dict[int, LayerResult], save: Callable[[], None] | None, progress: bool,
+) -> None:
+    """Layer by layer: solve the selector of each routed layer not in `results` (a resumed run) and fit its skip map,
+    then push the samples through the unmodified layer; `save` after each solved layer."""
+    geometry = AttentionGeometry.of(model)
+    layers = decoder_layers(model)
+    last = geometry.num_layers - 1
+    for index in track(range(geometry.num_layers), "calibrating layers", enabled=progress):
+        layer = layers[index]
+        if index >= options.start_layer and index not in results:
+            with materialized(layer):  # offloaded weights (accelerate) stay loaded while the layer is solved
+                result = _solve_layer(layer, index, captured, heldout, geometry, options)
+            _propagate_routed(layer, captured, result, options.skip_update_rank, index == last)
+            results[index] = result
+            if save is not None:
+                save()
+        elif index < last:
+            _propagate(layer, captured)
 
 
 def _measure_sensitivity(
