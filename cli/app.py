@@ -17,6 +17,7 @@ import typer
 from alvts_calib import (
     DEFAULT_BUDGET,
     DEFAULT_SKIPPED_KEYS,
+    Calibration,
     Importance,
     Init,
     RuntimeConfig,
@@ -32,10 +33,12 @@ from alvts_calib.artifact import (
     DEFAULT_ADAPTIVE_BUDGET,
     SELECTOR_FORMAT,
     calibrated_layers,
+    checkpoint_path,
     keep_ratio_at,
+    load_artifact,
     read_metadata,
 )
-from alvts_calib.calibration import REFINE_EVALUATIONS, SENSITIVITY_SAMPLES, input_device, move
+from alvts_calib.calibration import REFINE_EVALUATIONS, REFINE_STEPS, SENSITIVITY_SAMPLES, input_device, move
 from alvts_calib.demo import (
     BUILTIN_MODEL_DIR,
     BUILTIN_NAME,
@@ -191,7 +194,8 @@ def calibrate_command(
         help="Importance definition: text (attention the text rows give each visual token), paper (S_V2V x S_T2V) "
         "or last (the last position's attention).")] = Importance.TEXT,
     init: Annotated[Init, typer.Option(help="Selector initialisation.")] = Init.WEIGHT_SVD,
-    refine_steps: Annotated[int, typer.Option(help="Importance-consistency refinement steps per layer.")] = 200,
+    refine_steps: Annotated[int, typer.Option(
+        help="Importance-consistency refinement steps per layer.")] = REFINE_STEPS,
     skip_update_rank: Annotated[int, typer.Option(
         help="Rank of each layer's fitted update for skipped visual tokens (0: fit none).")] = SKIP_UPDATE_RANK,
     sensitivity_samples: Annotated[int, typer.Option(
@@ -224,7 +228,7 @@ def calibrate_command(
     )
     records = _records(model, data, "calibration", num_samples or CALIBRATION_SAMPLES, split=split,
                        image_column=image_column, prompt_column=prompt_column)
-    checkpoint = out.with_name(out.name + ".partial.safetensors")
+    checkpoint = checkpoint_path(out)
     with _writing([out, checkpoint], _inputs(model, data, records)):
         samples, report = build_samples(records, _processor(model, chat_template), num_samples=num_samples,
                                         max_tokens=_max_tokens(model))
@@ -462,7 +466,7 @@ def eval_command(
     json_output: JsonOption = False,
 ) -> None:
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
-    from alvts_calib import evaluate, load_selector
+    from alvts_calib import evaluate
     from alvts_calib.data import build_labelled_items
     from alvts_calib.evaluation import check_methods
     from alvts_calib.model import check_load_options
@@ -473,9 +477,9 @@ def eval_command(
     if batch_size < 1:
         raise AlvtsError(f"--batch-size must be at least 1, got {batch_size}")
     check_load_options(dtype, attn_implementation, device)
-    kind = read_metadata(selector, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"]
-    calibration = load_calibration(selector) if kind == CALIBRATION_FORMAT else None
-    artifact = calibrated_layers(calibration) if calibration is not None else load_selector(selector)
+    loaded_artifact = load_artifact(selector)
+    calibration = loaded_artifact if isinstance(loaded_artifact, Calibration) else None
+    artifact = calibrated_layers(calibration) if calibration is not None else loaded_artifact
     check_methods(method_names, artifact, calibration)
     records = _records(model, data, "test", num_samples or EVALUATION_SAMPLES, split=split, image_column=image_column,
                        prompt_column=prompt_column, answer_column=answer_column)

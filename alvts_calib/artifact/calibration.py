@@ -15,7 +15,7 @@ from ..selector.skip_map import stored_skip_update
 from ..selector.solver import fidelity
 from .budgets import LayerStatistics, LayerUpdates
 from .schema import CALIBRATION_FORMAT, FORMAT_VERSION, check_calibration_tensors, check_metadata
-from .selector import read_safetensors, write_safetensors
+from .selector import SELECTOR_FORMAT, Selector, load_selector, read_metadata, read_safetensors, write_safetensors
 
 
 @dataclass
@@ -173,3 +173,16 @@ def load_calibration(path: str | Path) -> Calibration:
         for index, stats in metadata.pop("layer_stats").items()
     }
     return Calibration(layers=layers, heldout_counts=tensors["heldout.counts"].tolist(), metadata=metadata)
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """Where a calibration written to `out` keeps its progress until it finishes: OUT.partial.safetensors."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial.safetensors")
+
+
+def load_artifact(path: str | Path) -> Selector | Calibration:
+    """The selector artifact or the calibration at `path`, whichever it is (a one-line error if neither)."""
+    if read_metadata(path, SELECTOR_FORMAT, CALIBRATION_FORMAT)["format"] == CALIBRATION_FORMAT:
+        return load_calibration(path)
+    return load_selector(path)

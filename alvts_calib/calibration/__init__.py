@@ -5,10 +5,17 @@ Writes a calibration (`artifact/`); uses the runtime to measure routed layers.
 
 from .capture import input_device, move
 from .joint_search import REFINE_EVALUATIONS
-from .pipeline import HELDOUT_FRACTION, REPORT_KEEP_RATIO, CalibrationOptions, calibrate, calibration_options
+from .pipeline import (
+    HELDOUT_FRACTION,
+    REFINE_STEPS,
+    REPORT_KEEP_RATIO,
+    CalibrationOptions,
+    calibrate,
+    calibration_options,
+)
 from .sensitivity import SENSITIVITY_SAMPLES, kl_divergence
 
 __all__ = [
-    "HELDOUT_FRACTION", "REFINE_EVALUATIONS", "REPORT_KEEP_RATIO", "SENSITIVITY_SAMPLES", "CalibrationOptions",
-    "calibrate", "calibration_options", "input_device", "kl_divergence", "move",
+    "HELDOUT_FRACTION", "REFINE_EVALUATIONS", "REFINE_STEPS", "REPORT_KEEP_RATIO", "SENSITIVITY_SAMPLES",
+    "CalibrationOptions", "calibrate", "calibration_options", "input_device", "kl_divergence", "move",
 ]

@@ -48,6 +48,7 @@ from .sensitivity import SENSITIVITY_SAMPLES, budget_grid, measure_sensitivity
 
 HELDOUT_FRACTION = 0.125  # share of samples kept out of the fit to measure fidelity
 REPORT_KEEP_RATIO = 0.11  # the keep ratio at which calibration reports fidelity
+REFINE_STEPS = 200  # importance-consistency refinement steps per layer (docs/DESIGN.md)
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ def calibrate(
     start_layer: int = DEFAULT_START_LAYER,
     importance: str | Importance = Importance.TEXT,  # measured on the demo: docs/DESIGN.md
     init: str | Init = Init.WEIGHT_SVD,
-    refine_steps: int = 200,
+    refine_steps: int = REFINE_STEPS,
     heldout_fraction: float = HELDOUT_FRACTION,
     report_keep_ratio: float = REPORT_KEEP_RATIO,
     seed: int = 0,
