@@ -7,7 +7,7 @@ import torch
 
 from alvts_calib.artifact.config import SkippedKeys
 from alvts_calib.errors import AlvtsError
-from alvts_calib.evaluation.baselines import ExactPolicy
+from alvts_calib.evaluation.baselines import ExactPolicy, retained
 from alvts_calib.evaluation.harness import build_plans
 from alvts_calib.evaluation.plans import alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan
 from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
@@ -135,7 +135,7 @@ def test_fastv_keeps_what_the_last_position_attends_to_in_layer_k_minus_1(tiny_c
     for row in range(expected.shape[0]):
         scores = last_row[row].masked_fill(~(case.visual & case.valid)[row], float("-inf"))
         expected[row, scores.topk(count).indices] = True
-    assert torch.equal(context.retained, expected)
+    assert torch.equal(retained(context), expected)
 
 
 def test_pyramiddrop_and_dart_sets_are_nested_and_sized(tiny_case):
@@ -144,8 +144,8 @@ def test_pyramiddrop_and_dart_sets_are_nested_and_sized(tiny_case):
     for build in (pyramid_plan, dart_plan):
         plan = build(0.7, 4, num_visual)
         _, context = _run(case, plan.policies)
-        assert bool((context.retained <= (case.visual & case.valid)).all())
-        assert context.retained.sum(-1).tolist() == [plan.planned_tokens[-1]] * case.visual.shape[0]
+        assert bool((retained(context) <= (case.visual & case.valid)).all())
+        assert retained(context).sum(-1).tolist() == [plan.planned_tokens[-1]] * case.visual.shape[0]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llama"])

@@ -23,6 +23,14 @@ Chooser = Callable[[nn.Module, torch.Tensor, ForwardContext, torch.Tensor, torch
                    torch.Tensor]
 
 
+RETAINED = "retained"  # ForwardContext.policy_state key: (B, L) bool, the visual tokens static pruning kept so far
+
+
+def retained(context: ForwardContext) -> torch.Tensor | None:
+    """The visual tokens static pruning has kept so far in this pass (None before its first step)."""
+    return context.policy_state.get(RETAINED)
+
+
 class ExactPolicy(RatioPolicy):
     """The oracle: the same top-k rule on the importance of the layer's own full attention."""
 
@@ -70,13 +78,13 @@ class PrunePolicy(LayerPolicy):
     def select(self, layer, normed, context, cos, sin):
         if not bool(context.valid[:, -1].all()):
             raise AlvtsError("static pruning reads the last position's attention: pad batches on the left")
-        before = context.retained
+        before = retained(context)
         candidates = context.visual & context.valid if before is None else before
         counts = torch.minimum(
             keep_count((context.visual & context.valid).sum(-1), self.keep_fraction), candidates.sum(-1)
         )
-        context.retained = self.choose(layer, normed, context, cos, sin, candidates, counts)
-        return context.retained if self.applies_here else before
+        chosen = context.policy_state[RETAINED] = self.choose(layer, normed, context, cos, sin, candidates, counts)
+        return chosen if self.applies_here else before
 
     def selection_flops(self, num_tokens, geometry):
         keys = 2.0 * num_tokens * geometry.hidden_size * geometry.num_kv_heads * geometry.head_dim
@@ -89,7 +97,7 @@ class CarryPolicy(LayerPolicy):
     reads_states = False
 
     def select(self, layer, normed, context, cos, sin):
-        return context.retained
+        return retained(context)
 
 
 def last_attention_choice(layer, normed, context, cos, sin, candidates, counts) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,10 +39,10 @@ class ForwardContext:
 
     visual: torch.Tensor  # (B, L) bool: visual positions among this pass's inputs
     valid: torch.Tensor  # (B, L) bool: non-padding positions among this pass's inputs
-    retained: torch.Tensor | None = None  # (B, L) bool: visual tokens static pruning has kept so far
     selected: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> its visual keep mask (None: all)
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) bool: it processed a pooled stand-in
     counts: PassCounts | None = None  # host-side counts; computed on first use if not given
+    policy_state: dict[str, Any] = field(default_factory=dict)  # what a pass's policies hand on to later layers
 
     def processed_counts(self) -> dict[int, torch.Tensor]:
         """Per routed layer, the (B,) visual tokens it processed, a pooled stand-in counting as one (counted here,
