@@ -27,7 +27,7 @@ class LayerResult:
     heldout_target: torch.Tensor  # (N,) full-attention importance of the same tokens
     stats: dict[str, float] = field(default_factory=dict)  # refinement losses, skip-update fit
     budget: LayerStatistics | None = None  # full-attention statistics for budgets (None in older files)
-    skip_update: dict[str, torch.Tensor] | None = None  # fitted update for skipped tokens (see `skip_update`)
+    skip_update: dict[str, torch.Tensor] | None = None  # fitted update for skipped tokens (see `selector.skip_map`)
 
 
 @dataclass

@@ -38,7 +38,7 @@ class SkippedUpdate(str, Enum):
 
     @property
     def fitted(self) -> bool:
-        """Whether it adds each layer's fitted map (`skip_update`), which the selector must then carry."""
+        """Whether it adds each layer's fitted map (`selector.skip_map`), which the selector must then carry."""
         return self in (SkippedUpdate.LINEAR, SkippedUpdate.STAND_IN)
 
 

@@ -159,7 +159,7 @@ def _propagate_routed(
     layer: nn.Module, captured: list[CapturedBatch], result: LayerResult, skip_update_rank: int, last: bool
 ) -> None:
     """Propagate through a routed `layer`, recording in `result` the size of its updates (for budgets) and, with
-    `skip_update_rank`, its fitted skipped-token update (see `skip_update`)."""
+    `skip_update_rank`, its fitted skipped-token update (see `selector.skip_map`)."""
     moments = UpdateMoments.empty(layer.self_attn.q_proj.in_features) if skip_update_rank else None
     tally = UpdateTally()
     _propagate(layer, captured, moments, tally)

@@ -21,7 +21,7 @@ EVALUATION_SAMPLES = 1000
 
 
 def builtin_model(dtype: str = "float32", attn_implementation: str = "sdpa", device: str | None = None) -> nn.Module:
-    """The trained demo model (see `train_demo`), loaded from the package (onto `device`, a device_map)."""
+    """The trained demo model (see `demo.train`), loaded from the package (onto `device`, a device_map)."""
     if not (BUILTIN_MODEL_DIR / "config.json").is_file():
         raise AlvtsError(
             f"the built-in demo model is missing from {BUILTIN_MODEL_DIR}; run python -m alvts_calib.demo.train"

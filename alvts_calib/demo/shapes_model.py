@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 
 def shapes_config(attn_implementation: str = "sdpa", num_layers: int = DECODER_LAYERS) -> LlavaConfig:
     """The demo model's configuration (random initialisation is seeded by the caller); training starts with
-    fewer decoder layers (see `train_demo`)."""
+    fewer decoder layers (see `demo.train`)."""
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
