@@ -138,7 +138,8 @@ def run_variant(
 
 def flops_ratio(surface: Surface, result: DivergenceResult) -> float:
     """The method's decoder prefill FLOPs over the full model's (matmuls, as `alvts eval` counts them; selection
-    and skipped updates left out), at the mean prompt length and the measured tokens per layer."""
+    and skipped updates left out), at the mean prompt length and the measured tokens per layer. The `exact` update
+    also runs every layer unrouted."""
     config = surface.model.config
     geometry = AttentionGeometry.of(surface.model)
     total = statistics.fmean(reference.input_ids.shape[1] for reference in surface.references)
@@ -149,7 +150,8 @@ def flops_ratio(surface: Surface, result: DivergenceResult) -> float:
         else layer_flops(visual + text, geometry, config.intermediate_size)
         for visual in result.visual_tokens_per_layer
     )
-    return routed / (geometry.num_layers * layer_flops(total, geometry, config.intermediate_size))
+    ratio = routed / (geometry.num_layers * layer_flops(total, geometry, config.intermediate_size))
+    return 1.0 + ratio if result.runtime.get("skipped_update") == SkippedUpdate.EXACT.value else ratio  # (runs both)
 
 
 def needs_calibration(variant: Variant) -> bool:
@@ -178,18 +180,24 @@ SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
     ("budget adaptive-update", {}, Variant("adaptive-update", "alvts", "adaptive-update")),
     ("budget adaptive (equal coverage)", {}, Variant("adaptive", "alvts", "adaptive")),
     ("budget adaptive-mass", {}, Variant("adaptive-mass", "alvts", "adaptive-mass")),
-    ("skipped keys drop, update none (the paper)", {}, Variant("drop / none", "alvts", None, "drop", "none")),
-    ("skipped keys drop, update linear", {}, Variant("drop / linear", "alvts", None, "drop", "linear")),
-    ("skipped keys pool, update none", {}, Variant("pool / none", "alvts", None, "pool", "none")),
-    ("skipped keys pool, update mean", {}, Variant("pool / mean", "alvts", None, "pool", "mean")),
-    ("skipped keys pool, update stand-in", {}, Variant("pool / stand-in", "alvts", None, "pool", "stand-in")),
-    ("skipped keys all, update none", {}, Variant("all / none", "alvts", None, "all", "none")),
-    ("skipped keys all, update linear", {}, Variant("all / linear", "alvts", None, "all", "linear")),
     ("skipped update exact (bound: every token updated)", {}, Variant("exact", "alvts", None, None, "exact")),
     ("budget uniform (the reference for the rows below)", {}, UNIFORM),
+    ("skipped keys drop, update none (the paper), uniform", {},
+     Variant("drop / none", "alvts", "uniform", "drop", "none")),
+    ("skipped keys drop, update linear, uniform", {}, Variant("drop / linear", "alvts", "uniform", "drop", "linear")),
+    ("skipped keys pool, update none, uniform", {}, Variant("pool / none", "alvts", "uniform", "pool", "none")),
+    ("skipped keys pool, update mean, uniform", {}, Variant("pool / mean", "alvts", "uniform", "pool", "mean")),
+    ("skipped keys pool, update stand-in, uniform", {}, Variant("pool / stand-in", "alvts", "uniform", "pool",
+                                                                "stand-in")),
+    ("skipped keys all, update none, uniform", {}, Variant("all / none", "alvts", "uniform", "all", "none")),
+    ("skipped keys all, update linear, uniform", {}, Variant("all / linear", "alvts", "uniform", "all", "linear")),
     ("importance paper (S_V2V x S_T2V), uniform budget", {**UNMEASURED, "importance": "paper"}, UNIFORM),
     ("start layer 1, uniform budget", {**UNMEASURED, "start_layer": 1}, UNIFORM),
     ("start layer 2, uniform budget", {**UNMEASURED, "start_layer": 2}, UNIFORM),
+    ("rank 64 (one head), uniform budget", {**UNMEASURED, "rank": 64}, UNIFORM),
+    ("rank 256 (four heads), uniform budget", {**UNMEASURED, "rank": 256}, UNIFORM),
+    ("skip-update rank 64, uniform budget", {**UNMEASURED, "skip_update_rank": 64}, UNIFORM),
+    ("8 calibration samples, uniform budget", {**UNMEASURED, "samples": 8}, UNIFORM),
 )
 
 
