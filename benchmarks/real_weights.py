@@ -176,12 +176,12 @@ def methods_table(
 UNIFORM = Variant("uniform budget", "alvts", "uniform")
 UNMEASURED = {"sensitivity_samples": 0}  # calibration-level rows: measuring sensitivity for each would take hours here
 SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
+    ("budget uniform (the reference for the rows below)", {}, UNIFORM),
     ("budget sensitivity (the defaults)", {}, Variant("defaults", "alvts")),
     ("budget adaptive-update", {}, Variant("adaptive-update", "alvts", "adaptive-update")),
     ("budget adaptive (equal coverage)", {}, Variant("adaptive", "alvts", "adaptive")),
     ("budget adaptive-mass", {}, Variant("adaptive-mass", "alvts", "adaptive-mass")),
     ("skipped update exact (bound: every token updated)", {}, Variant("exact", "alvts", None, None, "exact")),
-    ("budget uniform (the reference for the rows below)", {}, UNIFORM),
     ("skipped keys drop, update none (the paper), uniform", {},
      Variant("drop / none", "alvts", "uniform", "drop", "none")),
     ("skipped keys drop, update linear, uniform", {}, Variant("drop / linear", "alvts", "uniform", "drop", "linear")),
@@ -201,17 +201,30 @@ SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
 )
 
 
+REFERENCE = "budget uniform (the reference for the rows below)"
+
+
+def paired_difference(kl: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean per-passage KL difference from the reference row, and its standard error (the passages are shared)."""
+    differences = [a - b for a, b in zip(kl, reference, strict=True)]
+    return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
+
+
 def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]:
     """Each design choice changed alone from the toolkit's defaults, at one compression; `on_row(rows)` is called
-    after each row (to save a long sweep as it goes)."""
+    after each row (to save a long sweep as it goes). Each row carries its paired difference from the first, the
+    uniform budget."""
     rows = []
+    reference = None
     for label, options, variant in SWEEPS:
         options = dict(options)
         samples = options.pop("samples", None)
         calibration, seconds = surface.calibration(samples, **options)
         result = run_variant(surface, variant, compression, calibration)
+        reference = result.kl_per_prompt if label == REFERENCE else reference
+        difference = None if reference is None else paired_difference(result.kl_per_prompt, reference)
         rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS),
-                     "flops_ratio": flops_ratio(surface, result)})
+                     "flops_ratio": flops_ratio(surface, result), "kl_vs_reference": difference})
         print(f"{label:55s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
         if on_row is not None:
             on_row(rows)
@@ -238,8 +251,15 @@ def render(rows: list[dict], title: str) -> Table:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---:|---|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    sweep = any("kl_vs_reference" in row for row in rows)
+    columns = (*COLUMNS, "KL vs uniform (paired SE)") if sweep else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|---:|---:|---:|---:|---|" + ("---:|" if sweep else "")]
+    for row in rows:
+        cells = _cells(row)
+        if sweep:
+            difference = row.get("kl_vs_reference")
+            cells.append("-" if difference is None else f"{difference[0]:+.3f} ({difference[1]:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
