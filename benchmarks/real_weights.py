@@ -152,7 +152,8 @@ def run_variant(
 
 def flops_ratio(surface: Surface, result: DivergenceResult) -> float:
     """The method's decoder prefill FLOPs over the full model's (matmuls, as `alvts eval` counts them; selection
-    and skipped updates left out), at the mean prompt length and the measured tokens per layer."""
+    and skipped updates left out), at the mean prompt length and the measured tokens per layer. The `exact` update
+    also runs every layer unrouted."""
     config = surface.model.config
     geometry = AttentionGeometry.of(surface.model)
     total = statistics.fmean(reference.input_ids.shape[1] for reference in surface.references)
@@ -163,7 +164,8 @@ def flops_ratio(surface: Surface, result: DivergenceResult) -> float:
         else layer_flops(visual + text, geometry, config.intermediate_size)
         for visual in result.visual_tokens_per_layer
     )
-    return routed / (geometry.num_layers * layer_flops(total, geometry, config.intermediate_size))
+    ratio = routed / (geometry.num_layers * layer_flops(total, geometry, config.intermediate_size))
+    return 1.0 + ratio if result.runtime.get("skipped_update") == SkippedUpdate.EXACT.value else ratio  # (runs both)
 
 
 def needs_calibration(variant: Variant) -> bool:
@@ -188,36 +190,55 @@ def methods_table(
 UNIFORM = Variant("uniform budget", "alvts", "uniform")
 UNMEASURED = {"sensitivity_samples": 0}  # calibration-level rows: measuring sensitivity for each would take hours here
 SWEEPS = (  # (label, calibration options changed from the defaults, runtime)
+    ("budget uniform (the reference for the rows below)", {}, UNIFORM),
     ("budget sensitivity (the defaults)", {}, Variant("defaults", "alvts")),
     ("budget adaptive-update", {}, Variant("adaptive-update", "alvts", "adaptive-update")),
     ("budget adaptive (equal coverage)", {}, Variant("adaptive", "alvts", "adaptive")),
     ("budget adaptive-mass", {}, Variant("adaptive-mass", "alvts", "adaptive-mass")),
-    ("skipped keys drop, update none (the paper)", {}, Variant("drop / none", "alvts", None, "drop", "none")),
-    ("skipped keys drop, update linear", {}, Variant("drop / linear", "alvts", None, "drop", "linear")),
-    ("skipped keys pool, update none", {}, Variant("pool / none", "alvts", None, "pool", "none")),
-    ("skipped keys pool, update mean", {}, Variant("pool / mean", "alvts", None, "pool", "mean")),
-    ("skipped keys pool, update stand-in", {}, Variant("pool / stand-in", "alvts", None, "pool", "stand-in")),
-    ("skipped keys all, update none", {}, Variant("all / none", "alvts", None, "all", "none")),
-    ("skipped keys all, update linear", {}, Variant("all / linear", "alvts", None, "all", "linear")),
     ("skipped update exact (bound: every token updated)", {}, Variant("exact", "alvts", None, None, "exact")),
-    ("budget uniform (the reference for the rows below)", {}, UNIFORM),
+    ("skipped keys drop, update none (the paper), uniform", {},
+     Variant("drop / none", "alvts", "uniform", "drop", "none")),
+    ("skipped keys drop, update linear, uniform", {}, Variant("drop / linear", "alvts", "uniform", "drop", "linear")),
+    ("skipped keys pool, update none, uniform", {}, Variant("pool / none", "alvts", "uniform", "pool", "none")),
+    ("skipped keys pool, update mean, uniform", {}, Variant("pool / mean", "alvts", "uniform", "pool", "mean")),
+    ("skipped keys pool, update stand-in, uniform", {}, Variant("pool / stand-in", "alvts", "uniform", "pool",
+                                                                "stand-in")),
+    ("skipped keys all, update none, uniform", {}, Variant("all / none", "alvts", "uniform", "all", "none")),
+    ("skipped keys all, update linear, uniform", {}, Variant("all / linear", "alvts", "uniform", "all", "linear")),
     ("importance paper (S_V2V x S_T2V), uniform budget", {**UNMEASURED, "importance": "paper"}, UNIFORM),
     ("start layer 1, uniform budget", {**UNMEASURED, "start_layer": 1}, UNIFORM),
     ("start layer 2, uniform budget", {**UNMEASURED, "start_layer": 2}, UNIFORM),
+    ("rank 64 (one head), uniform budget", {**UNMEASURED, "rank": 64}, UNIFORM),
+    ("rank 256 (four heads), uniform budget", {**UNMEASURED, "rank": 256}, UNIFORM),
+    ("skip-update rank 64, uniform budget", {**UNMEASURED, "skip_update_rank": 64}, UNIFORM),
+    ("8 calibration samples, uniform budget", {**UNMEASURED, "samples": 8}, UNIFORM),
 )
+
+
+REFERENCE = "budget uniform (the reference for the rows below)"
+
+
+def paired_difference(kl: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean per-passage KL difference from the reference row, and its standard error (the passages are shared)."""
+    differences = [a - b for a, b in zip(kl, reference, strict=True)]
+    return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
 def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]:
     """Each design choice changed alone from the toolkit's defaults, at one compression; `on_row(rows)` is called
-    after each row (to save a long sweep as it goes)."""
+    after each row (to save a long sweep as it goes). Each row carries its paired difference from the first, the
+    uniform budget."""
     rows = []
+    reference = None
     for label, options, variant in SWEEPS:
         options = dict(options)
         samples = options.pop("samples", None)
         calibration, seconds = surface.calibration(samples, **options)
         result = run_variant(surface, variant, compression, calibration)
+        reference = result.kl_per_prompt if label == REFERENCE else reference
+        difference = None if reference is None else paired_difference(result.kl_per_prompt, reference)
         rows.append({"setting": label, "calibration_seconds": seconds, **result_row(result, SPAN_TOKENS),
-                     "flops_ratio": flops_ratio(surface, result)})
+                     "flops_ratio": flops_ratio(surface, result), "kl_vs_reference": difference})
         print(f"{label:55s} KL {result.kl:.3f} top1 {result.top1:.3f} calibration {seconds or 0:.0f} s", flush=True)
         if on_row is not None:
             on_row(rows)
@@ -244,8 +265,15 @@ def render(rows: list[dict], title: str) -> Table:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---:|---|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    sweep = any("kl_vs_reference" in row for row in rows)
+    columns = (*COLUMNS, "KL vs uniform (paired SE)") if sweep else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|---:|---:|---:|---:|---|" + ("---:|" if sweep else "")]
+    for row in rows:
+        cells = _cells(row)
+        if sweep:
+            difference = row.get("kl_vs_reference")
+            cells.append("-" if difference is None else f"{difference[0]:+.3f} ({difference[1]:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
