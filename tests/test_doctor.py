@@ -9,7 +9,7 @@ import torch
 from alvts_cli.app import app
 from typer.testing import CliRunner
 
-from alvts_calib import doctor
+from alvts_calib.model import doctor
 from alvts_calib.model.adapters import SUPPORTED_FAMILIES
 from alvts_calib.model.doctor import Gpu
 
