@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from alvts_calib.artifact.selector import Selector
+from alvts_calib.model.adapters import decoder_layers
 from alvts_calib.model.visual import visual_positions
+from alvts_calib.runtime.attach import attach, detach
+from alvts_calib.selector.skip_map import SkipUpdate
 from alvts_calib.testing.selectors import weight_svd_selector
 from alvts_calib.testing.tiny_models import IMAGE_TOKEN, TINY_MODELS, tiny_inputs
 
@@ -72,3 +75,47 @@ def _inference_mode() -> Iterator[None]:
     torch.manual_seed(0)
     with torch.no_grad():
         yield
+
+
+def random_skip_updates(selector: Selector, hidden_size: int, rank: int = 4) -> Selector:
+    """`selector` with seeded random skip-update maps on every layer (for runtimes that apply them)."""
+    torch.manual_seed(0)
+    selector.skip_updates = {index: SkipUpdate(hidden_size, rank) for index in selector.layers}
+    return selector
+
+
+def layer_one_io(
+    case: TinyCase, selector: Selector | None, skipped_update: str = "none", skipped_keys: str = "drop"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input and output of decoder layer 1 and the logits of one prefill, routed by `selector` with that runtime
+    (None: unpatched)."""
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
+        seen["output"] = output.clone()
+
+    if selector is not None:
+        attach(case.model, selector, skipped_update=skipped_update, skipped_keys=skipped_keys)
+    handle = decoder_layers(case.model)[1].register_forward_hook(hook, with_kwargs=True)
+    try:
+        with case.routing():
+            logits = case.model(**case.inputs).logits
+    finally:
+        handle.remove()
+        if selector is not None:
+            detach(case.model)
+    return seen["input"], seen["output"], logits
+
+
+@pytest.fixture
+def layer_io() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`layer_io(case, selector, skipped_update="none", skipped_keys="drop")`: layer 1's input and output and the
+    logits of one prefill (`selector` None: unpatched)."""
+    return layer_one_io
+
+
+@pytest.fixture
+def with_random_skip_updates() -> Callable[..., Selector]:
+    """`with_random_skip_updates(selector, hidden_size, rank=4)`: seeded random skip-update maps on every layer."""
+    return random_skip_updates

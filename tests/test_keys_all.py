@@ -15,7 +15,6 @@ from alvts_calib.evaluation.flops import (
 )
 from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.runtime.attach import attach, detach
-from alvts_calib.selector.skip_map import SkipUpdate
 from alvts_calib.testing.tiny_models import TINY_MODELS
 
 RATIO = 0.25
@@ -23,42 +22,14 @@ FAMILY = pytest.mark.parametrize("family", list(TINY_MODELS))
 BACKEND = pytest.mark.parametrize("backend", ["eager", "sdpa"])
 
 
-def _with_random_skip_updates(selector, hidden_size: int, rank: int = 4):
-    torch.manual_seed(0)
-    selector.skip_updates = {index: SkipUpdate(hidden_size, rank) for index in selector.layers}
-    return selector
-
-
-def _layer_one_io(case, skipped_update: str | None, selector) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and output of decoder layer 1 in one prefill; `skipped_update` None runs the model unpatched."""
-    seen = {}
-
-    def hook(module, args, kwargs, output):
-        seen["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
-        seen["output"] = output.clone()
-
-    handle = decoder_layers(case.model)[1].register_forward_hook(hook, with_kwargs=True)
-    try:
-        if skipped_update is None:
-            case.model(**case.inputs)
-        else:
-            attach(case.model, selector, skipped_keys="all", skipped_update=skipped_update)
-            with case.routing():
-                case.model(**case.inputs)
-            detach(case.model)
-    finally:
-        handle.remove()
-    return seen["input"], seen["output"]
-
-
 @FAMILY
 @BACKEND
-def test_keys_all_is_exact_at_keep_ratio_one(tiny_case, make_selector, family, backend):
+def test_keys_all_is_exact_at_keep_ratio_one(tiny_case, make_selector, with_random_skip_updates, family, backend):
     case = tiny_case(family, backend)
     reference = case.model(**case.inputs).logits
     reference_gen = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    attach(case.model, _with_random_skip_updates(make_selector(case.model, 1.0), hidden), skipped_keys="all",
+    attach(case.model, with_random_skip_updates(make_selector(case.model, 1.0), hidden), skipped_keys="all",
            skipped_update="linear")
     with case.routing():
         assert torch.equal(case.model(**case.inputs).logits, reference)
@@ -67,14 +38,14 @@ def test_keys_all_is_exact_at_keep_ratio_one(tiny_case, make_selector, family, b
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_processed_tokens_get_the_unrouted_output_and_skipped_tokens_the_linear_update(
-    tiny_case, make_selector, family
+    tiny_case, make_selector, layer_io, with_random_skip_updates, family
 ):
     case = tiny_case(family, "sdpa")
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
-    before, full = _layer_one_io(case, None, selector)  # layer 1's input is the unrouted model's
-    before_routed, routed = _layer_one_io(case, "linear", selector)
-    _, plain = _layer_one_io(case, "none", selector)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    before, full, _ = layer_io(case, None)  # layer 1's input is the unrouted model's
+    before_routed, routed, _ = layer_io(case, selector, "linear", "all")
+    _, plain, _ = layer_io(case, selector, "none", "all")
     assert torch.equal(before, before_routed)
     visual = case.visual & case.valid
     skipped = visual & (plain == before).all(-1)
@@ -106,10 +77,10 @@ def test_keys_all_caches_every_token_and_decodes_consistently(tiny_case, make_se
     assert not torch.equal(prefill.logits, case.model(**case.inputs).logits)  # routing changed the prefill
 
 
-def test_keys_all_takes_no_stand_in_update(tiny_case, make_selector):
+def test_keys_all_takes_no_stand_in_update(tiny_case, make_selector, with_random_skip_updates):
     case = tiny_case("llava", "sdpa")
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO), hidden)
     with pytest.raises(AlvtsError, match="skipped_keys 'all' does not have; use skipped_keys 'pool'"):
         attach(case.model, selector, skipped_update="stand-in", skipped_keys="all")
 

@@ -8,38 +8,20 @@ import torch
 import alvts_calib.runtime.routing as routing_module
 from alvts_calib.errors import AlvtsError
 from alvts_calib.model.adapters import decoder_layers
-from alvts_calib.runtime.attach import attach, detach
+from alvts_calib.runtime.attach import attach
 from alvts_calib.selector.skip_map import SkipUpdate
 
 RATIO = 0.25
 
 
-def _layer_io(case, selector, skipped_update, skipped_keys="drop"):
-    """Input and output of layer 1 (the first routed layer) in one routed prefill."""
-    model = case.model
-    attach(model, selector, skipped_update=skipped_update, skipped_keys=skipped_keys)
-    seen = {}
-
-    def hook(module, args, kwargs, output):
-        seen["input"] = (args[0] if args else kwargs["hidden_states"]).clone()
-        seen["output"] = output.clone()
-
-    handle = decoder_layers(model)[1].register_forward_hook(hook, with_kwargs=True)
-    try:
-        with case.routing():
-            logits = model(**case.inputs).logits
-    finally:
-        handle.remove()
-        detach(model)
-    return seen["input"], seen["output"], logits
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(tiny_case, make_selector, family):
+def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(
+    tiny_case, make_selector, layer_io, family
+):
     case = tiny_case(family, "sdpa")
     selector = make_selector(case.model, RATIO, start_layer=1)
-    before, plain, _ = _layer_io(case, selector, "none")
-    before_mean, compensated, _ = _layer_io(case, selector, "mean")
+    before, plain, _ = layer_io(case, selector, "none")
+    before_mean, compensated, _ = layer_io(case, selector, "mean")
     assert torch.equal(before, before_mean)  # layer 0 is not routed here
     visual = case.visual & case.valid
     skipped = visual & (plain == before).all(-1)
@@ -55,8 +37,7 @@ def test_mean_update_moves_skipped_visual_tokens_by_the_mean_processed_update(ti
     ("skipped_update", "skipped_keys"), [("mean", "drop"), ("linear", "drop"), ("stand-in", "pool")]
 )
 def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(
-    tiny_case, make_selector, skipped_update, skipped_keys
-):
+    tiny_case, make_selector, layer_io, skipped_update, skipped_keys):
     case = tiny_case("llava", "sdpa")
     selector = make_selector(case.model, RATIO, start_layer=1)
     selector.keep_ratios[1] = 0.0
@@ -65,7 +46,7 @@ def test_a_layer_that_processes_no_visual_token_leaves_them_unchanged(
     for module in selector.skip_updates.values():
         torch.nn.init.normal_(module.down.weight)
         torch.nn.init.normal_(module.up.weight)
-    before, after, _ = _layer_io(case, selector, skipped_update, skipped_keys)
+    before, after, _ = layer_io(case, selector, skipped_update, skipped_keys)
     visual = case.visual & case.valid
     assert torch.equal(after[visual], before[visual])  # no processed token (or stand-in) to take an update from
 
@@ -87,13 +68,13 @@ def _counting_compensations(monkeypatch) -> list[int]:
     return calls
 
 
-def test_mean_update_changes_nothing_when_no_visual_token_skips(tiny_case, make_selector, monkeypatch):
+def test_mean_update_changes_nothing_when_no_visual_token_skips(tiny_case, make_selector, layer_io, monkeypatch):
     case = tiny_case("llava", "eager")
     reference = case.model(**case.inputs).logits
     selector = make_selector(case.model, EVERY_TOKEN_ROUTED)
-    _, _, plain = _layer_io(case, selector, "none")
+    _, _, plain = layer_io(case, selector, "none")
     calls = _counting_compensations(monkeypatch)
-    _, _, logits = _layer_io(case, selector, "mean")
+    _, _, logits = layer_io(case, selector, "mean")
     assert len(calls) == len(selector.layers)  # every layer ran the update ...
     assert torch.equal(logits, plain)  # ... on no token
     torch.testing.assert_close(logits[case.valid], reference[case.valid])
@@ -105,21 +86,14 @@ def test_unknown_skipped_update_is_rejected(tiny_case, make_selector):
         attach(case.model, make_selector(case.model, RATIO), skipped_update="magic")
 
 
-def _with_random_skip_updates(selector, hidden_size: int, rank: int = 4):
-    torch.manual_seed(0)
-    selector.skip_updates = {index: SkipUpdate(hidden_size, rank) for index in selector.layers}
-    return selector
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_linear_update_adds_the_mean_and_the_fitted_map_of_each_tokens_deviation_to_skipped_tokens_only(
-    tiny_case, make_selector, family
-):
+    tiny_case, make_selector, layer_io, with_random_skip_updates, family):
     case = tiny_case(family, "sdpa")
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
-    before, plain, _ = _layer_io(case, selector, "none")
-    _, compensated, _ = _layer_io(case, selector, "linear")
+    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    before, plain, _ = layer_io(case, selector, "none")
+    _, compensated, _ = layer_io(case, selector, "linear")
     visual = case.visual & case.valid
     skipped = visual & (plain == before).all(-1)
     assert bool(skipped.any())
@@ -137,15 +111,14 @@ def test_linear_update_adds_the_mean_and_the_fitted_map_of_each_tokens_deviation
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize(("skipped_update", "skipped_keys"), [("linear", "drop"), ("stand-in", "pool")])
 def test_fitted_updates_change_nothing_when_no_visual_token_skips(
-    tiny_case, make_selector, monkeypatch, backend, skipped_update, skipped_keys
-):
+    tiny_case, make_selector, layer_io, with_random_skip_updates, monkeypatch, backend, skipped_update, skipped_keys):
     case = tiny_case("llava", backend)
     reference = case.model(**case.inputs).logits
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, EVERY_TOKEN_ROUTED), hidden)
-    _, _, plain = _layer_io(case, selector, "none", skipped_keys)
+    selector = with_random_skip_updates(make_selector(case.model, EVERY_TOKEN_ROUTED), hidden)
+    _, _, plain = layer_io(case, selector, "none", skipped_keys)
     calls = _counting_compensations(monkeypatch)
-    _, _, logits = _layer_io(case, selector, skipped_update, skipped_keys)
+    _, _, logits = layer_io(case, selector, skipped_update, skipped_keys)
     assert len(calls) == len(selector.layers)  # every layer ran its fitted map ...
     assert torch.equal(logits, plain)  # ... on no token
     torch.testing.assert_close(logits[case.valid], reference[case.valid])
@@ -159,21 +132,21 @@ def test_fitted_updates_need_a_selector_with_fitted_updates(tiny_case, make_sele
     assert not hasattr(case.model, "_alvts_runtime")
 
 
-def test_stand_in_update_needs_pooled_keys(tiny_case, make_selector):
+def test_stand_in_update_needs_pooled_keys(tiny_case, make_selector, with_random_skip_updates):
     case = tiny_case("llava", "eager")
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO), hidden)
     with pytest.raises(AlvtsError, match="skipped_keys 'drop' does not have; use skipped_keys 'pool'"):
         attach(case.model, selector, skipped_update="stand-in", skipped_keys="drop")
     assert not hasattr(case.model, "_alvts_runtime")
 
 
-def test_stand_in_update_changes_only_skipped_tokens(tiny_case, make_selector):
+def test_stand_in_update_changes_only_skipped_tokens(tiny_case, make_selector, layer_io, with_random_skip_updates):
     case = tiny_case("llava", "sdpa")
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = _with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
-    before, plain, _ = _layer_io(case, selector, "none", "pool")
-    _, updated, _ = _layer_io(case, selector, "stand-in", "pool")
+    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    before, plain, _ = layer_io(case, selector, "none", "pool")
+    _, updated, _ = layer_io(case, selector, "stand-in", "pool")
     visual = case.visual & case.valid
     skipped = visual & (plain == before).all(-1)
     assert bool(skipped.any())
@@ -182,11 +155,11 @@ def test_stand_in_update_changes_only_skipped_tokens(tiny_case, make_selector):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_exact_update_gives_skipped_tokens_the_unrouted_layers_output(tiny_case, make_selector, family):
+def test_exact_update_gives_skipped_tokens_the_unrouted_layers_output(tiny_case, make_selector, layer_io, family):
     case = tiny_case(family, "sdpa")
     selector = make_selector(case.model, RATIO, start_layer=1)  # layer 1's input is the unrouted model's
-    before, plain, _ = _layer_io(case, selector, "none")
-    _, exact, _ = _layer_io(case, selector, "exact")
+    before, plain, _ = layer_io(case, selector, "none")
+    _, exact, _ = layer_io(case, selector, "exact")
     handle_seen = {}
     handle = decoder_layers(case.model)[1].register_forward_hook(
         lambda module, args, kwargs, output: handle_seen.update(output=output.clone()), with_kwargs=True
