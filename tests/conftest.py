@@ -119,3 +119,24 @@ def layer_io() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def with_random_skip_updates() -> Callable[..., Selector]:
     """`with_random_skip_updates(selector, hidden_size, rank=4)`: seeded random skip-update maps on every layer."""
     return random_skip_updates
+
+
+def linear_update_reference(
+    case: TinyCase, before: torch.Tensor, after: torch.Tensor, processed: torch.Tensor, fitted: SkipUpdate
+) -> torch.Tensor:
+    """(B, L, D) what the `linear` update gives each token that skips layer 1, by hand: its input plus the mean
+    update of the row's `processed` visual tokens (`after` - `before`) plus the fitted map of its normed input less
+    theirs."""
+    normed = decoder_layers(case.model)[1].input_layernorm(before)
+    rows = []
+    for row in range(before.shape[0]):
+        mean_update = (after[row][processed[row]] - before[row][processed[row]]).mean(0)
+        mean_normed = normed[row][processed[row]].mean(0)
+        rows.append(before[row] + mean_update + fitted(normed[row]) - fitted(mean_normed))
+    return torch.stack(rows)
+
+
+@pytest.fixture
+def linear_update() -> Callable[..., torch.Tensor]:
+    """`linear_update(case, before, after, processed, fitted)`: the `linear` update of layer 1 by hand."""
+    return linear_update_reference

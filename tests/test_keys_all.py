@@ -38,7 +38,7 @@ def test_keys_all_is_exact_at_keep_ratio_one(tiny_case, make_selector, with_rand
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_processed_tokens_get_the_unrouted_output_and_skipped_tokens_the_linear_update(
-    tiny_case, make_selector, layer_io, with_random_skip_updates, family
+    tiny_case, make_selector, layer_io, with_random_skip_updates, linear_update, family
 ):
     case = tiny_case(family, "sdpa")
     hidden = case.model.config.get_text_config(decoder=True).hidden_size
@@ -52,13 +52,8 @@ def test_processed_tokens_get_the_unrouted_output_and_skipped_tokens_the_linear_
     processed = visual & ~skipped
     assert bool(skipped.any()) and bool(processed.any())
     torch.testing.assert_close(routed[~skipped], full[~skipped])
-    normed = decoder_layers(case.model)[1].input_layernorm(before)
-    fitted = selector.skip_updates[1]
-    for row in range(before.shape[0]):
-        mean_update = (full[row][processed[row]] - before[row][processed[row]]).mean(0)
-        mean_normed = normed[row][processed[row]].mean(0)
-        expected = before[row] + mean_update + fitted(normed[row]) - fitted(mean_normed)
-        torch.testing.assert_close(routed[row][skipped[row]], expected[skipped[row]])
+    expected = linear_update(case, before, full, processed, selector.skip_updates[1])
+    torch.testing.assert_close(routed[skipped], expected[skipped])
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
