@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from alvts_calib.artifact import Selector, SkippedKeys, SkippedUpdate
+from alvts_calib.artifact import Selector, SkippedKeys, SkippedUpdate, default_skipped_update
 from alvts_calib.evaluation import alvts_plan, fastv_plan, layer_flops, pyramid_plan
 from alvts_calib.model import AttentionGeometry
 from alvts_calib.runtime import LayerPolicy, SelectorPolicy
@@ -53,7 +53,7 @@ def _alternating(selector: Selector, uniform: dict[int, LayerPolicy], num_visual
 
 
 def variants(selector: Selector, num_layers: int, num_visual: int) -> list[Variant]:
-    """Unpatched, ALVTS keep-all, then ALVTS default (pooled keys and the stand-in update)/pooled (no update)/
+    """Unpatched, ALVTS keep-all, then ALVTS default (pooled keys and the default update)/pooled (no update)/
     uniform/adaptive, FastV and PyramidDrop at each compression."""
     full = [num_visual] * num_layers
     keep_all = {index: SelectorPolicy(layer, 1.0, selector.importance) for index, layer in selector.layers.items()}
@@ -62,9 +62,9 @@ def variants(selector: Selector, num_layers: int, num_visual: int) -> list[Varia
         fraction = 1.0 - compression
         uniform = alvts_plan(selector, fraction, num_layers, num_visual)
         pooled = alvts_plan(selector, fraction, num_layers, num_visual, SkippedKeys.POOL)
-        if pooled is not None:  # the toolkit's default runtime: k - 1 tokens, the stand-in and its update
+        if pooled is not None:  # the toolkit's default runtime: k - 1 tokens, the stand-in, the default update
             rows.append(Variant("alvts-default", compression, pooled.policies, pooled.planned_tokens, SkippedKeys.POOL,
-                                SkippedUpdate.STAND_IN))
+                                default_skipped_update(SkippedKeys.POOL, has_fitted_maps=True)))
             rows.append(Variant("alvts-pooled", compression, pooled.policies, pooled.planned_tokens, SkippedKeys.POOL))
         if uniform is not None:
             rows.append(Variant("alvts-uniform", compression, uniform.policies, uniform.planned_tokens))
