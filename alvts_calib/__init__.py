@@ -7,7 +7,6 @@ and the evaluation harness. Each folder's `__init__` lists the rest of its publi
 from .artifact.budgets import Budget
 from .artifact.calibration import Calibration, load_calibration
 from .artifact.config import (
-    DEFAULT_ADAPTIVE_BUDGET,
     DEFAULT_BUDGET,
     DEFAULT_SKIPPED_KEYS,
     RuntimeConfig,
@@ -28,7 +27,7 @@ from .selector.solver import Init
 from .version import __version__
 
 __all__ = [
-    "DEFAULT_ADAPTIVE_BUDGET", "DEFAULT_BUDGET", "DEFAULT_SKIPPED_KEYS", "AlvtsError", "ArtifactError", "Budget",
+    "DEFAULT_BUDGET", "DEFAULT_SKIPPED_KEYS", "AlvtsError", "ArtifactError", "Budget",
     "Calibration", "CalibrationOptions", "EvalReport", "Importance", "Init", "LayerPolicy", "ModelMismatchError",
     "RuntimeConfig", "SampleError", "Selector", "SkippedKeys", "SkippedUpdate", "__version__", "attach",
     "attach_policies", "attached_selector", "build_labelled_items", "build_samples", "build_selector", "calibrate",

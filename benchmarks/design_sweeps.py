@@ -113,8 +113,8 @@ class Sweeper:
     def plan(self, method: str, compression: float, selector, calibration, runtime: tuple[str, str] = PAPER):
         """`method` ("alvts" or "oracle") at `compression` under `runtime` (budget, skipped keys)."""
         budget, keys = runtime
-        if method == "alvts" and budget != "uniform":
-            method = "alvts-adaptive"
+        if method == "alvts" and budget == "uniform":
+            method = "alvts-uniform"
         return build_plans(method, compression, num_layers=self.num_layers, num_visual=self.num_visual,
                            selector=selector, calibration=calibration, skipped_keys=keys, budget=budget)
 

@@ -77,7 +77,7 @@ class Variant:
     def plan_method(self) -> str:
         if self.method != "alvts":
             return self.method
-        return "alvts" if (self.budget or DEFAULT_BUDGET.value) == "uniform" else "alvts-adaptive"
+        return "alvts-uniform" if (self.budget or DEFAULT_BUDGET.value) == "uniform" else "alvts"
 
 
 PEERS = (

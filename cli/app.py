@@ -30,7 +30,6 @@ from alvts_calib import (
 )
 from alvts_calib.artifact import (
     CALIBRATION_FORMAT,
-    DEFAULT_ADAPTIVE_BUDGET,
     SELECTOR_FORMAT,
     calibrated_layers,
     checkpoint_path,
@@ -425,7 +424,8 @@ def _prompt_inputs(processor: Any, model: Path | None, image: Path | None, promp
 @app.command("eval")
 def eval_command(
     selector: Annotated[Path, typer.Argument(
-        help="A selector artifact (ALVTS at each budget), or a calibration file (also enables alvts-adaptive).")],
+        help="A calibration file (alvts: the toolkit's defaults at each budget) or a selector artifact "
+        "(alvts-uniform: its layers at one ratio per budget).")],
     model: ModelOption = None,
     data: Annotated[str | None, typer.Option(
         help="Labelled data {image, prompt, answer}, in any form calibrate --data takes (demo: its test split).")
@@ -437,8 +437,9 @@ def eval_command(
     chat_template: ChatTemplateOption = None,
     num_samples: Annotated[int | None, typer.Option(
         help=f"Evaluate the first N usable rows (default: all; demo: {EVALUATION_SAMPLES}).")] = None,
-    methods: Annotated[str, typer.Option(help=f"Comma-separated, from {', '.join(METHODS)}.")] = ",".join(
-        DEFAULT_METHODS),
+    methods: Annotated[str | None, typer.Option(
+        help=f"Comma-separated, from {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}; with a selector "
+        "file alvts-uniform instead of alvts).", show_default=False)] = None,
     compression: Annotated[str, typer.Option(
         help="Comma-separated compressions: 1 - (visual tokens processed per layer / visual tokens).")] = ",".join(
         str(c) for c in DEFAULT_COMPRESSIONS),
@@ -450,14 +451,15 @@ def eval_command(
         "unrouted layer's update, at the cost of running it on every token).", show_default=False)
     ] = None,
     skipped_keys: Annotated[SkippedKeys, typer.Option(
-        help="For alvts, alvts-adaptive, oracle and random: pool (one stand-in for the skipped visual tokens, "
+        help="For alvts, alvts-uniform, oracle and random: pool (one stand-in for the skipped visual tokens, "
         "counted in the budget), drop (the paper) or all (every visual token's own key and value, from its current "
         "state: the serving-friendly layout, which costs their key/value projections and cache). FastV, "
         "PyramidDrop and DART run as published.")
     ] = DEFAULT_SKIPPED_KEYS,
     budget: Annotated[str, typer.Option(
-        help="How alvts-adaptive spreads its tokens: sensitivity, adaptive-update, adaptive or adaptive-mass.")
-    ] = DEFAULT_ADAPTIVE_BUDGET.value,
+        help="How alvts spreads its tokens over layers: sensitivity, adaptive-update, adaptive, adaptive-mass or "
+        "uniform.")
+    ] = DEFAULT_BUDGET.value,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, float16, bfloat16.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="eager, sdpa or flash_attention_2.")] = "sdpa",
     device: Annotated[str | None, typer.Option(help="device_map for loading, e.g. cuda or auto.")] = None,
@@ -468,10 +470,10 @@ def eval_command(
     """Accuracy of the full model and of ALVTS, its oracle and the peers at matched visual-token budgets."""
     from alvts_calib import evaluate
     from alvts_calib.data import build_labelled_items
-    from alvts_calib.evaluation import check_methods
+    from alvts_calib.evaluation import check_methods, default_methods
     from alvts_calib.model import check_load_options
 
-    method_names = tuple(name.strip() for name in methods.split(",") if name.strip())
+    method_names = None if methods is None else tuple(name.strip() for name in methods.split(",") if name.strip())
     compressions = _compressions(compression)
     runtime = RuntimeConfig(budget=budget, skipped_keys=skipped_keys, skipped_update=skipped_update)
     if batch_size < 1:
@@ -480,6 +482,7 @@ def eval_command(
     loaded_artifact = load_artifact(selector)
     calibration = loaded_artifact if isinstance(loaded_artifact, Calibration) else None
     artifact = calibrated_layers(calibration) if calibration is not None else loaded_artifact
+    method_names = default_methods(calibration) if method_names is None else method_names
     check_methods(method_names, artifact, calibration)
     records = _records(model, data, "test", num_samples or EVALUATION_SAMPLES, split=split, image_column=image_column,
                        prompt_column=prompt_column, answer_column=answer_column)

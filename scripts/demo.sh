@@ -9,5 +9,5 @@ mkdir -p runs
 alvts calibrate --out runs/demo-calibration.safetensors
 alvts export runs/demo-calibration.safetensors --keep-ratio 0.11 --out runs/demo-selector.safetensors
 alvts inspect runs/demo-selector.safetensors
-alvts eval runs/demo-calibration.safetensors --methods alvts,alvts-adaptive,oracle,fastv,pyramiddrop,dart,random \
+alvts eval runs/demo-calibration.safetensors --methods alvts-uniform,alvts,oracle,fastv,pyramiddrop,dart,random \
     --out runs/demo-eval.json --markdown runs/demo-eval.md

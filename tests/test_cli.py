@@ -150,7 +150,7 @@ def test_eval_on_the_demo_reports_every_method_at_matched_budgets(tmp_path):
     out, markdown = tmp_path / "eval.json", tmp_path / "eval.md"
     report = json.loads(_ok([
         "eval", str(calibration), "--num-samples", "24", "--compression", "0.67,0.89", "--batch-size", "12",
-        "--methods", "alvts,alvts-adaptive,oracle,fastv,pyramiddrop,dart,random", "--out", str(out), "--json",
+        "--methods", "alvts-uniform,alvts,oracle,fastv,pyramiddrop,dart,random", "--out", str(out), "--json",
         "--markdown", str(markdown),
     ]))
     assert json.loads(out.read_text())["rows"] == report["rows"]

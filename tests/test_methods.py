@@ -8,7 +8,7 @@ import torch
 from alvts_calib.artifact.config import SkippedKeys
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation.baselines import ExactPolicy, retained
-from alvts_calib.evaluation.harness import build_plans
+from alvts_calib.evaluation.harness import DEFAULT_METHODS, build_plans, check_methods, default_methods
 from alvts_calib.evaluation.plans import alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan
 from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.runtime.attach import attach_policies, detach, last_visual_pass
@@ -91,7 +91,7 @@ def test_measured_tokens_follow_the_plan(tiny_case, family, method):
         assert torch.equal(context.processed_counts()[layer].cpu(), expected), (method, layer)
 
 
-@pytest.mark.parametrize("method", ["alvts", "oracle", "random"])
+@pytest.mark.parametrize("method", ["alvts-uniform", "oracle", "random"])
 def test_pooled_plans_count_the_stand_in_within_the_budget(tiny_case, make_selector, method):
     case = tiny_case("llava", "eager")
     geometry = AttentionGeometry.of(case.model)
@@ -192,3 +192,14 @@ def test_static_pruning_refuses_right_padding(tiny_case):
     assert not bool(case.inputs["attention_mask"][:, -1].all())
     with pytest.raises(AlvtsError, match="pad batches on the left"):
         _run(case, fastv_plan(0.7, 4, int(case.visual[0].sum())).policies)
+
+
+def test_the_alvts_row_is_the_toolkits_defaults_and_needs_the_calibration(tiny_case, make_selector):
+    selector = make_selector(tiny_case("llava", "eager").model, 1.0)
+    with pytest.raises(AlvtsError, match="alvts re-splits each budget over layers from the calibration"):
+        check_methods(("alvts",), selector, None)
+    with pytest.raises(AlvtsError, match="method alvts-adaptive is now called alvts"):
+        check_methods(("alvts-adaptive", "fastv"), selector, None)
+    check_methods(default_methods(None), selector, None)  # a selector file alone: alvts-uniform in its place
+    assert "alvts-uniform" in default_methods(None) and "alvts" not in default_methods(None)
+    assert default_methods(calibration=object()) == DEFAULT_METHODS and DEFAULT_METHODS[0] == "alvts"

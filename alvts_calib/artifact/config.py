@@ -59,7 +59,6 @@ def check_skipped_update(skipped_update: SkippedUpdate, skipped_keys: SkippedKey
 
 
 DEFAULT_BUDGET = Budget.SENSITIVITY  # how export spreads tokens over layers; measured on the demo (docs/DESIGN.md)
-DEFAULT_ADAPTIVE_BUDGET = Budget.SENSITIVITY  # what `alvts eval`'s alvts-adaptive row compares with uniform budgets
 DEFAULT_SKIPPED_KEYS = SkippedKeys.POOL  # what export writes, and evaluate and the CLI run
 # What an artifact that does not record a setting runs with (written before the setting existed), and what the
 # bare runtime under `attach_policies` runs with: the paper's routing.

@@ -21,7 +21,7 @@ from ..answers import answer_matches, answer_token_budget
 from ..artifact.budgets import Budget, parse_budget
 from ..artifact.calibration import Calibration
 from ..artifact.config import (
-    DEFAULT_ADAPTIVE_BUDGET,
+    DEFAULT_BUDGET,
     DEFAULT_SKIPPED_KEYS,
     RuntimeConfig,
     SkippedKeys,
@@ -43,8 +43,16 @@ from ..tokens import check_compression
 from .flops import attention_on_all_layer_flops, layer_flops, skip_update_flops
 from .plans import Plan, alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan, selector_plan
 
-METHODS = ("alvts", "alvts-adaptive", "oracle", "fastv", "pyramiddrop", "dart", "random")
-DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")
+METHODS = ("alvts", "alvts-uniform", "oracle", "fastv", "pyramiddrop", "dart", "random")
+DEFAULT_METHODS = ("alvts", "oracle", "fastv", "pyramiddrop", "dart", "random")  # with a calibration file
+SELECTOR_METHODS = ("alvts-uniform", "oracle", "fastv", "pyramiddrop", "dart", "random")  # with a selector file
+RENAMED = {"alvts-adaptive": "alvts"}  # earlier names, for a one-line hint
+
+
+def default_methods(calibration: Calibration | None) -> tuple[str, ...]:
+    """The methods `evaluate` compares when none are named: `alvts` (the toolkit's defaults, which re-split each
+    budget from the calibration) needs a calibration file; a selector file alone gives `alvts-uniform`."""
+    return DEFAULT_METHODS if calibration is not None else SELECTOR_METHODS
 DEFAULT_COMPRESSIONS = (0.67, 0.78, 0.89)
 
 
@@ -266,12 +274,13 @@ def build_plans(
     calibration: Calibration | None = None,
     seed: int = 0,
     skipped_keys: SkippedKeys | str = DEFAULT_SKIPPED_KEYS,
-    budget: Budget | str = DEFAULT_ADAPTIVE_BUDGET,
+    budget: Budget | str = DEFAULT_BUDGET,
 ) -> tuple[Plan | None, dict[str, float] | None]:
     """The plan of `method` at `compression` (None when the budget is infeasible) and its selector fidelity.
 
-    `skipped_keys` applies to the layer-wise methods (alvts, alvts-adaptive, oracle, random); FastV, PyramidDrop
-    and DART run as published. `budget` is how alvts-adaptive spreads its tokens over layers.
+    `alvts` is what `export` and `attach` give by default: the calibration's selectors with the budget split over
+    layers by `budget`; `alvts-uniform` keeps one ratio in every routed layer. `skipped_keys` applies to the
+    layer-wise methods (alvts, alvts-uniform, oracle, random); FastV, PyramidDrop and DART run as published.
     """
     check_methods((method,), selector, calibration)
     fraction = check_compression(compression)
@@ -287,7 +296,7 @@ def build_plans(
     }
     if method in builders:
         return builders[method](), None
-    if method == "alvts":
+    if method == "alvts-uniform":
         plan = alvts_plan(selector, fraction, num_layers, num_visual, keys)
         if plan is None:  # over budget, or no token left beside the stand-in
             return None, None
@@ -320,13 +329,18 @@ def _fidelity(
 
 def check_methods(methods: tuple[str, ...], selector: Selector | None, calibration: Calibration | None) -> None:
     """Fail before any work when a method is unknown or lacks what it needs."""
+    renamed = [method for method in methods if method in RENAMED]
+    if renamed:
+        raise AlvtsError(f"method {renamed[0]} is now called {RENAMED[renamed[0]]} (the toolkit's defaults); "
+                         "alvts-uniform keeps one ratio in every layer")
     unknown = [method for method in methods if method not in METHODS]
     if unknown or not methods:
         raise AlvtsError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
-    if selector is None and any(m in ("alvts", "alvts-adaptive", "oracle") for m in methods):
-        raise AlvtsError("alvts, alvts-adaptive and oracle need a selector artifact or a calibration file")
-    if calibration is None and "alvts-adaptive" in methods:
-        raise AlvtsError("alvts-adaptive re-allocates budgets from calibration statistics: pass a calibration file")
+    if selector is None and any(m in ("alvts", "alvts-uniform", "oracle") for m in methods):
+        raise AlvtsError("alvts, alvts-uniform and oracle need a selector artifact or a calibration file")
+    if calibration is None and "alvts" in methods:
+        raise AlvtsError("alvts re-splits each budget over layers from the calibration: pass the calibration file, "
+                         "or use alvts-uniform with a selector file")
 
 
 def evaluate(
@@ -336,7 +350,7 @@ def evaluate(
     *,
     selector: Selector | None = None,
     calibration: Calibration | None = None,
-    methods: tuple[str, ...] = DEFAULT_METHODS,
+    methods: tuple[str, ...] | None = None,
     compressions: tuple[float, ...] = DEFAULT_COMPRESSIONS,
     batch_size: int = 32,
     skipped_update: SkippedUpdate | str | None = None,
@@ -349,12 +363,13 @@ def evaluate(
     data_summary: str = "",
 ) -> EvalReport:
     """Evaluate the full model, then every method at every compression, on `items` (see `build_plans` for
-    `skipped_keys` and `budget`). The runtime is `config` (default: `RuntimeConfig` with alvts-adaptive's budget,
-    DEFAULT_ADAPTIVE_BUDGET); `skipped_update`, `skipped_keys` and `budget` override one setting of it.
-    `skipped_update` applies to the layer-wise methods; None takes the toolkit's default for the selector
+    `skipped_keys` and `budget`; `methods` None: `default_methods`). The runtime is `config` (default:
+    `RuntimeConfig()`, the toolkit's defaults); `skipped_update`, `skipped_keys` and `budget` override one setting of
+    it. `skipped_update` applies to the layer-wise methods; None takes the toolkit's default for the selector
     (`default_skipped_update`)."""
+    methods = default_methods(calibration) if methods is None else methods
     check_methods(methods, selector, calibration)
-    runtime = config if config is not None else RuntimeConfig(budget=DEFAULT_ADAPTIVE_BUDGET)
+    runtime = config if config is not None else RuntimeConfig()
     runtime = runtime.replace(skipped_update=skipped_update, skipped_keys=skipped_keys, budget=budget)
     if batch_size < 1:
         raise AlvtsError(f"batch size must be at least 1, got {batch_size}")

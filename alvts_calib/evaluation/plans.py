@@ -77,7 +77,7 @@ def alvts_plan(
     """ALVTS with `selector`'s layers at one uniform keep ratio matching the budget."""
     importance = selector.importance
     return _uniform_plan(
-        "alvts", fraction, num_layers, num_visual, selector.start_layer,
+        "alvts-uniform", fraction, num_layers, num_visual, selector.start_layer,
         lambda index, ratio: SelectorPolicy(selector.layers[index], ratio, importance), skipped_keys,
     )
 
