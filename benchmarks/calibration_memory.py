@@ -6,7 +6,7 @@ made the peak RSS about 3x the live tensors on this machine. The table compares 
 over the 1-sample run with the formula of README "Calibration memory":
     stored = N * L * (D * b + 2 * hd * b)        layer inputs kept on `storage` (CPU), model dtype b bytes
     layer  = N * L * (4 * D + 8 * hd)            one layer's float32 normed inputs and cos/sin, on the layer's device
-Usage: python benchmarks/calibration_memory.py [--samples 8 32 64] [--out calibration_memory.json]
+Usage: python benchmarks/calibration_memory.py [--samples 8 32 64] [--out docs/results/calibration-memory.json]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def formula_mib(count: int, dtype_bytes: int = 4) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--out", default="calibration_memory.json")
+    parser.add_argument("--out", default="docs/results/calibration-memory.json")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:

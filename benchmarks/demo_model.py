@@ -6,7 +6,7 @@
   70% of the cells, scored on the rest) reads the cell's row and column from the vision tower's input embeddings,
   its output, the projector's output (what the decoder gets) and the decoder's last hidden state. Chance is 1/8.
 
-    python benchmarks/demo_model.py --out docs/demo-model.json
+    python benchmarks/demo_model.py --out docs/results/demo-model.json
 """
 
 from __future__ import annotations

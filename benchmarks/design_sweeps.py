@@ -11,9 +11,9 @@ Three tables, printed and written as JSON:
    update's R², the calibration time, and retention with the paper's runtime and with the toolkit's defaults
    (sensitivity budget, pooled keys, the stand-in update when the setting fits skip maps).
 
-    python benchmarks/design_sweeps.py --out docs/design-sweeps.json --markdown docs/design-sweeps.md
+    python benchmarks/design_sweeps.py --out docs/results/design-sweeps.json --markdown docs/results/design-sweeps.md
 
-(about 35 minutes on 2 CPU cores; `--render docs/design-sweeps.json` re-prints an earlier report).
+(about 35 minutes on 2 CPU cores; `--render docs/results/design-sweeps.json` re-prints an earlier report).
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--compression", type=float, default=0.89)
     parser.add_argument("--eval-rows", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="Only the first three setting rows (development).")
-    parser.add_argument("--out", type=Path, default=Path("docs/design-sweeps.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/design-sweeps.json"))
     parser.add_argument("--markdown", type=Path, help="Also write the tables as Markdown to this file.")
     parser.add_argument("--render", type=Path, help="Print (and --markdown) the tables of an earlier JSON report.")
     args = parser.parse_args()

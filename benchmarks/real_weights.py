@@ -16,7 +16,7 @@ Rows:
 - `bound`: the exact-attention oracle with every span token still updated in every layer (the text sees only the
   selected tokens' keys): no saving, a bound on selection.
 
-    python benchmarks/real_weights.py --out docs/real-weights.json --markdown docs/real-weights.md
+    python benchmarks/real_weights.py --out docs/results/real-weights.json --markdown docs/results/real-weights.md
 
 Calibrations are cached under runs/real-weights/ (checkpointed, so an interrupted run resumes).
 """

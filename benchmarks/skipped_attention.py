@@ -8,7 +8,7 @@ full attention of the text rows) and, per variant, the rest as
   which is what `SkippedKeys.POOL` gives a routed layer.
 It prints first-token accuracy retention and KL(full || variant) per question kind, and writes JSON.
 
-    python benchmarks/skipped_attention.py --tokens 7 --out docs/skipped-attention.json
+    python benchmarks/skipped_attention.py --tokens 7 --out docs/results/skipped-attention.json
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=7, help="visual keys the text sees per layer (7 of 64: 89%%)")
-    parser.add_argument("--out", type=Path, default=Path("docs/skipped-attention.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/skipped-attention.json"))
     args = parser.parse_args()
     report = measure(args.rows, args.tokens)
     args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")

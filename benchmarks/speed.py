@@ -5,8 +5,8 @@ GPU; `--small` runs scaled-down geometries in float32 on the CPU through the sam
 writes JSON.
 
 Usage:
-    python benchmarks/speed.py --out benchmarks/results/speed-h100.json            # GPU, full size
-    python benchmarks/speed.py --small --out benchmarks/results/speed-small-cpu.json
+    python benchmarks/speed.py --out docs/results/speed-h100.json            # GPU, full size
+    python benchmarks/speed.py --small --out docs/results/speed-small-cpu.json
 """
 
 from __future__ import annotations
