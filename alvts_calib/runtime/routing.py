@@ -180,9 +180,9 @@ class RoutedLayerMixin:
         compacted_before = existing_routed_layer(kwargs.get("cache"), self.self_attn.layer_idx) is not None
         if visual_keep is None and not compacted_before:
             return super().forward(hidden_states, **kwargs)
-        if self.alvts_skipped_keys is SkippedKeys.ALL:
-            return self._keys_all_forward(hidden_states, context, visual_keep, kwargs, normed)
         rows = compact_rows(counts, None if visual_keep is None else policy)
+        if self.alvts_skipped_keys is SkippedKeys.ALL:
+            return self._keys_all_forward(hidden_states, context, visual_keep, kwargs, rows, normed)
         return self._routed_forward(hidden_states, context, visual_keep, kwargs, rows, normed)
 
     def _keys_all_forward(
@@ -191,16 +191,17 @@ class RoutedLayerMixin:
         context: ForwardContext,
         visual_keep: torch.Tensor,
         kwargs: dict,
+        rows: list[int] | None,
         normed: torch.Tensor | None,
     ) -> torch.Tensor:
         """SkippedKeys.ALL: attention runs on every token, so the processed tokens read every token's own key and
         value and the layer caches every token; the MLP runs on the processed tokens only, and the skipped visual
-        tokens keep their state plus the skipped update."""
-        keep = processed_positions(context, visual_keep)
-        if self.alvts_skipped_update is SkippedUpdate.EXACT:
-            return super().forward(hidden_states, **kwargs)
+        tokens keep their state plus the skipped update (`_compensate`)."""
         with record_function(COMPACT_RANGE):
-            compaction = Compaction.from_keep(keep)
+            call = RoutedCall.compact(hidden_states, context, visual_keep, rows, normed)
+        if call.dense or self.alvts_skipped_update is SkippedUpdate.EXACT:
+            return super().forward(hidden_states, **kwargs)  # nothing skips, or the skipped get the layer's update
+        compaction = Compaction.from_keep(call.keep, None if rows is None else max(rows))
         hooks = [self.mlp.register_forward_pre_hook(lambda module, args: (compaction.gather(args[0]),)),
                  self.mlp.register_forward_hook(
                      lambda module, args, output: compaction.scatter(torch.zeros_like(hidden_states), output))]
@@ -210,16 +211,8 @@ class RoutedLayerMixin:
             for hook in hooks:
                 hook.remove()
         with record_function(SCATTER_RANGE):
-            skipped = context.visual & context.valid & ~keep
-            merged = torch.where(skipped[..., None], hidden_states, output)
-            update = self.alvts_skipped_update
-            if update is SkippedUpdate.NONE:
-                return merged
-            skip_module = self.alvts_skip_module if update is SkippedUpdate.LINEAR else None
-            if skip_module is not None and normed is None:
-                normed = self.input_layernorm(hidden_states)
-            anchor = Anchor.of_processed(merged, hidden_states, keep, context, normed)
-            return compensate_skipped(merged, keep, context, anchor, skip_module, normed)
+            skipped = context.visual & context.valid & ~call.keep
+            return self._compensate(call, torch.where(skipped[..., None], hidden_states, output), None)
 
     def _routed_forward(
         self,
