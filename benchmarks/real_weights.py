@@ -51,8 +51,8 @@ from alvts_calib.calibration import calibrate
 from alvts_calib.evaluation import (
     DivergenceResult,
     Reference,
-    attention_on_all_layer_flops,
     build_plans,
+    decoder_flops,
     full_references,
     layer_flops,
     measure_plan,
@@ -158,12 +158,9 @@ def flops_ratio(surface: Surface, result: DivergenceResult) -> float:
     geometry = AttentionGeometry.of(surface.model)
     total = statistics.fmean(reference.input_ids.shape[1] for reference in surface.references)
     text = total - SPAN_TOKENS
-    keys_all = result.runtime.get("skipped_keys") == SkippedKeys.ALL.value
-    routed = sum(
-        attention_on_all_layer_flops(visual + text, total, geometry, config.intermediate_size) if keys_all
-        else layer_flops(visual + text, geometry, config.intermediate_size)
-        for visual in result.visual_tokens_per_layer
-    )
+    positions = [visual + text for visual in result.visual_tokens_per_layer]
+    routed = decoder_flops(positions, total, geometry, config.intermediate_size,
+                           keys_all=result.runtime.get("skipped_keys") == SkippedKeys.ALL.value)
     ratio = routed / (geometry.num_layers * layer_flops(total, geometry, config.intermediate_size))
     return 1.0 + ratio if result.runtime.get("skipped_update") == SkippedUpdate.EXACT.value else ratio  # (runs both)
 

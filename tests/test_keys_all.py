@@ -9,6 +9,7 @@ import torch
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation.flops import (
     attention_on_all_layer_flops,
+    decoder_flops,
     keys_all_layer_flops,
     layer_flops,
     projection_flops,
@@ -90,6 +91,10 @@ def test_keys_all_flops_add_the_skipped_tokens_keys_and_values_to_the_routed_lay
     this_runtime = attention_on_all_layer_flops(100, 600, geometry, 14336)  # what SkippedKeys.ALL runs here
     assert attention_on_all_layer_flops(600, 600, geometry, 14336) == layer_flops(600, geometry, 14336)
     assert keys_all < this_runtime < layer_flops(600, geometry, 14336)
+    assert decoder_flops([100, 600], 600, geometry, 14336, keys_all=True) == this_runtime + layer_flops(
+        600, geometry, 14336
+    )
+    assert decoder_flops([100, 600], 600, geometry, 14336, keys_all=False) == routed + layer_flops(600, geometry, 14336)
 
 
 def test_keys_all_runs_the_mlp_on_the_processed_tokens_only(tiny_case, make_selector):

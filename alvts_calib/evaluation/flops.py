@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ..model.adapters import AttentionGeometry
 
 
@@ -44,6 +46,16 @@ def attention_on_all_layer_flops(
     tokens' output projection)."""
     unit = projection_flops(geometry, intermediate_size)
     return total * (unit["q"] + unit["kv"] + unit["o"]) + attention_flops(total, geometry) + processed * unit["mlp"]
+
+
+def decoder_flops(
+    positions: Iterable[float], total: float, geometry: AttentionGeometry, intermediate_size: int, keys_all: bool
+) -> float:
+    """FLOPs of the decoder layers processing `positions` of `total` tokens each (`keys_all`: SkippedKeys.ALL, whose
+    attention runs on every token)."""
+    if keys_all:
+        return sum(attention_on_all_layer_flops(n, total, geometry, intermediate_size) for n in positions)
+    return sum(layer_flops(n, geometry, intermediate_size) for n in positions)
 
 
 def skip_update_flops(num_tokens: float, hidden_size: int, rank: int) -> float:

@@ -40,7 +40,7 @@ from ..runtime.attach import attach_policies, detach, last_visual_pass
 from ..runtime.context import ForwardContext
 from ..runtime.policies import KeepAllPolicy, LayerPolicy
 from ..tokens import check_compression
-from .flops import attention_on_all_layer_flops, layer_flops, skip_update_flops
+from .flops import decoder_flops, skip_update_flops
 from .plans import Plan, alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan, selector_plan
 
 METHODS = ("alvts", "alvts-uniform", "oracle", "fastv", "pyramiddrop", "dart", "random")
@@ -232,11 +232,8 @@ class Harness:
         flops, selection = [], []
         for row in range(tokens.shape[0]):
             positions = (tokens[row] + text[row]).tolist()
-            if skipped_keys is SkippedKeys.ALL:
-                total, intermediate = int(length[row]), self.intermediate_size
-                flops_row = sum(attention_on_all_layer_flops(n, total, self.geometry, intermediate) for n in positions)
-            else:
-                flops_row = sum(layer_flops(n, self.geometry, self.intermediate_size) for n in positions)
+            flops_row = decoder_flops(positions, int(length[row]), self.geometry, self.intermediate_size,
+                                      keys_all=skipped_keys is SkippedKeys.ALL)
             flops_row += sum(
                 skip_update_flops(int(skipped[index][row]), self.geometry.hidden_size, rank)
                 for index, rank in update_ranks.items()
