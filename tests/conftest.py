@@ -77,10 +77,12 @@ def _inference_mode() -> Iterator[None]:
         yield
 
 
-def random_skip_updates(selector: Selector, hidden_size: int, rank: int = 4) -> Selector:
+def random_skip_updates(selector: Selector, rank: int = 4) -> Selector:
     """`selector` with seeded random skip-update maps on every layer (for runtimes that apply them)."""
     torch.manual_seed(0)
-    selector.skip_updates = {index: SkipUpdate(hidden_size, rank) for index in selector.layers}
+    selector.skip_updates = {
+        index: SkipUpdate(layer.q_proj.in_features, rank) for index, layer in selector.layers.items()
+    }
     return selector
 
 
@@ -117,7 +119,7 @@ def layer_io() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 @pytest.fixture
 def with_random_skip_updates() -> Callable[..., Selector]:
-    """`with_random_skip_updates(selector, hidden_size, rank=4)`: seeded random skip-update maps on every layer."""
+    """`with_random_skip_updates(selector, rank=4)`: seeded random skip-update maps on every layer."""
     return random_skip_updates
 
 

@@ -29,8 +29,7 @@ def test_keys_all_is_exact_at_keep_ratio_one(tiny_case, make_selector, with_rand
     case = tiny_case(family, backend)
     reference = case.model(**case.inputs).logits
     reference_gen = case.model.generate(**case.inputs, max_new_tokens=4, do_sample=False)
-    hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    attach(case.model, with_random_skip_updates(make_selector(case.model, 1.0), hidden), skipped_keys="all",
+    attach(case.model, with_random_skip_updates(make_selector(case.model, 1.0)), skipped_keys="all",
            skipped_update="linear")
     with case.routing():
         assert torch.equal(case.model(**case.inputs).logits, reference)
@@ -42,8 +41,7 @@ def test_processed_tokens_get_the_unrouted_output_and_skipped_tokens_the_linear_
     tiny_case, make_selector, layer_io, with_random_skip_updates, linear_update, family
 ):
     case = tiny_case(family, "sdpa")
-    hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1))
     before, full, _ = layer_io(case, None)  # layer 1's input is the unrouted model's
     before_routed, routed, _ = layer_io(case, selector, "linear", "all")
     _, plain, _ = layer_io(case, selector, "none", "all")
@@ -75,8 +73,7 @@ def test_keys_all_caches_every_token_and_decodes_consistently(tiny_case, make_se
 
 def test_keys_all_takes_no_stand_in_update(tiny_case, make_selector, with_random_skip_updates):
     case = tiny_case("llava", "sdpa")
-    hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO))
     with pytest.raises(AlvtsError, match="skipped_keys 'all' does not have; use skipped_keys 'pool'"):
         attach(case.model, selector, skipped_update="stand-in", skipped_keys="all")
 

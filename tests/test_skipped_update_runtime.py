@@ -92,8 +92,7 @@ def test_linear_update_adds_the_mean_and_the_fitted_map_of_each_tokens_deviation
     tiny_case, make_selector, layer_io, with_random_skip_updates, linear_update, family
 ):
     case = tiny_case(family, "sdpa")
-    hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1))
     before, plain, _ = layer_io(case, selector, "none")
     _, compensated, _ = layer_io(case, selector, "linear")
     visual = case.visual & case.valid
@@ -111,8 +110,7 @@ def test_fitted_updates_change_nothing_when_no_visual_token_skips(
 ):
     case = tiny_case("llava", backend)
     reference = case.model(**case.inputs).logits
-    hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = with_random_skip_updates(make_selector(case.model, EVERY_TOKEN_ROUTED), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, EVERY_TOKEN_ROUTED))
     _, _, plain = layer_io(case, selector, "none", skipped_keys)
     calls = _counting_compensations(monkeypatch)
     _, _, logits = layer_io(case, selector, skipped_update, skipped_keys)
@@ -131,8 +129,7 @@ def test_fitted_updates_need_a_selector_with_fitted_updates(tiny_case, make_sele
 
 def test_stand_in_update_needs_pooled_keys(tiny_case, make_selector, with_random_skip_updates):
     case = tiny_case("llava", "eager")
-    hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = with_random_skip_updates(make_selector(case.model, RATIO), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO))
     with pytest.raises(AlvtsError, match="skipped_keys 'drop' does not have; use skipped_keys 'pool'"):
         attach(case.model, selector, skipped_update="stand-in", skipped_keys="drop")
     assert not hasattr(case.model, "_alvts_runtime")
@@ -140,8 +137,7 @@ def test_stand_in_update_needs_pooled_keys(tiny_case, make_selector, with_random
 
 def test_stand_in_update_changes_only_skipped_tokens(tiny_case, make_selector, layer_io, with_random_skip_updates):
     case = tiny_case("llava", "sdpa")
-    hidden = case.model.config.get_text_config(decoder=True).hidden_size
-    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1), hidden)
+    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1))
     before, plain, _ = layer_io(case, selector, "none", "pool")
     _, updated, _ = layer_io(case, selector, "stand-in", "pool")
     visual = case.visual & case.valid
