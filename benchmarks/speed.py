@@ -7,6 +7,7 @@ writes JSON.
 Usage:
     python benchmarks/speed.py --out docs/results/speed-h100.json            # GPU, full size
     python benchmarks/speed.py --small --out docs/results/speed-small-cpu.json
+    python benchmarks/speed.py --wide --out docs/results/speed-wide-cpu.json       # CPU, real layer width
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from speed_measure import (
 )
 from speed_methods import Variant, ideal_speedup, selection_flops, variants, weight_svd_selector
 from speed_models import FULL, SMALL, ModelSpec, build_inputs, build_model, visual_mask
+from speed_wide import TIMING as WIDE_TIMING
+from speed_wide import WIDE, benchmark_wide, print_wide
 
 import alvts_calib
 from alvts_calib.artifact import Selector
@@ -237,13 +240,15 @@ def _percent(share: float | None) -> float | None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="scaled-down geometries on the CPU (development)")
+    parser.add_argument("--wide", action="store_true",
+                        help="real layer widths, few layers, every layer routed, against the floor (CPU)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--models", nargs="*", help="only these geometries (names as in the table)")
     parser.add_argument("--batches", type=int, nargs="*", help="override the batch sizes (default 1 8)")
     parser.add_argument("--new-tokens", type=int, help="override the decoded tokens (default 256, small 8)")
     parser.add_argument("--calibration-samples", type=int, help="override the calibration sample count (0: skip)")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.wide else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # all compute on the timed thread: the thread-cpu clock then counts all of it
     settings = settings_for(args.small, device, args.models)
@@ -252,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.new_tokens:
         settings = replace(settings, new_tokens=args.new_tokens)
     console = Console()
+    if args.wide:
+        return _write(_wide_report(settings, args.models, console), args.out)
     report: dict[str, Any] = {"metadata": _metadata(settings, args.small), "models": []}
     for spec in settings.specs:
         report["models"].append(benchmark_model(spec, settings, console))
@@ -259,9 +266,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if samples > 0:
         report["calibration"] = calibration_seconds(settings.specs[0], samples, settings)
     print_tables(report, console)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    return _write(report, args.out)
+
+
+def _wide_report(settings: Settings, models: Sequence[str] | None, console: Console) -> dict[str, Any]:
+    """`--wide`: the WIDE geometries (all, or those named) on the CPU; see `speed_wide`."""
+    metadata = {key: value for key, value in _metadata(settings, small=False).items()
+                if key in ("date", "device", "cpu_threads", "torch", "transformers")}
+    metadata.update(mode="wide", dtype="float32", backend="sdpa", batch=1, timing=asdict(WIDE_TIMING))
+    results = [benchmark_wide(spec, console) for spec in WIDE if not models or spec.name in models]
+    print_wide(results, console)
+    return {"metadata": metadata, "models": results}
+
+
+def _write(report: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
     return report
 
 

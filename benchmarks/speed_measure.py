@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from transformers.cache_utils import DynamicCache
 
 from alvts_calib.model import get_adapter, visual_positions
-from alvts_calib.runtime import COMPACT_RANGE, SCATTER_RANGE, SELECT_RANGE
+from alvts_calib.runtime import ROUTED_RANGES
 
 PREFILL_RANGE = "bench.prefill"
 HOST_SYNC_OPS = ("aten::_local_scalar_dense",)  # every .item()/bool()/int() of a tensor ends here
@@ -160,8 +160,25 @@ def routed_shares(model: nn.Module, decoder: DecoderInputs, device: torch.device
             not event.cpu_parent.name.startswith("aten::")
     total = totals.get(PREFILL_RANGE, 0.0) or 1.0
     return {
-        "selector_share": totals.get(SELECT_RANGE, 0.0) / total,
-        "gather_scatter_share": (totals.get(COMPACT_RANGE, 0.0) + totals.get(SCATTER_RANGE, 0.0)) / total,
+        "selector_share": totals.get(ROUTED_RANGES["select"], 0.0) / total,
+        "gather_scatter_share": _share(totals, ("compact", "mask", "scatter"), total),
+        "stand_in_update_share": _share(totals, ("pool", "update"), total),
         "host_syncs": sum(counts.get(name, 0) for name in HOST_SYNC_OPS),
         "top_level_ops": ops,
     }
+
+
+def _share(totals: dict[str, float], steps: tuple[str, ...], total: float) -> float:
+    return sum(totals.get(ROUTED_RANGES[step], 0.0) for step in steps) / total
+
+
+def range_seconds(run: Callable[[], Any]) -> dict[str, float]:
+    """CPU seconds inside each of the runtime's profiler ranges (`ROUTED_RANGES`, by step) over one call of `run`."""
+    names = {name: step for step, name in ROUTED_RANGES.items()}
+    totals = dict.fromkeys(ROUTED_RANGES, 0.0)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        run()
+    for event in profiler.events():
+        if event.name in names:
+            totals[names[event.name]] += event.cpu_time_total / 1e6
+    return totals

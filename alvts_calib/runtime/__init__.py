@@ -3,9 +3,9 @@
 from .attach import attach, attach_policies, attached_selector, detach
 from .context import ForwardContext
 from .policies import KeepAllPolicy, LayerPolicy, RatioPolicy, SelectorPolicy
-from .routing import COMPACT_RANGE, SCATTER_RANGE, SELECT_RANGE
+from .routing import ROUTED_RANGES
 
 __all__ = [
-    "COMPACT_RANGE", "SCATTER_RANGE", "SELECT_RANGE", "ForwardContext", "KeepAllPolicy", "LayerPolicy", "RatioPolicy",
+    "ROUTED_RANGES", "ForwardContext", "KeepAllPolicy", "LayerPolicy", "RatioPolicy",
     "SelectorPolicy", "attach", "attach_policies", "attached_selector", "detach",
 ]

@@ -18,6 +18,7 @@ from ..model.fingerprint import check_fingerprint
 from ..model.visual import TRACKER_ATTRIBUTE, VisualTracker
 from ..options import check_keep_ratio, parse_choice
 from .context import ForwardContext, PassCounts
+from .key_bias import install_key_bias_folding
 from .masks import check_backend
 from .policies import LayerPolicy, SelectorPolicy
 from .routing import CONTEXT_KWARG, route_layer, unroute_layer
@@ -142,7 +143,9 @@ def attach_policies(
     _check_not_attached(model)
     adapter = get_adapter(model)
     skipped_keys = parse_choice(SkippedKeys, skipped_keys, "skipped_keys")
-    check_backend(model.config.get_text_config(decoder=True)._attn_implementation, skipped_keys is SkippedKeys.POOL)
+    check_backend(model.config.get_text_config(decoder=True)._attn_implementation)
+    if skipped_keys is SkippedKeys.POOL:
+        install_key_bias_folding()
     skipped_update = parse_choice(SkippedUpdate, skipped_update, "skipped_update")
     layers = decoder_layers(model)
     outside = sorted(str(index) for index in policies if not (isinstance(index, int) and 0 <= index < len(layers)))

@@ -17,17 +17,12 @@ FLASH = ("flash_attention_2", "flash_attention_3")
 SUPPORTED_BACKENDS = (EAGER, SDPA, *FLASH)
 
 
-def check_backend(implementation: str | None, pooled: bool = False) -> None:
-    """Fail unless routed layers support `implementation` (with a pooled stand-in's logit bias if `pooled`)."""
+def check_backend(implementation: str | None) -> None:
+    """Fail unless routed layers support `implementation`."""
     if implementation not in SUPPORTED_BACKENDS:
         raise AlvtsError(
             f"attention implementation {implementation!r} is not supported by routed layers; "
             f"load the model with attn_implementation one of {', '.join(SUPPORTED_BACKENDS)}"
-        )
-    if pooled and implementation not in (EAGER, SDPA):
-        raise AlvtsError(
-            f"pooled skipped tokens need an attention bias, which {implementation!r} does not take; load the model "
-            "with attn_implementation 'sdpa' or 'eager', or attach with skipped_keys 'drop'"
         )
 
 
@@ -44,10 +39,11 @@ def routed_attention_mask(
     The last `query_length` keys are the queries' own. Returns a 2-D key mask for FlashAttention, a 4-D bool
     mask for SDPA and a 4-D additive mask for eager attention. `all_valid`, when the caller knows it, saves
     reading `key_valid` on the host. `key_bias` (B, L_k), added to the attention logits of each key (a pooled
-    stand-in's log count), makes the mask additive for SDPA too; FlashAttention takes no bias.
+    stand-in's log count), goes into eager attention's additive mask; SDPA and FlashAttention get it folded into
+    their inputs instead (`key_bias.fold_key_bias`).
     """
-    if key_bias is not None:
-        check_backend(implementation, pooled=True)
+    if key_bias is not None and implementation != EAGER:
+        raise AlvtsError(f"{implementation!r} takes the key bias folded into its inputs, not in its mask")
     all_valid = bool(key_valid.all()) if all_valid is None else all_valid
     past = key_valid.shape[1] - query_length
     if implementation in FLASH:
@@ -57,9 +53,9 @@ def routed_attention_mask(
     rows = torch.arange(query_length, device=key_valid.device)[:, None] + past
     cols = torch.arange(key_valid.shape[1], device=key_valid.device)[None, :]
     allowed = (cols <= rows)[None, None] & key_valid[:, None, None, :]
-    if implementation == SDPA and key_bias is None:
+    if implementation == SDPA:
         return allowed
-    if implementation in (EAGER, SDPA):
+    if implementation == EAGER:
         if key_bias is None:
             bias = torch.zeros((), dtype=dtype, device=key_valid.device)
         else:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..model.adapters import AttentionGeometry
-from ..selector.importance import Importance, top_k_mask
+from ..selector.importance import Importance, query_rows, top_k_mask
 from ..selector.layer import LayerSelector
 from ..tokens import keep_count_host
 from .context import ForwardContext
@@ -80,9 +80,11 @@ def selector_scores(
     selector: LayerSelector, normed: torch.Tensor, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
     importance: Importance,
 ) -> torch.Tensor:
-    """(B, L) the selector's importance of every position, from the layer's normed input."""
+    """(B, L) the selector's importance of every position, from the layer's normed input (queries only for the rows
+    the importance reads)."""
     weight = selector.q_proj.weight
-    return selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, importance)
+    positions = query_rows(context.visual, context.valid, importance, max(context.host_counts().text))
+    return selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, importance, positions)
 
 
 class SelectorPolicy(RatioPolicy):

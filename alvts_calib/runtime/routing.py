@@ -19,6 +19,7 @@ from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..model.devices import align_tensors, execution_device, follow_class_forward
 from ..tokens import with_stand_in
 from .context import ForwardContext, PassCounts
+from .key_bias import KEY_BIAS_KWARG, folds_key_bias
 from .masks import routed_attention_mask
 from .policies import LayerPolicy
 from .routed_cache import existing_routed_layer, routed_cache_layer
@@ -27,45 +28,59 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
 CONTEXT_KWARG = "alvts_context"
-SELECT_RANGE = "alvts.select"  # profiler ranges, for the share of routed time spent selecting and compacting
-COMPACT_RANGE = "alvts.compact"
-SCATTER_RANGE = "alvts.scatter"
+# profiler ranges of a routed layer's own work (disjoint; the rest of its time is the decoder layer's), by step
+ROUTED_RANGES = {step: f"alvts.{step}" for step in ("select", "compact", "pool", "mask", "scatter", "update")}
 
 
 @dataclass
 class Compaction:
-    """Which positions a layer processes: `index` (B, L_c) into the sequence; fillers point at slot L."""
+    """Which positions a layer processes: `index` (B, L_c) into a sequence of length L, where L marks a pooled
+    stand-in or a batch filler (`filler`: rows shorter than the longest)."""
 
     index: torch.Tensor
     filler: torch.Tensor  # (B, L_c) bool
+    length: int  # L
+    spare_slot: bool  # host-known: some index may be L, so a scatter needs a slot behind the sequence
 
     @classmethod
     def from_keep(
-        cls, keep: torch.Tensor, compact_length: int | None = None, sort_keys: torch.Tensor | None = None
+        cls, keep: torch.Tensor, length: int, compact_length: int | None = None,
+        sort_keys: torch.Tensor | None = None, uniform: bool = False,
     ) -> Compaction:
-        """From (B, L) kept positions; `compact_length` (the largest row count) saves a host sync when known.
-        Kept positions keep their order, or the order of `sort_keys` (B, L) (integers below 2 L) if given."""
-        length = keep.shape[1]
+        """From (B, L) kept positions, or (B, L + 1) with the stand-in at slot L. `compact_length` (the largest row
+        count) saves a host sync when known; `uniform` says every row keeps that many. Kept positions keep their
+        order, or the order of `sort_keys` (same shape as `keep`, integers below twice its width) if given."""
+        width = keep.shape[1]
         if sort_keys is None:
-            sort_keys = torch.arange(length, device=keep.device).expand_as(keep)
-        order = torch.where(keep, sort_keys, sort_keys + 2 * length).argsort(dim=1, stable=True)
+            sort_keys = torch.arange(width, device=keep.device).expand_as(keep)
+        order = torch.where(keep, sort_keys, sort_keys + 2 * width).argsort(dim=1, stable=True)
         kept = keep.sum(1)
         compact_length = int(kept.max()) if compact_length is None else compact_length
         filler = torch.arange(compact_length, device=keep.device)[None, :] >= kept[:, None]
         index = order[:, :compact_length].masked_fill(filler, length)
-        return cls(index=index, filler=filler)
+        return cls(index=index, filler=filler, length=length, spare_slot=width > length or not uniform)
 
-    def gather(self, states: torch.Tensor) -> torch.Tensor:
-        """(B, L, ...) to (B, L_c, ...); filler rows read an appended copy of the last position."""
-        states = torch.cat([states, states[:, -1:]], dim=1)
-        index = self.index.view(*self.index.shape, *([1] * (states.dim() - 2))).expand(-1, -1, *states.shape[2:])
-        return states.gather(1, index)
+    def gather(self, states: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(B or 1, L, ...) to (B, L_c, ...); slot L reads `extra` (B, 1, ...) if given, else the last position."""
+        shape = (*self.index.shape, *([1] * (states.dim() - 2)))
+        states = states.expand(self.index.shape[0], *states.shape[1:])
+        index = self.index.clamp(max=self.length - 1).view(shape).expand(-1, -1, *states.shape[2:])
+        gathered = states.gather(1, index)
+        if extra is None:
+            return gathered
+        return torch.where((self.index == self.length).view(shape), extra.to(gathered.dtype), gathered)
 
-    def scatter(self, full: torch.Tensor, compact: torch.Tensor) -> torch.Tensor:
-        """Write compact rows back into a copy of `full` (B, L, D); fillers land in a discarded extra slot."""
-        extended = torch.cat([full, full[:, -1:]], dim=1)
-        index = self.index[..., None].expand(-1, -1, full.shape[-1])
-        return extended.scatter(1, index, compact.to(full.dtype))[:, :-1]
+    def buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor to scatter into: (B, L, D) like `like`, plus the spare slot if needed. The caller
+        fills its first L positions, then calls `scatter`."""
+        batch, length, width = like.shape
+        return like.new_empty(batch, length + self.spare_slot, width)
+
+    def scatter(self, buffer: torch.Tensor, compact: torch.Tensor) -> torch.Tensor:
+        """Write the compact rows into `buffer` (from `self.buffer`) in place; stand-ins and fillers land in the
+        spare slot. Returns its (B, L, D) sequence."""
+        buffer.scatter_(1, self.index[..., None].expand(-1, -1, buffer.shape[-1]), compact.to(buffer.dtype))
+        return buffer[:, : self.length]
 
 
 def processed_positions(context: ForwardContext, visual_keep: torch.Tensor | None) -> torch.Tensor:
@@ -107,13 +122,16 @@ class Pool:
         skipped = visual & ~keep
         count = skipped.sum(-1)
         present = (count > 0) & (visual & keep).any(-1)
-        share = (skipped / count.clamp(min=1)[:, None])[..., None]
         batch, length = keep.shape
         positions = torch.arange(length, device=keep.device).expand(batch, -1)
         last_visual = torch.where(visual, positions, -1).amax(-1, keepdim=True)
 
-        def mean(values: torch.Tensor) -> torch.Tensor:  # accumulated in float32 whatever the model's dtype
-            return (values.expand(batch, -1, -1).float() * share).sum(1, keepdim=True).to(values.dtype)
+        weights = skipped.to(hidden_states.dtype)[:, None, :]  # (B, 1, L): 0/1, exact in any dtype
+        divisor = count.clamp(min=1).float()[:, None, None]
+
+        def mean(values: torch.Tensor) -> torch.Tensor:  # one read of `values`; the sum is divided in float32
+            total = torch.bmm(weights.to(values.dtype), values.expand(batch, -1, -1))
+            return (total.float() / divisor).to(values.dtype)
 
         return cls(
             state=mean(hidden_states),
@@ -125,15 +143,9 @@ class Pool:
             sort_keys=torch.cat([2 * positions, 2 * last_visual + 1], 1),
         )
 
-    def extend(self, hidden_states: torch.Tensor, keep: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(states, keep, cos, sin) with the stand-in appended at slot L."""
-        batch = hidden_states.shape[0]
-        return (
-            torch.cat([hidden_states, self.state.to(hidden_states.dtype)], 1),
-            torch.cat([keep, self.present[:, None]], 1),
-            torch.cat([cos.expand(batch, -1, -1), self.cos], 1),
-            torch.cat([sin.expand(batch, -1, -1), self.sin], 1),
-        )
+    def extended_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """(B, L + 1): `keep` with the stand-in's slot L (kept where the row has a stand-in)."""
+        return torch.cat([keep, self.present[:, None]], 1)
 
 
 def compact_rows(counts: PassCounts, policy: LayerPolicy | None) -> list[int] | None:
@@ -171,7 +183,7 @@ class RoutedLayerMixin:
         policy = self.alvts_policy
         visual_keep = normed = None
         if counts.has_visual:
-            with record_function(SELECT_RANGE):
+            with record_function(ROUTED_RANGES["select"]):
                 if not policy.keeps_all:
                     cos, sin = kwargs["position_embeddings"]
                     normed = self.input_layernorm(hidden_states) if policy.reads_states else None
@@ -197,22 +209,23 @@ class RoutedLayerMixin:
         """SkippedKeys.ALL: attention runs on every token, so the processed tokens read every token's own key and
         value and the layer caches every token; the MLP runs on the processed tokens only, and the skipped visual
         tokens keep their state plus the skipped update (`_compensate`)."""
-        with record_function(COMPACT_RANGE):
+        with record_function(ROUTED_RANGES["compact"]):
             call = RoutedCall.compact(hidden_states, context, visual_keep, rows, normed)
         if call.dense or self.alvts_skipped_update is SkippedUpdate.EXACT:
             return super().forward(hidden_states, **kwargs)  # nothing skips, or the skipped get the layer's update
-        compaction = Compaction.from_keep(call.keep, None if rows is None else max(rows))
+        compaction = call.compaction = Compaction.from_keep(call.keep, call.length, *call.compact_shape())
         hooks = [self.mlp.register_forward_pre_hook(lambda module, args: (compaction.gather(args[0]),)),
                  self.mlp.register_forward_hook(
-                     lambda module, args, output: compaction.scatter(torch.zeros_like(hidden_states), output))]
+                     lambda module, args, output: compaction.scatter(compaction.buffer(hidden_states).zero_(), output))]
         try:
             output = super().forward(hidden_states, **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
-        with record_function(SCATTER_RANGE):
-            skipped = context.visual & context.valid & ~call.keep
-            return self._compensate(call, torch.where(skipped[..., None], hidden_states, output), None)
+        with record_function(ROUTED_RANGES["update"]):
+            skipped = (context.visual & context.valid & ~call.keep)[..., None]
+            base = torch.where(skipped, hidden_states, output)
+            return self._compensate(call, base, compaction.gather(hidden_states), compaction.gather(output), base)
 
     def _routed_forward(
         self,
@@ -225,8 +238,8 @@ class RoutedLayerMixin:
     ) -> torch.Tensor:
         """Run the layer on valid text tokens, the kept visual tokens and the last position (and, with
         SkippedKeys.POOL, one stand-in for the skipped visual tokens), in five steps: compact (which positions),
-        pool (the stand-in), run (the layer on the compact sequence, with its masks and cache), scatter (back into
-        place) and compensate (the skipped tokens' update).
+        pool (the stand-in), run (the layer on the compact sequence, with its masks and cache), compensate (the
+        skipped tokens' update, written into the output buffer) and scatter (the processed rows into place).
 
         `rows` (positions processed per row, if known on the host) avoids host syncs for the compact length
         and for the masks. `normed` is the layer's normed input if selection already computed it.
@@ -235,65 +248,67 @@ class RoutedLayerMixin:
         if self.alvts_skipped_update is SkippedUpdate.EXACT and visual_keep is not None:
             uncached = {key: None if key in ("cache", "past_key_values") else value for key, value in kwargs.items()}
             exact = super().forward(hidden_states, **uncached)
-        with record_function(COMPACT_RANGE):
+        with record_function(ROUTED_RANGES["compact"]):
             call = RoutedCall.compact(hidden_states, context, visual_keep, rows, normed)
-            cos, sin = kwargs["position_embeddings"]
-            if not call.dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
-                cos, sin = self._pool(call, cos, sin)
+        if not call.dense and visual_keep is not None and self.alvts_skipped_keys is SkippedKeys.POOL:
+            with record_function(ROUTED_RANGES["pool"]):
+                self._pool(call, *kwargs["position_embeddings"])
+        with record_function(ROUTED_RANGES["compact"]):
             compact = call.gather(hidden_states)
-            cache = self._attention_inputs(call, compact, kwargs, cos, sin)
+        with record_function(ROUTED_RANGES["mask"]):
+            cache = self._attention_inputs(call, kwargs)
         output = self._run(call, compact, kwargs, cache)
         if call.dense:
             return output
-        with record_function(SCATTER_RANGE):
-            scattered = call.compaction.scatter(call.states, output)
-            return self._compensate(call, scattered, exact)
+        with record_function(ROUTED_RANGES["update"]):
+            buffer = call.compaction.buffer(hidden_states)
+            self._compensate(call, hidden_states, compact, output, buffer[:, : call.length], exact)
+        with record_function(ROUTED_RANGES["scatter"]):
+            return call.compaction.scatter(buffer, output)
 
-    def _pool(self, call: RoutedCall, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the row's stand-in for the visual tokens it skips at slot L (`Pool`); the extended cos/sin."""
+    def _pool(self, call: RoutedCall, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Add the row's stand-in for the visual tokens it skips at slot L (`Pool`)."""
         if call.normed is None:
             call.normed = self.input_layernorm(call.hidden_states)
         call.pool = Pool.of(call.hidden_states, call.normed, call.context, call.keep, cos, sin)
         call.context.pooled[self.self_attn.layer_idx] = call.pool.present
-        call.states, call.extended_keep, cos, sin = call.pool.extend(call.hidden_states, call.keep, cos, sin)
         call.rows = None if call.rows is None else _with_pool(call.rows, call.context.host_counts())
-        return cos, sin
 
-    def _attention_inputs(
-        self, call: RoutedCall, compact: torch.Tensor, kwargs: dict, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple | None:
-        """Set the compact sequence's attention mask and rotary tables in `kwargs`; the cache layer's bookkeeping
-        to record once the layer ran (None without a cache)."""
-        dense, compaction, length = call.dense, call.compaction, call.length
+    def _attention_inputs(self, call: RoutedCall, kwargs: dict) -> tuple | None:
+        """Set the compact sequence's attention mask, stand-in bias and rotary tables in `kwargs`; the cache layer's
+        bookkeeping to record once the layer ran (None without a cache)."""
+        dense, compaction = call.dense, call.compaction
         new_valid = call.keep if dense else ~compaction.filler
         all_valid = True if dense else None if call.rows is None else min(call.rows) == max(call.rows)
         key_bias = None
         if call.pool is not None:
-            key_bias = torch.where(compaction.index == length, call.pool.log_count[:, None], 0.0)
+            key_bias = torch.where(call.stand_in_slots(), call.pool.log_count[:, None], 0.0)
         cache = kwargs.get("cache")
         layer_cache = routed_cache_layer(cache, self.self_attn.layer_idx) if cache is not None else None
         key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
         keys_all_valid = all_valid if layer_cache is None else layer_cache.all_valid_after(all_valid)
         key_bias = key_bias if layer_cache is None else layer_cache.append_bias(key_bias, new_valid)
+        implementation = self.self_attn.config._attn_implementation
         kwargs["attention_mask"] = routed_attention_mask(
-            key_valid, compact.shape[1], self.self_attn.config._attn_implementation, call.hidden_states.dtype,
-            keys_all_valid, key_bias,
+            key_valid, call.compact_length, implementation, call.hidden_states.dtype, keys_all_valid,
+            None if folds_key_bias(implementation) else key_bias,
         )
+        if key_bias is not None and folds_key_bias(implementation):
+            kwargs[KEY_BIAS_KWARG] = key_bias
         kwargs["position_ids"] = None
         if not dense:
-            batch = call.hidden_states.shape[0]
+            cos, sin = kwargs["position_embeddings"]
+            pool = call.pool
             kwargs["position_embeddings"] = (
-                compaction.gather(cos.expand(batch, -1, -1)),
-                compaction.gather(sin.expand(batch, -1, -1)),
+                compaction.gather(cos, None if pool is None else pool.cos),
+                compaction.gather(sin, None if pool is None else pool.sin),
             )
         return None if layer_cache is None else (layer_cache, key_valid, keys_all_valid, key_bias)
 
     def _run(self, call: RoutedCall, compact: torch.Tensor, kwargs: dict, cache: tuple | None) -> torch.Tensor:
         """The layer on the compact sequence (its stand-ins' normed input replaced, see `stand_in_norm_hook`); then
         the cache layer records which of the keys it appended are real."""
-        self.alvts_stand_in = None if call.pool is None else (
-            ((call.compaction.index == call.length) & ~call.compaction.filler)[..., None], call.pool.normed
-        )
+        self.alvts_stand_in = None if call.pool is None else (call.stand_in_slots()[..., None], call.pool.normed)
         try:
             output = super().forward(compact, **kwargs)
         finally:
@@ -305,24 +320,30 @@ class RoutedLayerMixin:
             layer_cache.seen += call.length
         return output
 
-    def _compensate(self, call: RoutedCall, scattered: torch.Tensor, exact: torch.Tensor | None) -> torch.Tensor:
-        """The scattered outputs, with the skipped visual tokens given the layer's SkippedUpdate."""
-        length, context, keep, pool = call.length, call.context, call.keep, call.pool
-        merged = scattered[:, :length]
+    def _compensate(
+        self, call: RoutedCall, base: torch.Tensor, compact: torch.Tensor, output: torch.Tensor, out: torch.Tensor,
+        exact: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Write into `out` (B, L, D) `base` with the skipped visual tokens given the layer's SkippedUpdate, read
+        off the compact input and `output` of the layer (the processed rows of `out` are left to the scatter)."""
+        context, pool = call.context, call.pool
+        skipped = context.visual & context.valid & ~call.keep
         if exact is not None:
-            return torch.where((context.visual & context.valid & ~keep)[..., None], exact, merged)
+            return torch.where(skipped[..., None], exact, base, out=out)
         update = self.alvts_skipped_update
         if update is SkippedUpdate.NONE or (update is SkippedUpdate.STAND_IN and pool is None):
-            return merged
+            return out.copy_(base)
         skip_module = self.alvts_skip_module if update is not SkippedUpdate.MEAN else None
         normed = call.normed
         if skip_module is not None and normed is None:
-            normed = self.input_layernorm(call.hidden_states)
+            normed = call.normed = self.input_layernorm(call.hidden_states)
         if update is SkippedUpdate.STAND_IN:
-            anchor = Anchor.of_stand_in(scattered[:, length:] - pool.state, pool)
+            slots = call.stand_in_slots()[..., None].to(output.dtype)
+            anchor = Anchor.of_stand_in((output * slots).sum(1, keepdim=True) - pool.state, pool)
         else:
-            anchor = Anchor.of_processed(merged, call.hidden_states, keep, context, normed)
-        return compensate_skipped(merged, keep, context, anchor, skip_module, normed)
+            compact_normed = None if normed is None else call.compaction.gather(normed)
+            anchor = Anchor.of_processed(compact, output, call.processed_visual(), compact_normed)
+        return compensate_skipped(base, skipped, anchor, skip_module, normed, out=out)
 
 
 @dataclass
@@ -332,11 +353,9 @@ class RoutedCall:
     hidden_states: torch.Tensor  # (B, L, D) the layer's input
     context: ForwardContext
     keep: torch.Tensor  # (B, L) bool: the positions it processes
-    rows: list[int] | None  # positions processed per row, when known on the host
+    rows: list[int] | None  # positions processed per row (stand-ins included once pooled), when known on the host
     normed: torch.Tensor | None  # the layer's normed input, once computed
     dense: bool  # it processes every position: no compaction
-    states: torch.Tensor  # what the compact sequence is gathered from: the input (and the stand-ins at slot L)
-    extended_keep: torch.Tensor  # `keep` over `states`
     pool: Pool | None = None
     compaction: Compaction | None = None
 
@@ -347,21 +366,44 @@ class RoutedCall:
     ) -> RoutedCall:
         keep = processed_positions(context, visual_keep)
         dense = bool(keep.all()) if rows is None else min(rows) == hidden_states.shape[1]
-        return cls(hidden_states, context, keep, rows, normed, dense, hidden_states, keep)
+        return cls(hidden_states, context, keep, rows, normed, dense)
 
     @property
     def length(self) -> int:
         return self.hidden_states.shape[1]
 
+    @property
+    def compact_length(self) -> int:
+        """Positions of the sequence the layer runs on."""
+        return self.length if self.dense else self.compaction.index.shape[1]
+
+    def compact_shape(self) -> tuple[int | None, None, bool]:
+        """`Compaction.from_keep`'s compact length, sort keys and uniformity, from the host-known rows."""
+        if self.rows is None:
+            return None, None, False
+        return max(self.rows), None, min(self.rows) == max(self.rows)
+
     def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The compact sequence (fixing `compaction` once the stand-in, if any, is in `states`)."""
+        """The compact sequence (fixing `compaction`; with a stand-in, its state at slot L)."""
         if self.dense:
             return hidden_states
+        compact_length, _, uniform = self.compact_shape()
+        pool = self.pool
+        keep = self.keep if pool is None else pool.extended_keep(self.keep)
         self.compaction = Compaction.from_keep(
-            self.extended_keep, None if self.rows is None else max(self.rows),
-            None if self.pool is None else self.pool.sort_keys,
+            keep, self.length, compact_length, None if pool is None else pool.sort_keys, uniform
         )
-        return self.compaction.gather(self.states)
+        return self.compaction.gather(hidden_states, None if pool is None else pool.state)
+
+    def stand_in_slots(self) -> torch.Tensor:
+        """(B, L_c) bool: the compact rows that hold a stand-in."""
+        compaction = self.compaction
+        return (compaction.index == self.length) & ~compaction.filler
+
+    def processed_visual(self) -> torch.Tensor:
+        """(B, L_c) bool: the compact rows that hold one of the row's own visual tokens."""
+        context, compaction = self.context, self.compaction
+        return compaction.gather((context.visual & context.valid)[..., None])[..., 0] & (compaction.index < self.length)
 
 
 def _with_pool(rows: list[int], counts: PassCounts) -> list[int]:
@@ -382,16 +424,15 @@ class Anchor:
 
     @classmethod
     def of_processed(
-        cls, merged: torch.Tensor, before: torch.Tensor, keep: torch.Tensor, context: ForwardContext,
-        normed: torch.Tensor | None,
+        cls, compact: torch.Tensor, output: torch.Tensor, processed: torch.Tensor, normed: torch.Tensor | None
     ) -> Anchor:
-        """The mean update (output - input) and mean normed input of each row's processed visual tokens."""
-        visual = context.visual & context.valid
-        processed = (visual & keep)[..., None].to(merged.dtype)
-        count = processed.sum(1, keepdim=True).clamp(min=1)
-        update = ((merged - before) * processed).sum(1, keepdim=True) / count
-        mean_normed = None if normed is None else (normed * processed).sum(1, keepdim=True) / count
-        return cls(update, mean_normed, (visual & keep).any(-1))
+        """The mean update (output - input) and mean normed input of each row's processed visual tokens, from the
+        layer's compact input, output and normed input (B, L_c, D) and which compact rows are such tokens."""
+        weights = processed[..., None].to(output.dtype)
+        count = weights.sum(1, keepdim=True).clamp(min=1)
+        update = ((output - compact.to(output.dtype)) * weights).sum(1, keepdim=True) / count
+        mean_normed = None if normed is None else (normed * weights.to(normed.dtype)).sum(1, keepdim=True) / count
+        return cls(update, mean_normed, processed.any(-1))
 
     @classmethod
     def of_stand_in(cls, update: torch.Tensor, pool: Pool) -> Anchor:
@@ -400,22 +441,26 @@ class Anchor:
 
 
 def compensate_skipped(
-    merged: torch.Tensor,
-    keep: torch.Tensor,
-    context: ForwardContext,
+    base: torch.Tensor,
+    skipped: torch.Tensor,
     anchor: Anchor,
     skip_module: nn.Module | None = None,
     normed: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Add to each skipped visual token its row's anchor update; with `skip_module` (and the layer's `normed`
-    input) also the module's map of the token's normed input minus the anchor's. Rows without an anchor (the
-    layer processed none of their visual tokens, or skipped none for a stand-in) stay as they are."""
-    visual = context.visual & context.valid
-    skipped = (visual & ~keep & anchor.rows[:, None])[..., None].to(merged.dtype)
-    update = anchor.update.to(merged.dtype)
-    if skip_module is not None:
-        update = update + skip_module(normed) - skip_module(anchor.normed.to(normed.dtype))
-    return merged + skipped * update
+    """`base` (B, L, D) with each `skipped` (B, L) token given its row's anchor update, and with `skip_module` (and
+    the layer's `normed` input) also the module's map of the token's normed input minus the anchor's, in one batched
+    matmul written to `out` if given. Rows without an anchor (the layer processed none of their visual tokens, or
+    skipped none for a stand-in) stay as they are."""
+    weights = (skipped & anchor.rows[:, None])[..., None].to(base.dtype)  # (B, L, 1)
+    update = anchor.update.to(base.dtype)  # (B, 1, D)
+    if skip_module is None:
+        coefficients, basis = weights, update
+    else:
+        deviation, directions = skip_module.deviation_factors(normed, anchor.normed.to(normed.dtype))
+        coefficients = torch.cat([deviation.to(base.dtype) * weights, weights], -1)  # (B, L, R + 1)
+        basis = torch.cat([directions.to(base.dtype).expand(base.shape[0], -1, -1), update], 1)  # (B, R + 1, D)
+    return torch.baddbmm(base, coefficients, basis, out=out)
 
 
 def stand_in_norm_hook(layer: nn.Module):

@@ -45,6 +45,23 @@ def causal_allowed(valid: torch.Tensor) -> torch.Tensor:
     return causal[None] & valid[:, None, :]
 
 
+def query_rows(
+    visual: torch.Tensor, valid: torch.Tensor, definition: Importance, text_rows: int
+) -> torch.Tensor | None:
+    """(B, Q) the positions whose attention rows `definition` reads (L, the length, marks a filler in rows with
+    fewer), or None for every row: the valid text rows (`text_rows`, the most in any row, known to the caller) for
+    TEXT, the last position for LAST. Importance then needs queries at these positions only."""
+    batch, length = visual.shape
+    if definition is Importance.LAST:
+        return torch.full((batch, 1), length - 1, device=visual.device)
+    if definition is not Importance.TEXT:
+        return None
+    text = ~visual & valid
+    positions = torch.arange(length, device=visual.device).expand(batch, -1)
+    order = torch.where(text, positions, positions + length).argsort(dim=1, stable=True)[:, :text_rows]
+    return order.masked_fill(~text.gather(1, order), length)
+
+
 def attention_parts(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -52,17 +69,26 @@ def attention_parts(
     valid: torch.Tensor,
     definition: Importance,
     head_chunk: int = 8,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head column aggregates of causal softmax attention, shape (B, P, H, L).
 
-    queries: (B, H, L, d); keys: (B, H_kv, L, d) with H a multiple of H_kv (grouped-query attention).
-    visual, valid: (B, L) bool. Parts are zero outside visual columns. Heads are processed in chunks so
-    memory stays at (B, head_chunk, L, L).
+    queries: (B, H, L, d), or (B, H, Q, d) at `positions` (B, Q) (`query_rows`: the rows the importance reads);
+    keys: (B, H_kv, L, d) with H a multiple of H_kv (grouped-query attention). visual, valid: (B, L) bool. Parts are
+    zero outside visual columns. Heads are processed in chunks so memory stays at (B, head_chunk, Q, L).
     """
-    batch, num_heads, length, head_dim = queries.shape
+    batch, num_heads, _, head_dim = queries.shape
     group = num_heads // keys.shape[1]
-    masked = ~causal_allowed(valid)[:, None]
     rows = _row_weights(visual, valid, definition)  # (B, P, L)
+    if positions is None:
+        masked = ~causal_allowed(valid)[:, None]
+    else:
+        length = valid.shape[1]
+        present = positions < length
+        positions = positions.clamp(max=length - 1)
+        columns = torch.arange(length, device=valid.device)
+        masked = ~((columns[None, None, :] <= positions[..., None]) & valid[:, None, :])[:, None]
+        rows = rows.gather(2, positions[:, None, :].expand(-1, rows.shape[1], -1)) * present[:, None, :]
     scale = head_dim**-0.5
     keys = keys.float()
     chunks = []

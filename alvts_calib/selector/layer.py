@@ -29,14 +29,15 @@ class LayerSelector(nn.Module):
     def num_heads(self) -> int:
         return self.q_proj.out_features // self.head_dim
 
+    def _rotated(self, projection: nn.Linear, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        shape = (*normed.shape[:2], self.num_heads, self.head_dim)
+        return apply_rope(projection(normed).view(shape).transpose(1, 2), cos, sin)
+
     def project(
         self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) normed states to rotated (B, G, L, head_dim) selector queries and keys."""
-        shape = (*normed.shape[:2], self.num_heads, self.head_dim)
-        queries = self.q_proj(normed).view(shape).transpose(1, 2)
-        keys = self.k_proj(normed).view(shape).transpose(1, 2)
-        return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
+        return self._rotated(self.q_proj, normed, cos, sin), self._rotated(self.k_proj, normed, cos, sin)
 
     def parts(
         self,
@@ -46,10 +47,20 @@ class LayerSelector(nn.Module):
         visual: torch.Tensor,
         valid: torch.Tensor,
         definition: Importance,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-head importance parts (B, P, G, L); see `attention_parts`."""
-        queries, keys = self.project(normed, cos, sin)
-        return attention_parts(queries, keys, visual, valid, definition)
+        """Per-head importance parts (B, P, G, L); see `attention_parts`. With `positions` (B, Q) (`query_rows`)
+        only those rows get queries, which gives the same parts when they are all the rows `definition` reads."""
+        if positions is None:
+            queries, keys = self.project(normed, cos, sin)
+        else:
+            def rows(states: torch.Tensor) -> torch.Tensor:
+                index = positions.clamp(max=states.shape[1] - 1)[..., None].expand(-1, -1, states.shape[-1])
+                return states.expand(positions.shape[0], -1, -1).gather(1, index)
+
+            queries = self._rotated(self.q_proj, rows(normed), rows(cos), rows(sin))
+            keys = self._rotated(self.k_proj, normed, cos, sin)
+        return attention_parts(queries, keys, visual, valid, definition, positions=positions)
 
     def scores(
         self,
@@ -59,9 +70,10 @@ class LayerSelector(nn.Module):
         visual: torch.Tensor,
         valid: torch.Tensor,
         definition: Importance,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L) importance of each visual token (zero elsewhere)."""
-        return importance_from_parts(self.parts(normed, cos, sin, visual, valid, definition))
+        """(B, L) importance of each visual token (zero elsewhere); `positions` as for `parts`."""
+        return importance_from_parts(self.parts(normed, cos, sin, visual, valid, definition, positions))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], head_dim: int) -> LayerSelector:

@@ -1,0 +1,131 @@
+"""`speed.py --wide`: the routed runtime at real layer width on the CPU, against the cost floor of its budget.
+
+A few decoder layers at LLaVA-1.5-7B and Qwen2.5-VL-7B width (random weights; a token vision tower), 576 visual and
+about 60 text tokens, every decoder layer routed at 67/78/89% compression. Each routed variant is compared with its
+floor: the unpatched layers run on the text and as many visual tokens as the variant processes per layer (what any
+static pruning at that budget costs at least). Prefill of the decoder stack alone, thread CPU time with one intra-op
+thread, median of repetitions. Where a routed prefill's time goes comes from the runtime's profiler ranges
+(`alvts_calib.runtime.ROUTED_RANGES`) in one more prefill; what lies outside them is the decoder layers' own work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from speed_measure import DecoderInputs, Timing, capture_decoder_inputs, decoder_prefill, median_seconds, range_seconds
+from speed_methods import weight_svd_selector
+from speed_models import FULL, ModelSpec, build_inputs, build_model, visual_mask
+
+from alvts_calib.artifact import SkippedKeys, SkippedUpdate, default_skipped_update
+from alvts_calib.evaluation import alvts_plan
+from alvts_calib.model import AttentionGeometry
+from alvts_calib.runtime import SelectorPolicy, attach_policies, detach
+
+WIDE_LAYERS = 4
+_TOKEN_VISION = dict(vision_hidden=64, vision_layers=1, vision_heads=2, vision_intermediate=128)
+WIDE = (
+    replace(FULL[0], name="llava-1.5-7b-wide", layers=WIDE_LAYERS, **_TOKEN_VISION),
+    replace(FULL[2], name="qwen2.5-vl-7b-wide", layers=WIDE_LAYERS, **_TOKEN_VISION),
+)
+COMPRESSIONS = (0.67, 0.78, 0.89)
+TIMING = Timing(1, 3, "thread-cpu")
+
+
+@dataclass(frozen=True)
+class WideVariant:
+    """One routed runtime at one compression: what skipped tokens leave for the text, and what they receive."""
+
+    method: str
+    skipped_keys: SkippedKeys
+    skipped_update: SkippedUpdate
+
+
+VARIANTS = (
+    WideVariant("alvts-paper", SkippedKeys.DROP, SkippedUpdate.NONE),
+    WideVariant("alvts-pooled", SkippedKeys.POOL, SkippedUpdate.NONE),
+    WideVariant("alvts-default", SkippedKeys.POOL, default_skipped_update(SkippedKeys.POOL, has_fitted_maps=True)),
+)
+
+
+def floor_inputs(decoder: DecoderInputs, visual_kept: int) -> DecoderInputs:
+    """The decoder inputs with only the first `visual_kept` visual tokens of each row (every row alike)."""
+    visual = decoder.visual
+    keep = ~visual | (visual.cumsum(1) <= visual_kept)
+    positions = keep[0].nonzero().squeeze(1)
+    kwargs: dict[str, Any] = {}
+    for name, value in decoder.kwargs.items():
+        axis = value.dim() - 1 if name == "position_ids" else 1
+        kwargs[name] = value.index_select(axis, positions.to(value.device))
+    return DecoderInputs(kwargs, visual.index_select(1, positions))
+
+
+def _time(model: torch.nn.Module, decoder: DecoderInputs, routed: bool) -> float:
+    return 1e3 * median_seconds(lambda: decoder_prefill(model, decoder, routed), torch.device("cpu"), TIMING)
+
+
+def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str, Any]:
+    """Every variant of one wide geometry: unpatched, keep-all, and per compression its floor and the runtimes."""
+    model = build_model(spec, "sdpa", torch.device("cpu"), torch.float32)
+    selector = weight_svd_selector(model, start_layer=0)
+    geometry = AttentionGeometry.of(model)
+    inputs = build_inputs(spec, model, 1, torch.device("cpu"), torch.float32)
+    visual = visual_mask(spec, inputs)
+    num_visual = int(visual[0].sum())
+    decoder = capture_decoder_inputs(model, inputs, visual)
+    log = console.log if console is not None else (lambda *args: None)
+    unpatched = _time(model, decoder, routed=False)
+    keep_all = {index: SelectorPolicy(layer, 1.0, selector.importance) for index, layer in selector.layers.items()}
+    rows: list[dict[str, Any]] = [{"method": "unpatched", "compression": None, "prefill_ms": unpatched}]
+    attach_policies(model, keep_all, selector=selector)
+    try:
+        rows.append({"method": "alvts-keep-all", "compression": 0.0, "prefill_ms": _time(model, decoder, True)})
+    finally:
+        detach(model)
+    for compression in COMPRESSIONS:
+        log(f"{spec.name}: {compression:.0%}")
+        count = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual).planned_tokens[-1]
+        floor = _time(model, floor_inputs(decoder, count), routed=False)
+        rows.append({"method": "floor", "compression": compression, "visual_per_layer": count, "prefill_ms": floor})
+        for variant in VARIANTS:
+            plan = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual, variant.skipped_keys)
+            attach_policies(model, plan.policies, selector=selector, skipped_keys=variant.skipped_keys,
+                            skipped_update=variant.skipped_update)
+            try:
+                prefill = _time(model, decoder, routed=True)
+                ranges = range_seconds(lambda: decoder_prefill(model, decoder, routed=True))
+            finally:
+                detach(model)
+            rows.append({"method": variant.method, "compression": compression, "visual_per_layer": count,
+                         "prefill_ms": prefill, "floor_ratio": prefill / floor,
+                         "ranges_ms": {name: 1e3 * seconds for name, seconds in ranges.items()}})
+    rows[1]["unpatched_ratio"] = rows[1]["prefill_ms"] / unpatched
+    for row in rows:
+        row["speedup"] = unpatched / row["prefill_ms"]
+    return {"model": spec.name, "geometry": {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads,
+                                             "kv_heads": spec.kv_heads, "intermediate": spec.intermediate},
+            "visual_tokens": num_visual, "text_tokens": visual.shape[1] - num_visual,
+            "selector_rank": selector.layers[0].q_proj.out_features, "rows": rows}
+
+
+def print_wide(results: list[dict[str, Any]], console: Console) -> None:
+    """One table per geometry: prefill, ratio to the floor, and the profiled ranges of each routed variant."""
+    for result in results:
+        names = sorted({name for row in result["rows"] for name in row.get("ranges_ms", {})})
+        table = Table(title=f"{result['model']}: {result['geometry']['layers']} layers, every one routed "
+                            f"({result['visual_tokens']} visual + {result['text_tokens']} text tokens, CPU ms)")
+        for column in ("method", "compr.", "visual/layer", "prefill ms", "x unpatched", "x floor", *names):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in result["rows"]:
+            compression = row["compression"]
+            ranges = row.get("ranges_ms", {})
+            table.add_row(
+                row["method"], "-" if compression is None else f"{compression:.0%}",
+                str(row.get("visual_per_layer", result["visual_tokens"])), f"{row['prefill_ms']:.0f}",
+                f"{row['speedup']:.2f}", f"{row['floor_ratio']:.3f}" if "floor_ratio" in row else "-",
+                *(f"{ranges[name]:.1f}" if name in ranges else "-" for name in names),
+            )
+        console.print(table)
