@@ -16,7 +16,7 @@ from alvts_calib.artifact import Selector, SkippedKeys, SkippedUpdate, default_s
 from alvts_calib.evaluation import alvts_plan, fastv_plan, layer_flops, pyramid_plan
 from alvts_calib.model import AttentionGeometry
 from alvts_calib.runtime import LayerPolicy, SelectorPolicy
-from alvts_calib.selector import SKIP_UPDATE_RANK
+from alvts_calib.selector import DEFAULT_IMPORTANCE, SKIP_UPDATE_RANK
 from alvts_calib.testing import weight_svd_selector as svd_selector
 
 COMPRESSIONS = (0.67, 0.78, 0.89)
@@ -37,8 +37,10 @@ class Variant:
 
 def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
     """A Selector from each layer's RoPE-aware weight SVD (no calibration data), for layers start_layer and up,
-    with randomly initialised skip-update maps of the default rank (for speed only their shapes matter)."""
-    return svd_selector(model, start_layer=start_layer, heads=SELECTOR_HEADS, skip_rank=SKIP_UPDATE_RANK)
+    scored by the default importance, with randomly initialised skip-update maps of the default rank (for speed only
+    their shapes matter)."""
+    return svd_selector(model, start_layer=start_layer, heads=SELECTOR_HEADS, skip_rank=SKIP_UPDATE_RANK,
+                        importance=DEFAULT_IMPORTANCE)
 
 
 def _alternating(selector: Selector, uniform: dict[int, LayerPolicy], num_visual: int) -> dict[int, int]:

@@ -35,7 +35,7 @@ from ..options import (
     parse_choice,
 )
 from ..progress import note, track
-from ..selector.importance import Importance, attention_parts, importance_from_parts
+from ..selector.importance import DEFAULT_IMPORTANCE, Importance, attention_parts, importance_from_parts
 from ..selector.layer import LayerSelector
 from ..selector.layer_attention import layer_queries_keys
 from ..selector.skip_map import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
@@ -274,7 +274,7 @@ def calibrate(
     *,
     rank: int | None = None,
     start_layer: int = DEFAULT_START_LAYER,
-    importance: str | Importance = Importance.TEXT,  # measured on the demo: docs/DESIGN.md
+    importance: str | Importance = DEFAULT_IMPORTANCE,
     init: str | Init = Init.WEIGHT_SVD,
     refine_steps: int = REFINE_STEPS,
     heldout_fraction: float = HELDOUT_FRACTION,

@@ -8,6 +8,7 @@ and hooks on the layer keep working; `detach` swaps it back.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..model.devices import align_tensors, execution_device, follow_class_forward
 from ..tokens import with_stand_in
 from .context import ForwardContext, PassCounts
+from .input_norm import sequence_norm
 from .key_bias import KEY_BIAS_KWARG, folds_key_bias
 from .masks import routed_attention_mask
 from .policies import LayerPolicy
@@ -62,13 +64,13 @@ class Compaction:
 
     def gather(self, states: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """(B or 1, L, ...) to (B, L_c, ...); slot L reads `extra` (B, 1, ...) if given, else the last position."""
-        shape = (*self.index.shape, *([1] * (states.dim() - 2)))
-        states = states.expand(self.index.shape[0], *states.shape[1:])
-        index = self.index.clamp(max=self.length - 1).view(shape).expand(-1, -1, *states.shape[2:])
-        gathered = states.gather(1, index)
+        batch = self.index.shape[0]
+        rows = torch.arange(batch, device=self.index.device)[:, None]
+        gathered = states.expand(batch, *states.shape[1:])[rows, self.index.clamp(max=self.length - 1)]
         if extra is None:
             return gathered
-        return torch.where((self.index == self.length).view(shape), extra.to(gathered.dtype), gathered)
+        at_extra = (self.index == self.length).view(*self.index.shape, *([1] * (states.dim() - 2)))
+        return torch.where(at_extra, extra.to(gathered.dtype), gathered)
 
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor to scatter into: (B, L, D) like `like`, plus the spare slot if needed. The caller
@@ -79,7 +81,8 @@ class Compaction:
     def scatter(self, buffer: torch.Tensor, compact: torch.Tensor) -> torch.Tensor:
         """Write the compact rows into `buffer` (from `self.buffer`) in place; stand-ins and fillers land in the
         spare slot. Returns its (B, L, D) sequence."""
-        buffer.scatter_(1, self.index[..., None].expand(-1, -1, buffer.shape[-1]), compact.to(buffer.dtype))
+        rows = torch.arange(buffer.shape[0], device=self.index.device)[:, None]
+        buffer[rows, self.index] = compact.to(buffer.dtype)  # several fillers may share the spare slot
         return buffer[:, : self.length]
 
 
@@ -173,6 +176,7 @@ class RoutedLayerMixin:
     alvts_stand_in: tuple[torch.Tensor, torch.Tensor] | None  # (B, L_c, 1) stand-in slots and their normed input
     alvts_norm_hook: RemovableHandle
     alvts_layer_class: type  # the decoder layer class it was (set by `routed_class`)
+    alvts_sequence_norm: Callable[[torch.Tensor], torch.Tensor]  # the input norm over whole sequences (`input_norm`)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
@@ -186,7 +190,7 @@ class RoutedLayerMixin:
             with record_function(ROUTED_RANGES["select"]):
                 if not policy.keeps_all:
                     cos, sin = kwargs["position_embeddings"]
-                    normed = self.input_layernorm(hidden_states) if policy.reads_states else None
+                    normed = self.alvts_sequence_norm(hidden_states) if policy.reads_states else None
                     visual_keep = policy.select(self, normed, context, cos, sin)
                 context.selected[self.self_attn.layer_idx] = visual_keep
         compacted_before = existing_routed_layer(kwargs.get("cache"), self.self_attn.layer_idx) is not None
@@ -269,7 +273,7 @@ class RoutedLayerMixin:
     def _pool(self, call: RoutedCall, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Add the row's stand-in for the visual tokens it skips at slot L (`Pool`)."""
         if call.normed is None:
-            call.normed = self.input_layernorm(call.hidden_states)
+            call.normed = self.alvts_sequence_norm(call.hidden_states)
         call.pool = Pool.of(call.hidden_states, call.normed, call.context, call.keep, cos, sin)
         call.context.pooled[self.self_attn.layer_idx] = call.pool.present
         call.rows = None if call.rows is None else _with_pool(call.rows, call.context.host_counts())
@@ -336,7 +340,7 @@ class RoutedLayerMixin:
         skip_module = self.alvts_skip_module if update is not SkippedUpdate.MEAN else None
         normed = call.normed
         if skip_module is not None and normed is None:
-            normed = call.normed = self.input_layernorm(call.hidden_states)
+            normed = call.normed = self.alvts_sequence_norm(call.hidden_states)
         if update is SkippedUpdate.STAND_IN:
             slots = call.stand_in_slots()[..., None].to(output.dtype)
             anchor = Anchor.of_stand_in((output * slots).sum(1, keepdim=True) - pool.state, pool)
@@ -511,6 +515,7 @@ def route_layer(
     layer.alvts_skip_module = skip_module
     layer.alvts_skipped_keys = SkippedKeys(skipped_keys)
     layer.alvts_stand_in = None
+    layer.alvts_sequence_norm = sequence_norm(layer.input_layernorm)
     layer.alvts_norm_hook = layer.input_layernorm.register_forward_hook(stand_in_norm_hook(layer))
     layer.__class__ = routed_class(type(layer))
     follow_class_forward(layer)
@@ -529,3 +534,4 @@ def unroute_layer(layer: nn.Module) -> None:
     layer.alvts_norm_hook.remove()
     del layer.alvts_norm_hook
     del layer.alvts_stand_in
+    del layer.alvts_sequence_norm

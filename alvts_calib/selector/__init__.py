@@ -3,9 +3,11 @@
 Pure tensor code over one layer's inputs; imports `model/` and the base modules only.
 """
 
-from .importance import Importance
+from .importance import DEFAULT_IMPORTANCE, Importance
 from .layer import LayerSelector
 from .skip_map import SKIP_UPDATE_RANK, SkipUpdate
 from .solver import Init, rope_svd_init
 
-__all__ = ["SKIP_UPDATE_RANK", "Importance", "Init", "LayerSelector", "SkipUpdate", "rope_svd_init"]
+__all__ = [
+    "DEFAULT_IMPORTANCE", "SKIP_UPDATE_RANK", "Importance", "Init", "LayerSelector", "SkipUpdate", "rope_svd_init",
+]

@@ -26,6 +26,9 @@ class Importance(str, Enum):
         return 2 if self is Importance.PAPER else 1
 
 
+DEFAULT_IMPORTANCE = Importance.TEXT  # measured on the demo and on real weights: docs/DESIGN.md
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """HF's rotate_half convention: dimension f pairs with f + d/2."""
     half = x.shape[-1] // 2
