@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings = replace(settings, batches=tuple(args.batches))
     if args.new_tokens:
         settings = replace(settings, new_tokens=args.new_tokens)
-    console = Console()
+    console = Console(width=200) if args.wide else Console()
     if args.wide:
         return _write(_wide_report(settings, args.models, console), args.out)
     report: dict[str, Any] = {"metadata": _metadata(settings, args.small), "models": []}

@@ -96,11 +96,11 @@ def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str,
                             skipped_update=variant.skipped_update)
             try:
                 prefill = _time(model, decoder, routed=True)
-                ranges = range_seconds(lambda: decoder_prefill(model, decoder, routed=True))
+                ranges, syncs = range_seconds(lambda: decoder_prefill(model, decoder, routed=True))
             finally:
                 detach(model)
             rows.append({"method": variant.method, "compression": compression, "visual_per_layer": count,
-                         "prefill_ms": prefill, "floor_ratio": prefill / floor,
+                         "prefill_ms": prefill, "floor_ratio": prefill / floor, "host_syncs": syncs,
                          "ranges_ms": {name: 1e3 * seconds for name, seconds in ranges.items()}})
     rows[1]["unpatched_ratio"] = rows[1]["prefill_ms"] / unpatched
     for row in rows:
@@ -117,7 +117,7 @@ def print_wide(results: list[dict[str, Any]], console: Console) -> None:
         names = sorted({name for row in result["rows"] for name in row.get("ranges_ms", {})})
         table = Table(title=f"{result['model']}: {result['geometry']['layers']} layers, every one routed "
                             f"({result['visual_tokens']} visual + {result['text_tokens']} text tokens, CPU ms)")
-        for column in ("method", "compr.", "visual/layer", "prefill ms", "x unpatched", "x floor", *names):
+        for column in ("method", "compr.", "visual/layer", "prefill ms", "x unpatched", "x floor", "syncs", *names):
             table.add_column(column, justify="left" if column == "method" else "right")
         for row in result["rows"]:
             compression = row["compression"]
@@ -126,6 +126,7 @@ def print_wide(results: list[dict[str, Any]], console: Console) -> None:
                 row["method"], "-" if compression is None else f"{compression:.0%}",
                 str(row.get("visual_per_layer", result["visual_tokens"])), f"{row['prefill_ms']:.0f}",
                 f"{row['speedup']:.2f}", f"{row['floor_ratio']:.3f}" if "floor_ratio" in row else "-",
+                str(row.get("host_syncs", "-")),
                 *(f"{ranges[name]:.1f}" if name in ranges else "-" for name in names),
             )
         console.print(table)

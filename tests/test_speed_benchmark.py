@@ -17,8 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import speed  # noqa: E402
-from speed_measure import Timing  # noqa: E402
+import speed_wide  # noqa: E402
+from speed_measure import Timing, capture_decoder_inputs  # noqa: E402
 from speed_models import ModelSpec  # noqa: E402
+
+from alvts_calib.runtime import ROUTED_RANGES  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module's report runs the whole benchmark once (about 25 s on 2 CPU cores)
 
@@ -28,7 +31,7 @@ ROW_KEYS = {
     "kv_bytes_per_layer", "kv_bytes", "prefill_speedup", "ttft_speedup", "decode_speedup",
     "ideal_prefill_speedup", "ideal_prefill_speedup_with_selection", "kv_routed_layers_reduction",
 }
-ROUTED_KEYS = {"selector_share", "gather_scatter_share", "host_syncs", "top_level_ops"}
+ROUTED_KEYS = {"selector_share", "gather_scatter_share", "stand_in_update_share", "host_syncs", "top_level_ops"}
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +78,37 @@ def test_no_host_syncs_in_routed_alvts_layers(report):
     """One host read per pass (the context's counts); routed ALVTS layers add none."""
     rows = report["models"][0]["runs"][0]["rows"]
     assert all(row["host_syncs"] <= 1 for row in rows if row["method"] == "alvts-uniform")
+
+
+def test_wide_report_compares_every_runtime_with_its_floor(monkeypatch):
+    monkeypatch.setattr(speed_wide, "TIMING", Timing(0, 1, "thread-cpu"))
+    spec = replace(TINY, name="llava-tiny-wide", layers=4)
+    result = speed_wide.benchmark_wide(spec)
+    json.dumps(result)
+    rows = result["rows"]
+    assert [row["method"] for row in rows[:2]] == ["unpatched", "alvts-keep-all"]
+    for compression in speed_wide.COMPRESSIONS:
+        at = [row for row in rows if row["compression"] == compression]
+        assert [row["method"] for row in at] == ["floor", *(variant.method for variant in speed_wide.VARIANTS)]
+        count = at[0]["visual_per_layer"]
+        assert count == math.floor((1 - compression) * result["visual_tokens"] + 1e-9)
+        for row in at[1:]:
+            assert row["floor_ratio"] == pytest.approx(row["prefill_ms"] / at[0]["prefill_ms"])
+            assert set(row["ranges_ms"]) == set(ROUTED_RANGES) and row["ranges_ms"]["select"] > 0
+            assert row["host_syncs"] == 1, "one host read per pass, none per routed layer"
+        default = at[-1]["ranges_ms"]
+        assert default["pool"] > 0 and default["update"] > 0
+
+
+def test_floor_inputs_keep_the_text_and_the_first_visual_tokens():
+    from speed_models import build_inputs, build_model, visual_mask
+
+    model = build_model(TINY, "sdpa", torch.device("cpu"), torch.float32)
+    inputs = build_inputs(TINY, model, 1, torch.device("cpu"), torch.float32)
+    visual = visual_mask(TINY, inputs)
+    decoder = capture_decoder_inputs(model, inputs, visual)
+    floor = speed_wide.floor_inputs(decoder, 10)
+    text = int((~visual).sum())
+    assert floor.kwargs["inputs_embeds"].shape[1] == text + 10 and int(floor.visual.sum()) == 10
+    kept = (~visual[0]) | (visual[0].cumsum(0) <= 10)
+    assert torch.equal(floor.kwargs["inputs_embeds"][0], decoder.kwargs["inputs_embeds"][0][kept])
