@@ -39,8 +39,7 @@ from speed_measure import (
 )
 from speed_methods import Variant, ideal_speedup, selection_flops, variants, weight_svd_selector
 from speed_models import FULL, SMALL, ModelSpec, build_inputs, build_model, visual_mask
-from speed_wide import TIMING as WIDE_TIMING
-from speed_wide import WIDE, benchmark_wide, print_wide
+from speed_wide import FULL_ROUNDS, ROUTED_ROUNDS, WIDE, benchmark_wide, print_wide
 
 import alvts_calib
 from alvts_calib.artifact import Selector
@@ -273,7 +272,9 @@ def _wide_report(settings: Settings, models: Sequence[str] | None, console: Cons
     """`--wide`: the WIDE geometries (all, or those named) on the CPU; see `speed_wide`."""
     metadata = {key: value for key, value in _metadata(settings, small=False).items()
                 if key in ("date", "device", "cpu_threads", "torch", "transformers")}
-    metadata.update(mode="wide", dtype="float32", backend="sdpa", batch=1, timing=asdict(WIDE_TIMING))
+    metadata.update(mode="wide", dtype="float32", backend="sdpa", batch=1,
+                    timing={"clock": "thread-cpu", "warmup_rounds": 1, "unpatched_rounds": FULL_ROUNDS,
+                            "routed_rounds": ROUTED_ROUNDS})
     results = [benchmark_wide(spec, console) for spec in WIDE if not models or spec.name in models]
     print_wide(results, console)
     return {"metadata": metadata, "models": results}

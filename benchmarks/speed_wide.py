@@ -4,19 +4,24 @@ A few decoder layers at LLaVA-1.5-7B and Qwen2.5-VL-7B width (random weights; a 
 about 60 text tokens, every decoder layer routed at 67/78/89% compression. Each routed variant is compared with its
 floor: the unpatched layers run on the text and as many visual tokens as the variant processes per layer (what any
 static pruning at that budget costs at least). Prefill of the decoder stack alone, thread CPU time with one intra-op
-thread, median of repetitions. Where a routed prefill's time goes comes from the runtime's profiler ranges
-(`alvts_calib.runtime.ROUTED_RANGES`) in one more prefill; what lies outside them is the decoder layers' own work.
+thread; the runs compared take turns round by round, and each ratio is the median of the per-round ratios. Where a
+routed prefill's time goes comes from the runtime's profiler ranges (`alvts_calib.runtime.ROUTED_RANGES`) in one
+more prefill; what lies outside them is the decoder layers' own work.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from speed_measure import DecoderInputs, Timing, capture_decoder_inputs, decoder_prefill, median_seconds, range_seconds
+from speed_measure import DecoderInputs, capture_decoder_inputs, decoder_prefill, range_seconds
 from speed_methods import weight_svd_selector
 from speed_models import FULL, ModelSpec, build_inputs, build_model, visual_mask
 
@@ -32,7 +37,8 @@ WIDE = (
     replace(FULL[2], name="qwen2.5-vl-7b-wide", layers=WIDE_LAYERS, **_TOKEN_VISION),
 )
 COMPRESSIONS = (0.67, 0.78, 0.89)
-TIMING = Timing(1, 3, "thread-cpu")
+FULL_ROUNDS = 3  # timed rounds of unpatched vs keep-all (each about 8 s at LLaVA-1.5-7B width)
+ROUTED_ROUNDS = 5  # timed rounds of the floor and the routed runtimes at each compression
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,48 @@ def floor_inputs(decoder: DecoderInputs, visual_kept: int) -> DecoderInputs:
     return DecoderInputs(kwargs, visual.index_select(1, positions))
 
 
-def _time(model: torch.nn.Module, decoder: DecoderInputs, routed: bool) -> float:
-    return 1e3 * median_seconds(lambda: decoder_prefill(model, decoder, routed), torch.device("cpu"), TIMING)
+@dataclass
+class Run:
+    """One timed configuration: decoder inputs, and the policies to attach (None: the unpatched model)."""
+
+    name: str
+    decoder: DecoderInputs
+    policies: dict | None = None
+    variant: WideVariant | None = None
+
+
+def interleaved_seconds(model: torch.nn.Module, selector, runs: list[Run], rounds: int) -> dict[str, list[float]]:
+    """Thread CPU seconds of each run's prefill over `rounds` rounds, the runs taking turns within a round (after
+    one untimed round), so that slow changes in the machine's load reach every run alike."""
+    times: dict[str, list[float]] = {run.name: [] for run in runs}
+    for round_index in range(rounds + 1):
+        for run in runs:
+            with _attached(model, selector, run):
+                started = time.thread_time()
+                decoder_prefill(model, run.decoder, routed=run.policies is not None)
+                elapsed = time.thread_time() - started
+            if round_index:
+                times[run.name].append(elapsed)
+    return times
+
+
+@contextmanager
+def _attached(model: torch.nn.Module, selector, run: Run) -> Iterator[None]:
+    if run.policies is None:
+        yield
+        return
+    variant = run.variant or WideVariant("keep-all", SkippedKeys.DROP, SkippedUpdate.NONE)
+    attach_policies(model, run.policies, selector=selector, skipped_keys=variant.skipped_keys,
+                    skipped_update=variant.skipped_update)
+    try:
+        yield
+    finally:
+        detach(model)
+
+
+def _ratios(times: dict[str, list[float]], name: str, base: str) -> list[float]:
+    """Per round, the run's time over the base run's."""
+    return [t / b for t, b in zip(times[name], times[base], strict=True)]
 
 
 def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str, Any]:
@@ -77,32 +123,34 @@ def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str,
     num_visual = int(visual[0].sum())
     decoder = capture_decoder_inputs(model, inputs, visual)
     log = console.log if console is not None else (lambda *args: None)
-    unpatched = _time(model, decoder, routed=False)
     keep_all = {index: SelectorPolicy(layer, 1.0, selector.importance) for index, layer in selector.layers.items()}
-    rows: list[dict[str, Any]] = [{"method": "unpatched", "compression": None, "prefill_ms": unpatched}]
-    attach_policies(model, keep_all, selector=selector)
-    try:
-        rows.append({"method": "alvts-keep-all", "compression": 0.0, "prefill_ms": _time(model, decoder, True)})
-    finally:
-        detach(model)
+    log(f"{spec.name}: unpatched and keep-all")
+    times = interleaved_seconds(model, selector, [Run("unpatched", decoder), Run("alvts-keep-all", decoder, keep_all)],
+                                FULL_ROUNDS)
+    unpatched = 1e3 * statistics.median(times["unpatched"])
+    rows: list[dict[str, Any]] = [
+        {"method": "unpatched", "compression": None, "prefill_ms": unpatched},
+        {"method": "alvts-keep-all", "compression": 0.0, "prefill_ms": 1e3 * statistics.median(times["alvts-keep-all"]),
+         "unpatched_ratio": statistics.median(_ratios(times, "alvts-keep-all", "unpatched"))},
+    ]
     for compression in COMPRESSIONS:
         log(f"{spec.name}: {compression:.0%}")
         count = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual).planned_tokens[-1]
-        floor = _time(model, floor_inputs(decoder, count), routed=False)
-        rows.append({"method": "floor", "compression": compression, "visual_per_layer": count, "prefill_ms": floor})
+        runs = [Run("floor", floor_inputs(decoder, count))]
         for variant in VARIANTS:
             plan = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual, variant.skipped_keys)
-            attach_policies(model, plan.policies, selector=selector, skipped_keys=variant.skipped_keys,
-                            skipped_update=variant.skipped_update)
-            try:
-                prefill = _time(model, decoder, routed=True)
+            runs.append(Run(variant.method, decoder, plan.policies, variant))
+        times = interleaved_seconds(model, selector, runs, ROUTED_ROUNDS)
+        rows.append({"method": "floor", "compression": compression, "visual_per_layer": count,
+                     "prefill_ms": 1e3 * statistics.median(times["floor"])})
+        for run in runs[1:]:
+            ratios = _ratios(times, run.name, "floor")
+            with _attached(model, selector, run):
                 ranges, syncs = range_seconds(lambda: decoder_prefill(model, decoder, routed=True))
-            finally:
-                detach(model)
-            rows.append({"method": variant.method, "compression": compression, "visual_per_layer": count,
-                         "prefill_ms": prefill, "floor_ratio": prefill / floor, "host_syncs": syncs,
-                         "ranges_ms": {name: 1e3 * seconds for name, seconds in ranges.items()}})
-    rows[1]["unpatched_ratio"] = rows[1]["prefill_ms"] / unpatched
+            rows.append({"method": run.name, "compression": compression, "visual_per_layer": count,
+                         "prefill_ms": 1e3 * statistics.median(times[run.name]),
+                         "floor_ratio": statistics.median(ratios), "floor_ratio_range": [min(ratios), max(ratios)],
+                         "host_syncs": syncs, "ranges_ms": {name: 1e3 * seconds for name, seconds in ranges.items()}})
     for row in rows:
         row["speedup"] = unpatched / row["prefill_ms"]
     return {"model": spec.name, "geometry": {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads,

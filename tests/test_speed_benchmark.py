@@ -81,7 +81,8 @@ def test_no_host_syncs_in_routed_alvts_layers(report):
 
 
 def test_wide_report_compares_every_runtime_with_its_floor(monkeypatch):
-    monkeypatch.setattr(speed_wide, "TIMING", Timing(0, 1, "thread-cpu"))
+    monkeypatch.setattr(speed_wide, "FULL_ROUNDS", 1)
+    monkeypatch.setattr(speed_wide, "ROUTED_ROUNDS", 2)
     spec = replace(TINY, name="llava-tiny-wide", layers=4)
     result = speed_wide.benchmark_wide(spec)
     json.dumps(result)
@@ -93,7 +94,8 @@ def test_wide_report_compares_every_runtime_with_its_floor(monkeypatch):
         count = at[0]["visual_per_layer"]
         assert count == math.floor((1 - compression) * result["visual_tokens"] + 1e-9)
         for row in at[1:]:
-            assert row["floor_ratio"] == pytest.approx(row["prefill_ms"] / at[0]["prefill_ms"])
+            low, high = row["floor_ratio_range"]
+            assert low <= row["floor_ratio"] <= high and row["prefill_ms"] > 0
             assert set(row["ranges_ms"]) == set(ROUTED_RANGES) and row["ranges_ms"]["select"] > 0
             assert row["host_syncs"] == 1, "one host read per pass, none per routed layer"
         default = at[-1]["ranges_ms"]
