@@ -246,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", type=int, nargs="*", help="override the batch sizes (default 1 8)")
     parser.add_argument("--new-tokens", type=int, help="override the decoded tokens (default 256, small 8)")
     parser.add_argument("--calibration-samples", type=int, help="override the calibration sample count (0: skip)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions (prefill and TTFT: 5 after 2 warmups; decode: one run), for a GPU "
+                             "session with little time")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.wide else "cpu")
     if device.type == "cpu":
@@ -255,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings = replace(settings, batches=tuple(args.batches))
     if args.new_tokens:
         settings = replace(settings, new_tokens=args.new_tokens)
+    if args.quick:
+        clock = settings.timing.clock
+        settings = replace(settings, timing=Timing(2, 5, clock), decode_timing=Timing(0, 1, clock))
     console = Console(width=200) if args.wide else Console()
     if args.wide:
         return _write(_wide_report(settings, args.models, console), args.out)
