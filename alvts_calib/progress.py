@@ -1,4 +1,4 @@
-"""Progress bars for long steps (rich), silent when disabled."""
+"""Progress bars for long steps (rich), silent when disabled, and named phases that a listener can time."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
+
+PhaseListener = Callable[[str, bool], None]  # (phase name, True on entering / False on leaving)
+_listeners: list[PhaseListener] = []
 
 
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
@@ -44,3 +47,26 @@ def _progress() -> Progress:
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
     )
     return Progress(*columns, transient=False, console=Console(stderr=True))
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Mark a named phase of a long step (calibration's capture, solve, ...) for the listeners, if any; phases may
+    nest."""
+    for listener in _listeners:
+        listener(name, True)
+    try:
+        yield
+    finally:
+        for listener in _listeners:
+            listener(name, False)
+
+
+@contextmanager
+def listening(listener: PhaseListener) -> Iterator[None]:
+    """Call `listener(name, entering)` on entering and leaving every `phase` inside the block (for benchmarks)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)

@@ -13,10 +13,11 @@ from alvts_calib import AlvtsError, calibrate, export, load_calibration
 from alvts_calib.artifact.config import SkippedKeys, SkippedUpdate
 from alvts_calib.artifact.export import calibrated_layers, keep_ratio_at
 from alvts_calib.calibration.joint_search import joint_divergences, refine_split
-from alvts_calib.calibration.sensitivity import kl_divergence, prepare_samples, routed_log_probs
+from alvts_calib.calibration.sensitivity import BudgetSweepPolicy, kl_divergence
 from alvts_calib.runtime.attach import attach_policies, detach
 from alvts_calib.runtime.policies import SelectorPolicy
 from alvts_calib.testing.random_model import demo_model, demo_samples
+from alvts_calib.testing.whole_model import prepare_samples, routed_log_probs, swept_divergence
 from alvts_calib.tokens import selected_beside_stand_in
 
 VISUAL = 16
@@ -87,6 +88,35 @@ def test_a_batch_of_splits_measures_what_routing_each_split_alone_gives():
         assert value == pytest.approx(float(alone.clamp(min=0).mean()), abs=1e-5)
     assert batched[0] == pytest.approx(0.0, abs=1e-6)  # every token kept: the unrouted model
     assert batched[1] > 1e-4
+
+
+def test_the_objective_runs_the_vision_tower_once_per_sample_and_the_layers_from_the_first_routed_one():
+    """Evaluations start from each sample's captured input to the first routed layer (here layer 1): the same
+    divergences as routing the whole model per evaluation, without running the image encoder again."""
+    model = demo_model()
+    samples = demo_samples(model, 2)
+    calibration = calibrate(model, samples, rank=16, refine_steps=0, sensitivity_samples=0, start_layer=1,
+                            progress=False)
+    selector = calibrated_layers(calibration)
+    layers = sorted(selector.layers)
+    assert layers[0] == 1
+    splits = [(2, 4, 0), (VISUAL, 3, 9)]
+    encoded: list[int] = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *args: encoded.append(1))
+    try:
+        objective = joint_divergences(model, samples, selector, VISUAL, SkippedUpdate.STAND_IN)
+        batched = objective(splits)
+        assert objective(splits[:1]) == pytest.approx(batched[:1], abs=1e-7)
+    finally:
+        handle.remove()
+    assert len(encoded) == len(samples)  # once per sample, for every evaluation
+    fractions = torch.tensor(splits, dtype=torch.float64).T / VISUAL
+    policies = {index: BudgetSweepPolicy(selector.layers[index], fractions[position], selector.importance)
+                for position, index in enumerate(layers)}
+    whole = swept_divergence(model, prepare_samples(model, samples), policies, len(splits), selector,
+                             SkippedUpdate.STAND_IN)
+    assert batched == pytest.approx(whole.tolist(), rel=1e-4, abs=1e-6)
+    assert min(batched) > 1e-5  # the splits move the answer: the comparison can fail
 
 
 @pytest.fixture(scope="module")

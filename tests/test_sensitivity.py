@@ -13,17 +13,13 @@ from alvts_calib import AlvtsError, calibrate, export, load_calibration
 from alvts_calib.artifact.budgets import damage_curve, min_damage
 from alvts_calib.artifact.config import SkippedUpdate
 from alvts_calib.artifact.export import calibrated_layers
-from alvts_calib.calibration.sensitivity import (
-    BudgetSweepPolicy,
-    budget_grid,
-    measure_sensitivity,
-    prepare_samples,
-    swept_divergence,
-)
+from alvts_calib.calibration.sensitivity import BudgetSweepPolicy, measure_sensitivity
+from alvts_calib.calibration.sweep_grid import budget_grid, coarse_grid
 from alvts_calib.model.adapters import decoder_layers
 from alvts_calib.runtime.attach import attach, detach
 from alvts_calib.testing.random_model import demo_model, demo_samples
 from alvts_calib.testing.tiny_models import TINY_MODELS, tiny_inputs
+from alvts_calib.testing.whole_model import prepare_samples, swept_divergence
 from alvts_calib.tokens import keep_count_host
 
 
@@ -73,10 +69,13 @@ def test_calibration_measures_every_layer_from_no_token_to_all(measured):
     assert calibration.metadata["summary"]["sensitivity_samples"] == 2
     assert calibration.metadata["summary"]["sensitivity_update"] == "linear"  # the runtime's default
     visual_tokens = calibration.metadata["summary"]["visual_tokens"]
+    assert "sensitivity_unfinished" not in calibration.metadata["summary"] and calibration.unfinished() is None
     for index, result in calibration.layers.items():
-        assert result.budget.damage_budgets.tolist() == budget_grid(visual_tokens), index
+        budgets = result.budget.damage_budgets.tolist()
+        assert set(coarse_grid(visual_tokens)) <= set(budgets) <= set(budget_grid(visual_tokens)), index
+        assert budgets == sorted(budgets)
         damage = result.budget.damage
-        assert damage.shape == (len(budget_grid(visual_tokens)),) and bool((damage >= 0).all())
+        assert damage.shape == (len(budgets),) and bool((damage >= 0).all())
         assert float(damage[-1]) < 1e-6, index  # every token kept: the layer runs unchanged
     assert max(float(result.budget.damage[0]) for result in calibration.layers.values()) > 1e-4
 
@@ -134,29 +133,29 @@ def test_sensitivity_budget_needs_the_measurement(tmp_path):
         calibrate(model, demo_samples(model, 1), sensitivity_samples=-1, progress=False)
 
 
-def test_interrupted_measurement_resumes_without_measuring_finished_layers(tmp_path, monkeypatch):
+def test_interrupted_measurement_resumes_without_measuring_any_budget_twice(tmp_path, monkeypatch):
     model = demo_model()
     samples = demo_samples(model, 2)
     options = dict(rank=16, refine_steps=0, sensitivity_samples=2, progress=False)
     reference = calibrate(model, samples, **options)
+    visual_tokens = reference.metadata["summary"]["visual_tokens"]
     checkpoint = tmp_path / "calib.partial.safetensors"
     original = sensitivity_module.BudgetSweepPolicy
-    measured: list[int] = []
+    measured: list[tuple[int, int]] = []  # (layer, budget) pairs, as the sweeps ask for them
     crash = [True]
+    layer_of: dict = {}
 
     def crash_at_layer_2(selector, fractions, importance):
-        layer = next(i for i, s in reference_selectors.items() if s is selector)
+        layer = layer_of[id(selector)]
         if layer == 2 and crash[0]:
             raise KeyboardInterrupt
-        measured.append(layer)
+        measured.extend((layer, round(float(f) * visual_tokens)) for f in fractions)
         return original(selector, fractions, importance)
 
-    reference_selectors: dict = {}
     real_measure = sensitivity_module.measure_sensitivity
 
     def tracking_measure(model, samples, selector, *args, **kwargs):
-        reference_selectors.clear()
-        reference_selectors.update(selector.layers)
+        layer_of.update({id(s): i for i, s in selector.layers.items()})
         return real_measure(model, samples, selector, *args, **kwargs)
 
     monkeypatch.setattr(sensitivity_module, "BudgetSweepPolicy", crash_at_layer_2)
@@ -165,11 +164,14 @@ def test_interrupted_measurement_resumes_without_measuring_finished_layers(tmp_p
         calibrate(model, samples, checkpoint=checkpoint, **options)
     saved = load_calibration(checkpoint)
     assert [i for i, r in sorted(saved.layers.items()) if r.budget.damage is not None] == [0, 1]
-    measured.clear()
+    assert saved.unfinished() == "every layer calibrated, the sensitivity measurement unfinished"
+    before = list(measured)
     crash[0] = False
     resumed = calibrate(model, samples, checkpoint=checkpoint, **options)
-    assert sorted(set(measured)) == [2, 3]  # layers 0 and 1 were not measured again
+    assert not set(before) & set(measured[len(before):])  # nothing measured before is measured again
+    assert len(set(measured)) == len(measured)
     for index, result in reference.layers.items():
+        assert resumed.layers[index].budget.damage_budgets.tolist() == result.budget.damage_budgets.tolist()
         torch.testing.assert_close(resumed.layers[index].budget.damage, result.budget.damage, rtol=0, atol=1e-9)
 
 

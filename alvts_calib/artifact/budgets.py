@@ -339,10 +339,16 @@ def _damage_curves(statistics: Mapping[int, LayerStatistics], indices: list[int]
             f"budget 'sensitivity' needs the layers' measured sensitivity, which this calibration lacks (layers "
             f"{missing}); re-run `alvts calibrate` with --sensitivity-samples above 0, or use another budget"
         )
-    return np.sqrt(np.stack([
-        damage_curve(statistics[index].damage_budgets.numpy(), statistics[index].damage.numpy(), visual_tokens)
-        for index in indices
-    ]))
+    return damage_costs(
+        [(statistics[index].damage_budgets.numpy(), statistics[index].damage.numpy()) for index in indices],
+        visual_tokens,
+    )
+
+
+def damage_costs(measured: list[tuple[np.ndarray, np.ndarray]], visual_tokens: int) -> np.ndarray:
+    """(L, n + 1) what `min_damage` minimises for each layer's measured (budgets, damage): the square root of its
+    `damage_curve` (why the root: `_damage_curves`)."""
+    return np.sqrt(np.stack([damage_curve(budgets, damage, visual_tokens) for budgets, damage in measured]))
 
 
 def _update_gains(

@@ -65,7 +65,8 @@ class Calibration:
         if done < len(expected):
             return f"{done} of {len(expected)} layers calibrated"
         measured = all(self.layers[i].budget is not None and self.layers[i].budget.damage is not None for i in expected)
-        if self.metadata["options"]["sensitivity_samples"] and not measured:
+        unfinished = self.metadata["summary"].get("sensitivity_unfinished", False)  # set while measuring
+        if self.metadata["options"]["sensitivity_samples"] and (unfinished or not measured):
             return "every layer calibrated, the sensitivity measurement unfinished"
         return None
 

@@ -184,7 +184,9 @@ SUMMARY_FIELDS = {
     "samples": _positive, "rows": _positive, "heldout_samples": _count, "heldout_is_train": boolean,
     "skipped_without_visual": _count, "visual_tokens": _positive,
 }
-SUMMARY_EXTRA = {"sensitivity_samples": _count, "sensitivity_update": choice(SkippedUpdate)}
+SUMMARY_EXTRA = {
+    "sensitivity_samples": _count, "sensitivity_update": choice(SkippedUpdate), "sensitivity_unfinished": boolean,
+}
 REFINED = fields({
     "compression": number(0.0, 1.0, high_open=True), "tokens": mapping(_count, numbered="a layer index"),
     "divergence_before": number(0.0), "divergence_after": number(0.0), "evaluations": _positive,

@@ -14,8 +14,10 @@ from .pipeline import (
     calibration_options,
 )
 from .sensitivity import SENSITIVITY_SAMPLES, kl_divergence
+from .sweep_grid import GRID_COMPRESSIONS, budget_grid, coarse_grid
 
 __all__ = [
+    "GRID_COMPRESSIONS", "budget_grid", "coarse_grid",
     "HELDOUT_FRACTION", "REFINE_EVALUATIONS", "REFINE_STEPS", "REPORT_KEEP_RATIO", "SENSITIVITY_SAMPLES",
     "CalibrationOptions", "calibrate", "calibration_options", "input_device", "kl_divergence", "move",
 ]

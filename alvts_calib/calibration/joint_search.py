@@ -21,8 +21,9 @@ from torch import nn
 
 from ..artifact.config import SkippedUpdate
 from ..artifact.selector import Selector
+from ..model.adapters import decoder_layers
 from ..progress import counting
-from .sensitivity import BudgetSweepPolicy, prepare_samples, swept_divergence
+from .sensitivity import BudgetSweepPolicy, SweepInputs, advance_batches, routed_divergence, sweep_inputs
 
 REFINE_EVALUATIONS = 400  # default cap on joint evaluations per refined budget
 FIRST_STEP = 4  # tokens moved per pair at first
@@ -106,7 +107,7 @@ def refine_split(
 
 def joint_divergences(
     model: nn.Module,
-    samples: list[Mapping[str, Any]],
+    samples: list[Mapping[str, Any]] | SweepInputs,
     selector: Selector,
     visual_tokens: int,
     skipped_update: SkippedUpdate = SkippedUpdate.NONE,
@@ -114,9 +115,13 @@ def joint_divergences(
     """The search's objective: for each split (tokens per layer of `selector`, in layer order, at the reference
     count `visual_tokens`), the mean KL(unrouted || routed) of each sample's next token with every layer routed at
     once, pooled skipped keys and `skipped_update`. A batch of K splits runs as K copies of each sample, one split
-    per copy (`BudgetSweepPolicy` in every layer)."""
-    prepared = prepare_samples(model, samples)
+    per copy (`BudgetSweepPolicy` in every layer). Each sample's input to the first routed layer is computed once
+    (from `SweepInputs`, made here from `samples` if not given), and every evaluation runs the layers from there."""
+    inputs = samples if isinstance(samples, SweepInputs) else sweep_inputs(model, samples)
     layers = sorted(selector.layers)
+    captured = inputs.layer_zero()
+    for layer in decoder_layers(model)[: layers[0]]:
+        advance_batches(layer, captured)
 
     def divergences(splits: list[tuple[int, ...]]) -> list[float]:
         fractions = torch.tensor(splits, dtype=torch.float64).T / visual_tokens  # (layers, K)
@@ -124,14 +129,15 @@ def joint_divergences(
             index: BudgetSweepPolicy(selector.layers[index], fractions[position], selector.importance)
             for position, index in enumerate(layers)
         }
-        return swept_divergence(model, prepared, policies, len(splits), selector, skipped_update).tolist()
+        return routed_divergence(model, captured, inputs.references, policies, len(splits), selector,
+                                 skipped_update).tolist()
 
     return divergences
 
 
 def refine_budget(
     model: nn.Module,
-    samples: list[Mapping[str, Any]],
+    samples: list[Mapping[str, Any]] | SweepInputs,
     selector: Selector,
     start: Mapping[int, int],
     visual_tokens: int,
@@ -139,8 +145,8 @@ def refine_budget(
     max_evaluations: int = REFINE_EVALUATIONS,
     progress: bool = True,
 ) -> tuple[dict[int, int], SearchResult]:
-    """`refine_split` of the per-layer budgets `start` (layer -> tokens) with `joint_divergences` on `samples`;
-    returns the refined budgets (layer -> tokens) and the search's record."""
+    """`refine_split` of the per-layer budgets `start` (layer -> tokens) with `joint_divergences` on `samples` (or
+    their `SweepInputs`); returns the refined budgets (layer -> tokens) and the search's record."""
     layers = sorted(start)
     objective = joint_divergences(model, samples, selector, visual_tokens, skipped_update)
     result = refine_split(objective, [start[index] for index in layers], visual_tokens, max_evaluations, progress)

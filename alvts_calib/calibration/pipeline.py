@@ -34,7 +34,7 @@ from ..options import (
     check_skip_update_rank,
     parse_choice,
 )
-from ..progress import note, track
+from ..progress import note, phase, track
 from ..selector.importance import DEFAULT_IMPORTANCE, Importance, attention_parts, importance_from_parts
 from ..selector.layer import LayerSelector
 from ..selector.layer_attention import layer_queries_keys
@@ -44,7 +44,8 @@ from ..tokens import check_compression
 from ..version import __version__
 from .capture import CapturedBatch, capture_layer_inputs, data_digest, move, sample_length
 from .joint_search import REFINE_EVALUATIONS, refine_budget
-from .sensitivity import SENSITIVITY_SAMPLES, budget_grid, measure_sensitivity
+from .sensitivity import SENSITIVITY_SAMPLES, SweepInputs, measure_sensitivity, sweep_inputs
+from .sweep_grid import GRID_COMPRESSIONS, next_round
 
 HELDOUT_FRACTION = 0.125  # share of samples kept out of the fit to measure fidelity
 REPORT_KEEP_RATIO = 0.11  # the keep ratio at which calibration reports fidelity
@@ -165,7 +166,8 @@ def _propagate_routed(
     _propagate(layer, captured, moments, tally)
     result.budget = replace(result.budget, updates=tally.result(read_later=not last))
     if moments is not None:
-        fitted = fit_update(moments, skip_update_rank)
+        with phase("skip-map fit"):
+            fitted = fit_update(moments, skip_update_rank)
         result.skip_update = fitted.tensors
         result.stats["skip_update_explained"] = fitted.explained
 
@@ -357,10 +359,12 @@ def calibrate(
         selector = calibrated_layers(calibration)
         skipped_update = default_skipped_update(SkippedKeys.POOL, selector.has_skip_updates)
         metadata["summary"].update(sensitivity_samples=len(used), sensitivity_update=skipped_update.value)
-        _measure_sensitivity(model, used, calibration, selector, skipped_update, checkpoint, progress)
+        with phase("sensitivity"):
+            inputs = _measure_sensitivity(model, used, calibration, selector, skipped_update, checkpoint, progress)
         for compression in refine_compressions:
-            _refine_budget(model, used, calibration, selector, skipped_update, compression, refine_evaluations,
-                           checkpoint, progress)
+            with phase("refinement"):
+                inputs = _refine_budget(model, used, inputs, calibration, selector, skipped_update, compression,
+                                        refine_evaluations, checkpoint, progress)
     return calibration
 
 
@@ -377,7 +381,8 @@ def _capture_step(
     tracker = VisualTracker(model, get_adapter(model))
     tracker.install()
     try:
-        captured = _capture(model, samples, tracker, storage, progress)
+        with phase("capture"):
+            captured = _capture(model, samples, tracker, storage, progress)
     finally:
         tracker.remove()
     kept = [i for i, batch in enumerate(captured) if bool(batch.visual.any())]
@@ -398,52 +403,89 @@ def _solve_layers(
     for index in track(range(geometry.num_layers), "calibrating layers", enabled=progress):
         layer = layers[index]
         if index >= options.start_layer and index not in results:
-            with materialized(layer):  # offloaded weights (accelerate) stay loaded while the layer is solved
+            with materialized(layer), phase("solve"):  # offloaded weights (accelerate) stay loaded while solved
                 result = _solve_layer(layer, index, captured, heldout, geometry, options)
-            _propagate_routed(layer, captured, result, options.skip_update_rank, index == last)
+            with phase("skip maps"):  # the samples pushed through the layer, the update statistics and the fit
+                _propagate_routed(layer, captured, result, options.skip_update_rank, index == last)
             results[index] = result
             if save is not None:
                 save()
         elif index < last:
-            _propagate(layer, captured)
+            with phase("propagate"):
+                _propagate(layer, captured)
 
 
 def _measure_sensitivity(
     model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, selector: Selector,
     skipped_update: SkippedUpdate, checkpoint: Path | None, progress: bool,
-) -> None:
+) -> SweepInputs | None:
     """Record each layer's measured sensitivity (with `selector`, the calibration's layers, and `skipped_update`)
-    in its budget statistics (see `sensitivity`), checkpointing after every layer; layers that already have it (a
-    resumed run) are kept."""
+    in its budget statistics (see `sensitivity`), at the budgets `sweep_grid` asks for round by round,
+    checkpointing after every layer; budgets already measured (a resumed run) are kept. Returns the samples'
+    `SweepInputs` if it made them."""
     visual_tokens = int(calibration.metadata["summary"]["visual_tokens"])
-    grid = budget_grid(visual_tokens)
     layers = calibration.layers
-    done = {index: result.budget.damage for index, result in layers.items() if result.budget.damage is not None}
+    measured = {
+        index: dict(zip(result.budget.damage_budgets.tolist(), result.budget.damage.tolist(), strict=True))
+        if result.budget.damage is not None else {}
+        for index, result in layers.items()
+    }
+    totals = _grid_totals(calibration)
+    summary = calibration.metadata["summary"]
+    summary["sensitivity_unfinished"] = True  # only while measuring: a finished file is as before the rounds
 
     def record(index: int, damage: torch.Tensor) -> None:
+        measured[index].update(zip(wanted[index], damage.tolist(), strict=True))
+        budgets = sorted(measured[index])
         layers[index].budget = replace(
-            layers[index].budget, damage_budgets=torch.tensor(grid, dtype=torch.long), damage=damage
+            layers[index].budget, damage_budgets=torch.tensor(budgets, dtype=torch.long),
+            damage=torch.tensor([measured[index][b] for b in budgets], dtype=torch.float64),
         )
         if checkpoint is not None:
             calibration.save(checkpoint)
 
-    measure_sensitivity(model, samples, selector, grid, visual_tokens, skipped_update, progress, done, record)
+    inputs: SweepInputs | None = None
+    while (round_budgets := next_round(measured, visual_tokens, totals)) is not None:
+        wanted = {index: [b for b in budgets if b not in measured[index]] for index, budgets in round_budgets.items()}
+        inputs = inputs or sweep_inputs(model, samples)  # the vision tower runs once per sample, for every round
+        measure_sensitivity(model, inputs, selector, wanted, visual_tokens, skipped_update, progress,
+                            on_layer=record)
+    del summary["sensitivity_unfinished"]
+    if checkpoint is not None:
+        calibration.save(checkpoint)
+    return inputs
+
+
+def _grid_totals(calibration: Calibration) -> range:
+    """The average tokens per routed layer from the highest compression of `GRID_COMPRESSIONS` to the lowest (at
+    least one token)."""
+
+    def at(compression: float) -> int:
+        try:
+            return tokens_per_layer_at(calibration, compression)
+        except AlvtsError:  # the compression leaves no token
+            return 1
+
+    return range(at(max(GRID_COMPRESSIONS)), at(min(GRID_COMPRESSIONS)) + 1)
 
 
 def _refine_budget(
-    model: nn.Module, samples: list[Mapping[str, Any]], calibration: Calibration, selector: Selector,
-    skipped_update: SkippedUpdate, compression: float, evaluations: int, checkpoint: Path | None, progress: bool,
-) -> None:
+    model: nn.Module, samples: list[Mapping[str, Any]], inputs: SweepInputs | None, calibration: Calibration,
+    selector: Selector, skipped_update: SkippedUpdate, compression: float, evaluations: int, checkpoint: Path | None,
+    progress: bool,
+) -> SweepInputs | None:
     """Refine the sensitivity split at `compression` jointly (see `joint_search`; `selector` and `skipped_update` as
-    the measurement used) and record it in the calibration's metadata under its tokens per routed layer, then
-    checkpoint; a split already refined (a resumed run) is kept."""
+    the measurement used, on the samples' `inputs`, made here if None) and record it in the calibration's metadata
+    under its tokens per routed layer, then checkpoint; a split already refined (a resumed run) is kept. Returns the
+    inputs it used."""
     statistics, visual_tokens = calibration.budget_statistics()
     count = tokens_per_layer_at(calibration, compression)
     refined = calibration.metadata.setdefault("refined_budgets", {})
     if str(count) in refined:
-        return
+        return inputs
+    inputs = inputs or sweep_inputs(model, samples)
     start = allocate(statistics, count / visual_tokens, visual_tokens, Budget.SENSITIVITY, pooled=True).tokens
-    tokens, result = refine_budget(model, samples, selector, start, visual_tokens, skipped_update, evaluations,
+    tokens, result = refine_budget(model, inputs, selector, start, visual_tokens, skipped_update, evaluations,
                                    progress)
     refined[str(count)] = {
         "compression": compression,
@@ -455,3 +497,4 @@ def _refine_budget(
     }
     if checkpoint is not None:
         calibration.save(checkpoint)
+    return inputs
