@@ -14,7 +14,7 @@ from torch import nn
 
 from alvts_calib.model.adapters import decoder_layers
 from alvts_calib.model.visual import visual_positions
-from alvts_calib.runtime.attach import attach
+from alvts_calib.runtime.attach import attach, detach
 
 RATIO = 0.5
 TOKENS = 4
@@ -163,3 +163,19 @@ def test_static_compilation_gives_one_fixed_shape_graph_set_per_visual_count(
         graphs.append(len(backend.static))
     assert graphs[0] < graphs[1] == graphs[2] == graphs[3]  # a new visual count compiles once, a seen one reruns
     assert all(backend.static)
+
+
+@pytest.mark.slow
+def test_a_model_compiled_before_attach_follows_attach_and_detach(tiny_case, make_selector, with_random_skip_updates):
+    case = tiny_case("llava", "sdpa")
+    selector = with_random_skip_updates(make_selector(case.model, RATIO, start_layer=1))
+    plain = case.model(**case.inputs).logits
+    attach(case.model, selector, skipped_keys="pool", skipped_update="linear")
+    routed = case.model(**case.inputs).logits
+    detach(case.model)
+    compiled = torch.compile(case.model, backend="eager")
+    assert torch.equal(compiled(**case.inputs).logits, plain)
+    attach(case.model, selector, skipped_keys="pool", skipped_update="linear")
+    assert torch.equal(compiled(**case.inputs).logits, routed)  # the class swap and hooks fail guards: recompiled
+    detach(case.model)
+    assert torch.equal(compiled(**case.inputs).logits, plain)
