@@ -15,6 +15,7 @@ from torch import nn
 from alvts_calib.model.adapters import decoder_layers
 from alvts_calib.model.visual import visual_positions
 from alvts_calib.runtime.attach import attach, detach
+from alvts_calib.runtime.context import PassCounts
 
 RATIO = 0.5
 TOKENS = 4
@@ -75,6 +76,19 @@ def test_routed_layers_compile_without_graph_breaks(tiny_case, make_selector, wi
     with layers_compiled(case.model, "eager"), case.routing():
         torch.testing.assert_close(case.model(**case.inputs).logits, logits, rtol=0, atol=0)
         assert torch.equal(generate(case.model, case.inputs), tokens)
+
+
+@pytest.mark.parametrize("family", ["llava", "llama"])
+def test_decoding_steps_read_no_counts_from_the_device(
+    tiny_case, make_selector, with_random_skip_updates, monkeypatch, family
+):
+    case = routed_case(tiny_case, make_selector, with_random_skip_updates, "default", family)
+    reads = []
+    of = PassCounts.of.__func__
+    monkeypatch.setattr(PassCounts, "of", classmethod(lambda cls, *args: reads.append(1) or of(cls, *args)))
+    with case.routing():
+        generate(case.model, case.inputs)
+    assert len(reads) == 1  # the prefill's: a decoding step's counts are known on the host (no graph break)
 
 
 def graph_breaks_in(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[list[str]]:
