@@ -71,7 +71,19 @@ def layers_compiled(model: nn.Module, backend: str) -> Iterator[None]:
     "runtime", ["default", *(pytest.param(name, marks=pytest.mark.slow) for name in RUNTIMES if name != "default")]
 )
 def test_routed_layers_compile_without_graph_breaks(tiny_case, make_selector, with_random_skip_updates, runtime):
-    case = routed_case(tiny_case, make_selector, with_random_skip_updates, runtime)
+    check_layers_compile(routed_case(tiny_case, make_selector, with_random_skip_updates, runtime))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "llama"])
+def test_routed_layers_of_every_family_compile_without_graph_breaks(
+    tiny_case, make_selector, with_random_skip_updates, family
+):
+    check_layers_compile(routed_case(tiny_case, make_selector, with_random_skip_updates, "default", family))
+
+
+def check_layers_compile(case) -> None:
+    """With every decoder layer compiled fullgraph, prefill logits and greedy tokens are the eager ones exactly."""
     logits, tokens = eager_outputs(case)
     with layers_compiled(case.model, "eager"), case.routing():
         torch.testing.assert_close(case.model(**case.inputs).logits, logits, rtol=0, atol=0)
