@@ -56,6 +56,11 @@ class VisualTracker:
     def record(self, visual: torch.Tensor) -> None:
         self.pending = visual if self.pending is None else self.pending | visual
 
+    def known_text_only(self, past: int) -> bool:
+        """Whether the next `take` has no visual position, known without reading a tensor: no mask was recorded
+        and no explicit mask reaches position `past`."""
+        return self.pending is None and (self.explicit is None or past >= self.explicit.shape[1])
+
     def take(self, batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:
         """(B, L) visual mask for the positions [past, past + L) of this forward pass, consuming recorded masks."""
         pending, self.pending = self.pending, None

@@ -66,8 +66,10 @@ def _context_hook(tracker: VisualTracker, runtime: _Runtime):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         valid = _valid_positions(kwargs.get("attention_mask"), batch, length, inputs.device)
+        decoding = length == 1 and tracker.known_text_only(past)  # no host read: no graph break when compiled
         visual = tracker.take(batch, length, past, inputs.device)
-        context = ForwardContext(visual=visual, valid=valid, counts=PassCounts.of(visual, valid))
+        counts = PassCounts.decoding_step(batch) if decoding else PassCounts.of(visual, valid)
+        context = ForwardContext(visual=visual, valid=valid, counts=counts)
         if context.counts.has_visual:
             runtime.last_visual_pass = context
         elif past == 0:  # a new prompt without visual tokens: the previous prompt's pass no longer describes it

@@ -24,6 +24,12 @@ class PassCounts:
         rows = torch.stack([(visual & valid).sum(-1), (~visual & valid).sum(-1), last_text.long()]).tolist()
         return cls(visual=rows[0], text=rows[1], length=visual.shape[1], last_text=all(rows[2]))
 
+    @classmethod
+    def decoding_step(cls, batch: int) -> PassCounts:
+        """Counts of a one-position pass without visual tokens, with no device read: a routed layer processes a
+        pass's last position whether or not it is padding, so it counts as that row's text token."""
+        return cls(visual=[0] * batch, text=[1] * batch, length=1, last_text=True)
+
     @property
     def has_visual(self) -> bool:
         return any(self.visual)

@@ -175,6 +175,8 @@ class RoutedLayerMixin:
     alvts_skipped_keys: SkippedKeys
     alvts_stand_in: tuple[torch.Tensor, torch.Tensor] | None  # (B, L_c, 1) stand-in slots and their normed input
     alvts_norm_hook: RemovableHandle
+    alvts_mlp_compaction: tuple[Compaction, torch.Tensor] | None  # SkippedKeys.ALL, while the layer runs: `mlp_hooks`
+    alvts_mlp_hooks: list[RemovableHandle]  # `mlp_hooks`, installed once (SkippedKeys.ALL only)
     alvts_layer_class: type  # the decoder layer class it was (set by `routed_class`)
     alvts_sequence_norm: Callable[[torch.Tensor], torch.Tensor]  # the input norm over whole sequences (`input_norm`)
 
@@ -218,14 +220,11 @@ class RoutedLayerMixin:
         if call.dense or self.alvts_skipped_update is SkippedUpdate.EXACT:
             return super().forward(hidden_states, **kwargs)  # nothing skips, or the skipped get the layer's update
         compaction = call.compaction = Compaction.from_keep(call.keep, call.length, *call.compact_shape())
-        hooks = [self.mlp.register_forward_pre_hook(lambda module, args: (compaction.gather(args[0]),)),
-                 self.mlp.register_forward_hook(
-                     lambda module, args, output: compaction.scatter(compaction.buffer(hidden_states).zero_(), output))]
+        self.alvts_mlp_compaction = (compaction, hidden_states)
         try:
             output = super().forward(hidden_states, **kwargs)
         finally:
-            for hook in hooks:
-                hook.remove()
+            self.alvts_mlp_compaction = None
         with record_function(ROUTED_RANGES["update"]):
             skipped = (context.visual & context.valid & ~call.keep)[..., None]
             base = torch.where(skipped, hidden_states, output)
@@ -480,6 +479,25 @@ def stand_in_norm_hook(layer: nn.Module):
     return replace_stand_ins
 
 
+def mlp_hooks(layer: nn.Module) -> tuple:
+    """A forward pre-hook and a forward hook for `layer`'s MLP (SkippedKeys.ALL): while the layer runs with
+    `alvts_mlp_compaction` set, the MLP reads only the processed positions and its output is scattered back into
+    zeros. Installed once rather than per call, so a compiled layer registers no hooks while it runs."""
+
+    def gather(module: nn.Module, args: tuple) -> tuple | None:
+        if layer.alvts_mlp_compaction is None:
+            return None
+        return (layer.alvts_mlp_compaction[0].gather(args[0]),)
+
+    def scatter(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if layer.alvts_mlp_compaction is None:
+            return None
+        compaction, full = layer.alvts_mlp_compaction
+        return compaction.scatter(compaction.buffer(full).zero_(), output)
+
+    return gather, scatter
+
+
 _ROUTED_CLASSES: dict[type, type] = {}
 
 
@@ -517,6 +535,11 @@ def route_layer(
     layer.alvts_stand_in = None
     layer.alvts_sequence_norm = sequence_norm(layer.input_layernorm)
     layer.alvts_norm_hook = layer.input_layernorm.register_forward_hook(stand_in_norm_hook(layer))
+    layer.alvts_mlp_compaction = None
+    layer.alvts_mlp_hooks = []
+    if layer.alvts_skipped_keys is SkippedKeys.ALL:
+        gather, scatter = mlp_hooks(layer)
+        layer.alvts_mlp_hooks = [layer.mlp.register_forward_pre_hook(gather), layer.mlp.register_forward_hook(scatter)]
     layer.__class__ = routed_class(type(layer))
     follow_class_forward(layer)
 
@@ -533,5 +556,9 @@ def unroute_layer(layer: nn.Module) -> None:
     del layer.alvts_skipped_keys
     layer.alvts_norm_hook.remove()
     del layer.alvts_norm_hook
+    for hook in layer.alvts_mlp_hooks:
+        hook.remove()
+    del layer.alvts_mlp_hooks
+    del layer.alvts_mlp_compaction
     del layer.alvts_stand_in
     del layer.alvts_sequence_norm
