@@ -73,17 +73,24 @@ class Compaction:
         return torch.where(at_extra, extra.to(gathered.dtype), gathered)
 
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor to scatter into: (B, L, D) like `like`, plus the spare slot if needed. The caller
-        fills its first L positions, then calls `scatter`."""
+        """An uninitialised (B x L (+ 1 spare slot if needed), D) tensor to scatter into, flat so that its sequence
+        part (`sequence`), which the caller fills first, is contiguous (an `out=` target)."""
         batch, length, width = like.shape
-        return like.new_empty(batch, length + self.spare_slot, width)
+        return like.new_empty(batch * length + self.spare_slot, width)
+
+    def sequence(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The (B, L, D) sequence part of a `buffer`."""
+        batch = self.index.shape[0]
+        return buffer[: batch * self.length].view(batch, self.length, buffer.shape[-1])
 
     def scatter(self, buffer: torch.Tensor, compact: torch.Tensor) -> torch.Tensor:
         """Write the compact rows into `buffer` (from `self.buffer`) in place; stand-ins and fillers land in the
-        spare slot. Returns its (B, L, D) sequence."""
-        rows = torch.arange(buffer.shape[0], device=self.index.device)[:, None]
-        buffer[rows, self.index] = compact.to(buffer.dtype)  # several fillers may share the spare slot
-        return buffer[:, : self.length]
+        spare slot (several may share it). Returns its sequence part."""
+        batch = self.index.shape[0]
+        starts = torch.arange(batch, device=self.index.device)[:, None] * self.length
+        flat = torch.where(self.index == self.length, batch * self.length, starts + self.index)
+        buffer[flat.flatten()] = compact.flatten(0, 1).to(buffer.dtype)
+        return self.sequence(buffer)
 
 
 def processed_positions(context: ForwardContext, visual_keep: torch.Tensor | None) -> torch.Tensor:
@@ -265,7 +272,7 @@ class RoutedLayerMixin:
             return output
         with record_function(ROUTED_RANGES["update"]):
             buffer = call.compaction.buffer(hidden_states)
-            self._compensate(call, hidden_states, compact, output, buffer[:, : call.length], exact)
+            self._compensate(call, hidden_states, compact, output, call.compaction.sequence(buffer), exact)
         with record_function(ROUTED_RANGES["scatter"]):
             return call.compaction.scatter(buffer, output)
 
