@@ -39,7 +39,7 @@ from speed_measure import (
 )
 from speed_methods import Variant, ideal_speedup, selection_flops, variants, weight_svd_selector
 from speed_models import FULL, SMALL, ModelSpec, build_inputs, build_model, visual_mask
-from speed_wide import FULL_ROUNDS, ROUTED_ROUNDS, WIDE, benchmark_wide, print_wide
+from speed_wide import FULL_ROUNDS, ROUTED_ROUNDS, WIDE, benchmark_wide, markdown_wide, print_wide
 
 import alvts_calib
 from alvts_calib.artifact import Selector
@@ -241,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--small", action="store_true", help="scaled-down geometries on the CPU (development)")
     parser.add_argument("--wide", action="store_true",
                         help="real layer widths, few layers, every layer routed, against the floor (CPU)")
+    parser.add_argument("--markdown", type=Path, help="with --wide: also write the tables as markdown here")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--models", nargs="*", help="only these geometries (names as in the table)")
     parser.add_argument("--batches", type=int, nargs="*", help="override the batch sizes (default 1 8)")
@@ -263,7 +264,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings = replace(settings, timing=Timing(2, 5, clock), decode_timing=Timing(0, 1, clock))
     console = Console(width=200) if args.wide else Console()
     if args.wide:
-        return _write(_wide_report(settings, args.models, console), args.out)
+        report = _wide_report(settings, args.models, console)
+        if args.markdown is not None:
+            args.markdown.write_text(markdown_wide(report["models"]))
+        return _write(report, args.out)
     report: dict[str, Any] = {"metadata": _metadata(settings, args.small), "models": []}
     for spec in settings.specs:
         report["models"].append(benchmark_model(spec, settings, console))

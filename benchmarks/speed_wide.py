@@ -178,3 +178,32 @@ def print_wide(results: list[dict[str, Any]], console: Console) -> None:
                 *(f"{ranges[name]:.1f}" if name in ranges else "-" for name in names),
             )
         console.print(table)
+
+
+def markdown_wide(results: list[dict[str, Any]]) -> str:
+    """The `print_wide` tables as markdown, one per geometry (times in thread CPU ms, ranges of one routed prefill)."""
+    steps = ("select", "compact", "pool", "mask", "update", "scatter")
+    lines = []
+    for result in results:
+        geometry = result["geometry"]
+        lines += [f"**{result['model']}**: {geometry['layers']} layers at hidden {geometry['hidden']}, "
+                  f"every one routed, {result['visual_tokens']} visual + {result['text_tokens']} text tokens, selector "
+                  f"rank {result['selector_rank']}", "",
+                  "| method | compr. | visual / layer | prefill ms | x unpatched | x floor (range) | host syncs | "
+                  + " | ".join(steps) + " |",
+                  "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(steps)]
+        for row in result["rows"]:
+            compression = "-" if row["compression"] is None else f"{row['compression']:.0%}"
+            ratio = "-"
+            if "floor_ratio" in row:
+                low, high = row["floor_ratio_range"]
+                ratio = f"{row['floor_ratio']:.3f} ({low:.3f}-{high:.3f})"
+            elif "unpatched_ratio" in row:
+                ratio = f"{row['unpatched_ratio']:.3f} of unpatched"
+            ranges = row.get("ranges_ms", {})
+            lines.append(
+                f"| {row['method']} | {compression} | {row.get('visual_per_layer', result['visual_tokens'])} | "
+                f"{row['prefill_ms']:.0f} | {row['speedup']:.2f} | {ratio} | {row.get('host_syncs', '-')} | "
+                + " | ".join(f"{ranges[step]:.1f}" if step in ranges else "-" for step in steps) + " |")
+        lines.append("")
+    return "\n".join(lines)
