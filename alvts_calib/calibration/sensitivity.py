@@ -13,7 +13,7 @@ barely change the hidden states, yet together they read the image's rows (docs/D
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -203,14 +203,23 @@ def routed_divergence(
     start = min(policies)
     attach_policies(model, dict(policies), selector=selector, skipped_update=skipped_update,
                     skipped_keys=SkippedKeys.POOL)
-    total, count = torch.zeros(blocks, dtype=torch.float64), 0
     try:
-        for batch, reference in zip(captured, references, strict=True):
-            routed = tail_log_probs(model, batch, start, blocks).cpu()
-            rows = reference.shape[0]
-            divergence = kl_divergence(reference.repeat(blocks, 1), routed).clamp(min=0).double()
-            total += divergence.view(blocks, rows).sum(1)
-            count += rows
+        return mean_block_divergence(
+            ((reference, tail_log_probs(model, batch, start, blocks).cpu())
+             for batch, reference in zip(captured, references, strict=True)),
+            blocks,
+        )
     finally:
         detach(model)
+
+
+def mean_block_divergence(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], blocks: int) -> torch.Tensor:
+    """(blocks,) float64 mean KL(reference || routed) over (reference (N, V), routed (N x blocks, V)) pairs of
+    log-probabilities, the routed rows being `blocks` copies of the reference rows."""
+    total, count = torch.zeros(blocks, dtype=torch.float64), 0
+    for reference, routed in pairs:
+        rows = reference.shape[0]
+        divergence = kl_divergence(reference.repeat(blocks, 1), routed).clamp(min=0).double()
+        total += divergence.view(blocks, rows).sum(1)
+        count += rows
     return total / max(count, 1)

@@ -14,7 +14,7 @@ from torch import nn
 from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..artifact.selector import Selector
 from ..calibration.capture import input_device, move
-from ..calibration.sensitivity import kl_divergence
+from ..calibration.sensitivity import mean_block_divergence
 from ..model.visual import visual_positions
 from ..runtime.attach import attach_policies, detach
 from ..runtime.policies import LayerPolicy
@@ -67,17 +67,12 @@ def swept_divergence(
     (`BudgetSweepPolicy`) give each block of rows its own budget."""
     attach_policies(model, dict(policies), selector=selector, skipped_update=skipped_update,
                     skipped_keys=SkippedKeys.POOL)
-    total, count = torch.zeros(blocks, dtype=torch.float64), 0
     try:
-        for inputs, mask, reference in prepared:
-            routed = routed_log_probs(model, inputs, mask, blocks)
-            rows = reference.shape[0]
-            divergence = kl_divergence(reference.repeat(blocks, 1), routed).clamp(min=0).double()
-            total += divergence.view(blocks, rows).sum(1)
-            count += rows
+        return mean_block_divergence(
+            ((reference, routed_log_probs(model, inputs, mask, blocks)) for inputs, mask, reference in prepared), blocks
+        )
     finally:
         detach(model)
-    return total / max(count, 1)
 
 
 def routed_log_probs(
