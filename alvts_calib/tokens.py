@@ -1,5 +1,5 @@
-"""Token arithmetic shared by export, the runtime and evaluation: keep counts, the pooled stand-in's token, and
-the per-layer count a compression leaves."""
+"""Token arithmetic shared by export, the runtime and evaluation: keep counts, the pooled stand-in's token, the
+per-layer count a compression leaves, and the positions a row keeps."""
 
 from __future__ import annotations
 
@@ -50,3 +50,26 @@ def check_compression(compression: float) -> float:
     if not 0.0 <= compression < 1.0:
         raise AlvtsError(f"compression must be in [0, 1) (e.g. 0.89 keeps 11% of visual tokens), got {compression}")
     return 1.0 - compression
+
+
+def kept_positions(
+    keep: torch.Tensor, count: int | None = None, sort_keys: torch.Tensor | None = None, fill: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept positions of (B, W) `keep`, in order (or in the order of `sort_keys`, integers below 2 W), as
+    (B, count) positions, `count` being the most any row keeps (a host sync when not given), rows that keep fewer
+    padded with `fill` (default W); and the (B, count) bool mask of that padding."""
+    width = keep.shape[1]
+    if sort_keys is None:
+        sort_keys = torch.arange(width, device=keep.device).expand_as(keep)
+    order = torch.where(keep, sort_keys, sort_keys + 2 * width).argsort(dim=1, stable=True)
+    kept = keep.sum(1)
+    count = int(kept.max()) if count is None else count
+    padding = torch.arange(count, device=keep.device)[None, :] >= kept[:, None]
+    return order[:, :count].masked_fill(padding, width if fill is None else fill), padding
+
+
+def at_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, Q, ...) rows of (B or 1, L, ...) `states` at (B, Q) `positions`; positions past the end read the last."""
+    batch = positions.shape[0]
+    rows = torch.arange(batch, device=positions.device)[:, None]
+    return states.expand(batch, *states.shape[1:])[rows, positions.clamp(max=states.shape[1] - 1)]

@@ -18,7 +18,7 @@ from torch.profiler import record_function
 
 from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..model.devices import align_tensors, execution_device, follow_class_forward
-from ..tokens import with_stand_in
+from ..tokens import at_positions, kept_positions, with_stand_in
 from .context import ForwardContext, PassCounts
 from .input_norm import sequence_norm
 from .key_bias import KEY_BIAS_KWARG, folds_key_bias
@@ -52,21 +52,13 @@ class Compaction:
         """From (B, L) kept positions, or (B, L + 1) with the stand-in at slot L. `compact_length` (the largest row
         count) saves a host sync when known; `uniform` says every row keeps that many. Kept positions keep their
         order, or the order of `sort_keys` (same shape as `keep`, integers below twice its width) if given."""
-        width = keep.shape[1]
-        if sort_keys is None:
-            sort_keys = torch.arange(width, device=keep.device).expand_as(keep)
-        order = torch.where(keep, sort_keys, sort_keys + 2 * width).argsort(dim=1, stable=True)
-        kept = keep.sum(1)
-        compact_length = int(kept.max()) if compact_length is None else compact_length
-        filler = torch.arange(compact_length, device=keep.device)[None, :] >= kept[:, None]
-        index = order[:, :compact_length].masked_fill(filler, length)
-        return cls(index=index, filler=filler, length=length, spare_slot=width > length or not uniform)
+        index, filler = kept_positions(keep, compact_length, sort_keys, fill=length)
+        return cls(index=index, filler=filler, length=length, spare_slot=keep.shape[1] > length or not uniform)
 
     def gather(self, states: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """(B or 1, L, ...) to (B, L_c, ...); slot L reads `extra` (B, 1, ...) if given, else the last position."""
-        batch = self.index.shape[0]
-        rows = torch.arange(batch, device=self.index.device)[:, None]
-        gathered = states.expand(batch, *states.shape[1:])[rows, self.index.clamp(max=self.length - 1)]
+        """(B or 1, L, ...) to (B, L_c, ...); slot L reads `extra` (B, 1, ...) if given (states with a feature
+        dimension), else the last position."""
+        gathered = at_positions(states, self.index)
         if extra is None:
             return gathered
         at_extra = (self.index == self.length).view(*self.index.shape, *([1] * (states.dim() - 2)))
@@ -226,7 +218,8 @@ class RoutedLayerMixin:
             call = RoutedCall.compact(hidden_states, context, visual_keep, rows, normed)
         if call.dense or self.alvts_skipped_update is SkippedUpdate.EXACT:
             return super().forward(hidden_states, **kwargs)  # nothing skips, or the skipped get the layer's update
-        compaction = call.compaction = Compaction.from_keep(call.keep, call.length, *call.compact_shape())
+        compact_length, uniform = call.compact_shape()
+        compaction = call.compaction = Compaction.from_keep(call.keep, call.length, compact_length, uniform=uniform)
         self.alvts_mlp_compaction = (compaction, hidden_states)
         try:
             output = super().forward(hidden_states, **kwargs)
@@ -264,7 +257,7 @@ class RoutedLayerMixin:
             with record_function(ROUTED_RANGES["pool"]):
                 self._pool(call, *kwargs["position_embeddings"])
         with record_function(ROUTED_RANGES["compact"]):
-            compact = call.gather(hidden_states)
+            compact = call.gather()
         with record_function(ROUTED_RANGES["mask"]):
             cache = self._attention_inputs(call, kwargs)
         output = self._run(call, compact, kwargs, cache)
@@ -278,9 +271,8 @@ class RoutedLayerMixin:
 
     def _pool(self, call: RoutedCall, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Add the row's stand-in for the visual tokens it skips at slot L (`Pool`)."""
-        if call.normed is None:
-            call.normed = self.alvts_sequence_norm(call.hidden_states)
-        call.pool = Pool.of(call.hidden_states, call.normed, call.context, call.keep, cos, sin)
+        normed = call.normed_input(self.alvts_sequence_norm)
+        call.pool = Pool.of(call.hidden_states, normed, call.context, call.keep, cos, sin)
         call.context.pooled[self.self_attn.layer_idx] = call.pool.present
         call.rows = None if call.rows is None else _with_pool(call.rows, call.context.host_counts())
 
@@ -292,7 +284,7 @@ class RoutedLayerMixin:
         all_valid = True if dense else None if call.rows is None else min(call.rows) == max(call.rows)
         key_bias = None
         if call.pool is not None:
-            key_bias = torch.where(call.stand_in_slots(), call.pool.log_count[:, None], 0.0)
+            key_bias = torch.where(call.stand_in_slots, call.pool.log_count[:, None], 0.0)
         cache = kwargs.get("cache")
         layer_cache = routed_cache_layer(cache, self.self_attn.layer_idx) if cache is not None else None
         key_valid = new_valid if layer_cache is None else layer_cache.append_validity(new_valid)
@@ -318,7 +310,7 @@ class RoutedLayerMixin:
     def _run(self, call: RoutedCall, compact: torch.Tensor, kwargs: dict, cache: tuple | None) -> torch.Tensor:
         """The layer on the compact sequence (its stand-ins' normed input replaced, see `stand_in_norm_hook`); then
         the cache layer records which of the keys it appended are real."""
-        self.alvts_stand_in = None if call.pool is None else (call.stand_in_slots()[..., None], call.pool.normed)
+        self.alvts_stand_in = None if call.pool is None else (call.stand_in_slots[..., None], call.pool.normed)
         try:
             output = super().forward(compact, **kwargs)
         finally:
@@ -344,11 +336,9 @@ class RoutedLayerMixin:
         if update is SkippedUpdate.NONE or (update is SkippedUpdate.STAND_IN and pool is None):
             return out.copy_(base)
         skip_module = self.alvts_skip_module if update is not SkippedUpdate.MEAN else None
-        normed = call.normed
-        if skip_module is not None and normed is None:
-            normed = call.normed = self.alvts_sequence_norm(call.hidden_states)
+        normed = None if skip_module is None else call.normed_input(self.alvts_sequence_norm)
         if update is SkippedUpdate.STAND_IN:
-            slots = call.stand_in_slots()[..., None].to(output.dtype)
+            slots = call.stand_in_slots[..., None].to(output.dtype)
             anchor = Anchor.of_stand_in((output * slots).sum(1, keepdim=True) - pool.state, pool)
         else:
             compact_normed = None if normed is None else call.compaction.gather(normed)
@@ -368,6 +358,7 @@ class RoutedCall:
     dense: bool  # it processes every position: no compaction
     pool: Pool | None = None
     compaction: Compaction | None = None
+    stand_in_slots: torch.Tensor | None = None  # (B, L_c) bool: the compact rows that hold a stand-in (pooled only)
 
     @classmethod
     def compact(
@@ -387,33 +378,38 @@ class RoutedCall:
         """Positions of the sequence the layer runs on."""
         return self.length if self.dense else self.compaction.index.shape[1]
 
-    def compact_shape(self) -> tuple[int | None, None, bool]:
-        """`Compaction.from_keep`'s compact length, sort keys and uniformity, from the host-known rows."""
+    def compact_shape(self) -> tuple[int | None, bool]:
+        """`Compaction.from_keep`'s compact length and uniformity, from the host-known rows."""
         if self.rows is None:
-            return None, None, False
-        return max(self.rows), None, min(self.rows) == max(self.rows)
+            return None, False
+        return max(self.rows), min(self.rows) == max(self.rows)
 
-    def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def normed_input(self, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The layer's normed input over the whole sequence, computed by `norm` once per call."""
+        if self.normed is None:
+            self.normed = norm(self.hidden_states)
+        return self.normed
+
+    def gather(self) -> torch.Tensor:
         """The compact sequence (fixing `compaction`; with a stand-in, its state at slot L)."""
+        hidden_states = self.hidden_states
         if self.dense:
             return hidden_states
-        compact_length, _, uniform = self.compact_shape()
+        compact_length, uniform = self.compact_shape()
         pool = self.pool
         keep = self.keep if pool is None else pool.extended_keep(self.keep)
-        self.compaction = Compaction.from_keep(
+        compaction = self.compaction = Compaction.from_keep(
             keep, self.length, compact_length, None if pool is None else pool.sort_keys, uniform
         )
-        return self.compaction.gather(hidden_states, None if pool is None else pool.state)
-
-    def stand_in_slots(self) -> torch.Tensor:
-        """(B, L_c) bool: the compact rows that hold a stand-in."""
-        compaction = self.compaction
-        return (compaction.index == self.length) & ~compaction.filler
+        if pool is None:
+            return compaction.gather(hidden_states)
+        self.stand_in_slots = (compaction.index == self.length) & ~compaction.filler
+        return compaction.gather(hidden_states, pool.state)
 
     def processed_visual(self) -> torch.Tensor:
         """(B, L_c) bool: the compact rows that hold one of the row's own visual tokens."""
         context, compaction = self.context, self.compaction
-        return compaction.gather((context.visual & context.valid)[..., None])[..., 0] & (compaction.index < self.length)
+        return compaction.gather(context.visual & context.valid) & (compaction.index < self.length)
 
 
 def _with_pool(rows: list[int], counts: PassCounts) -> list[int]:

@@ -11,7 +11,7 @@ from enum import Enum
 
 import torch
 
-from ..tokens import keep_count
+from ..tokens import keep_count, kept_positions
 
 
 class Importance(str, Enum):
@@ -59,10 +59,7 @@ def query_rows(
         return torch.full((batch, 1), length - 1, device=visual.device)
     if definition is not Importance.TEXT:
         return None
-    text = ~visual & valid
-    positions = torch.arange(length, device=visual.device).expand(batch, -1)
-    order = torch.where(text, positions, positions + length).argsort(dim=1, stable=True)[:, :text_rows]
-    return order.masked_fill(~text.gather(1, order), length)
+    return kept_positions(~visual & valid, text_rows)[0]
 
 
 def attention_parts(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..tokens import at_positions
 from .importance import Importance, apply_rope, attention_parts, importance_from_parts
 
 SELECTOR_TENSOR_NAMES = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")
@@ -54,11 +55,8 @@ class LayerSelector(nn.Module):
         if positions is None:
             queries, keys = self.project(normed, cos, sin)
         else:
-            def rows(states: torch.Tensor) -> torch.Tensor:
-                index = positions.clamp(max=states.shape[1] - 1)[..., None].expand(-1, -1, states.shape[-1])
-                return states.expand(positions.shape[0], -1, -1).gather(1, index)
-
-            queries = self._rotated(self.q_proj, rows(normed), rows(cos), rows(sin))
+            rows = (at_positions(states, positions) for states in (normed, cos, sin))
+            queries = self._rotated(self.q_proj, *rows)
             keys = self._rotated(self.k_proj, normed, cos, sin)
         return attention_parts(queries, keys, visual, valid, definition, positions=positions)
 
