@@ -36,7 +36,6 @@ from alvts_calib.calibration import REFINE_STEPS, SENSITIVITY_SAMPLES, budget_gr
 from alvts_calib.evaluation import attention_flops, layer_flops, projection_flops
 from alvts_calib.model import AttentionGeometry
 from alvts_calib.progress import listening
-from alvts_calib.selector import SKIP_UPDATE_RANK
 
 PHASES = ("capture", "propagate", "solve", "skip maps", "skip-map fit", "sensitivity", "refinement")
 H200_BF16_DENSE = 989e12  # FLOP/s, dense bf16 tensor cores (spec sheet)
@@ -60,7 +59,6 @@ class Workload:
     budgets: tuple[int, ...]  # budgets measured for sensitivity, per layer
     rank: int
     refine_steps: int = REFINE_STEPS
-    skip_rank: int = SKIP_UPDATE_RANK
 
 
 class PhaseClock:

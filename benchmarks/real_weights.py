@@ -47,7 +47,7 @@ from alvts_calib.artifact import (
     default_skipped_update,
     load_calibration,
 )
-from alvts_calib.calibration import calibrate
+from alvts_calib.calibration import calibrate, default_rank
 from alvts_calib.evaluation import (
     DivergenceResult,
     Reference,
@@ -59,6 +59,7 @@ from alvts_calib.evaluation import (
     result_row,
 )
 from alvts_calib.model import AttentionGeometry
+from alvts_calib.selector import default_skip_update_rank
 
 CACHE = Path("runs/real-weights")
 SPAN_TOKENS = 400
@@ -111,7 +112,10 @@ class Surface:
         """The calibration with `options` on the first `samples` prompts (cached on disk), and its seconds (None when
         read from the cache)."""
         samples = samples or len(self.calibration_samples)
+        geometry = AttentionGeometry.of(self.model)
         options.setdefault("sensitivity_samples", self.sensitivity_samples)
+        options.setdefault("rank", default_rank(geometry))  # named, so a changed default never reads a stale file
+        options.setdefault("skip_update_rank", default_skip_update_rank(geometry.hidden_size))
         name = "-".join([f"n{samples}", *(f"{key}{value}" for key, value in sorted(options.items()))])
         path = CACHE / f"calibration-{name}.safetensors"
         if path.exists():

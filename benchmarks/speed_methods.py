@@ -16,11 +16,11 @@ from alvts_calib.artifact import Selector, SkippedKeys, SkippedUpdate, default_s
 from alvts_calib.evaluation import alvts_plan, fastv_plan, layer_flops, pyramid_plan
 from alvts_calib.model import AttentionGeometry
 from alvts_calib.runtime import LayerPolicy, SelectorPolicy
-from alvts_calib.selector import DEFAULT_IMPORTANCE, SKIP_UPDATE_RANK
+from alvts_calib.selector import DEFAULT_IMPORTANCE, default_skip_update_rank
 from alvts_calib.testing import weight_svd_selector as svd_selector
 
 COMPRESSIONS = (0.67, 0.78, 0.89)
-SELECTOR_HEADS = 2  # rank 2 x head_dim, the calibration default
+SELECTOR_HEADS = 2  # rank 2 x head_dim: the calibration default at 7B width (head_dim 128, rank 256)
 
 
 @dataclass
@@ -39,7 +39,8 @@ def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
     """A Selector from each layer's RoPE-aware weight SVD (no calibration data), for layers start_layer and up,
     scored by the default importance, with randomly initialised skip-update maps of the default rank (for speed only
     their shapes matter)."""
-    return svd_selector(model, start_layer=start_layer, heads=SELECTOR_HEADS, skip_rank=SKIP_UPDATE_RANK,
+    skip_rank = default_skip_update_rank(model.config.get_text_config().hidden_size)
+    return svd_selector(model, start_layer=start_layer, heads=SELECTOR_HEADS, skip_rank=skip_rank,
                         importance=DEFAULT_IMPORTANCE)
 
 

@@ -51,7 +51,6 @@ from alvts_calib.evaluation import DEFAULT_COMPRESSIONS, DEFAULT_METHODS, METHOD
 from alvts_calib.model import diagnose
 from alvts_calib.options import DEFAULT_START_LAYER
 from alvts_calib.outputs import atomic_write, check_output, input_files, output_lock
-from alvts_calib.selector import SKIP_UPDATE_RANK
 from alvts_calib.tokens import check_compression
 
 from .report import (
@@ -186,7 +185,8 @@ def calibrate_command(
     num_samples: Annotated[
         int | None, typer.Option(help=f"Use the first N samples (default: all; demo: {CALIBRATION_SAMPLES}).")
     ] = None,
-    rank: Annotated[int | None, typer.Option(help="Selector rank, a multiple of head_dim (default 2 heads).")] = None,
+    rank: Annotated[int | None, typer.Option(
+        help="Selector rank, a multiple of head_dim (default 2 heads, at least 256).")] = None,
     start_layer: Annotated[int, typer.Option(help="First routed layer; earlier layers process every token.")] = (
         DEFAULT_START_LAYER),
     importance: Annotated[Importance, typer.Option(
@@ -195,8 +195,9 @@ def calibrate_command(
     init: Annotated[Init, typer.Option(help="Selector initialisation.")] = Init.WEIGHT_SVD,
     refine_steps: Annotated[int, typer.Option(
         help="Importance-consistency refinement steps per layer.")] = REFINE_STEPS,
-    skip_update_rank: Annotated[int, typer.Option(
-        help="Rank of each layer's fitted update for skipped visual tokens (0: fit none).")] = SKIP_UPDATE_RANK,
+    skip_update_rank: Annotated[int | None, typer.Option(
+        help="Rank of each layer's fitted update for skipped visual tokens (0: fit none; default hidden size / 8, "
+        "at most 64).")] = None,
     sensitivity_samples: Annotated[int, typer.Option(
         help="Samples on which each layer's effect on the answer is measured, for --budget sensitivity at export "
         "(0: do not measure).")] = SENSITIVITY_SAMPLES,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 import alvts_calib.calibration.pipeline as calibrate_module
 from alvts_calib import (
@@ -17,6 +18,7 @@ from alvts_calib import (
     load_calibration,
     load_selector,
 )
+from alvts_calib.calibration import calibration_options
 from alvts_calib.errors import SampleError
 from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.testing.random_model import demo_model, demo_samples, sharpen_attention
@@ -266,3 +268,19 @@ def test_options_and_samples_the_model_cannot_take_are_named(tmp_path):
     model.config.text_config.max_position_embeddings = samples[0]["input_ids"].shape[1] - 1
     with pytest.raises(SampleError, match=r"calibration sample 1: it has \d+ tokens, more than the model's \d+ pos"):
         calibrate(model, samples, progress=False)
+
+
+@pytest.mark.parametrize(("heads", "head_dim", "rank", "skip_rank"), [
+    (4, 16, 64, 8),  # the demo: every head (256 would exceed them), hidden / 8
+    (9, 64, 256, 64),  # SmolLM2-135M: four heads reach 256; 576 / 8 capped at 64
+    (32, 128, 256, 64),  # LLaVA-1.5-7B: two heads are 256 already
+])
+def test_default_ranks_follow_the_model_width(heads, head_dim, rank, skip_rank):
+    config = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=2, intermediate_size=4 * heads * head_dim)
+    options = dict(start_layer=0, importance="text", init="weight_svd", refine_steps=0, heldout_fraction=0.0,
+                   report_keep_ratio=0.11, seed=0, sensitivity_samples=0, refine_compressions=(), refine_evaluations=1)
+    defaults = calibration_options(config, rank=None, skip_update_rank=None, **options)
+    assert (defaults.rank, defaults.skip_update_rank) == (rank, skip_rank)
+    chosen = calibration_options(config, rank=head_dim, skip_update_rank=4, **options)
+    assert (chosen.rank, chosen.skip_update_rank) == (head_dim, 4)

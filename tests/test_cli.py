@@ -43,7 +43,7 @@ def test_calibrate_export_inspect_generate_on_the_demo(tmp_path):
     assert summary["summary"]["samples"] == 3 and set(summary["fidelity"]) == {str(i) for i in range(24)}
     assert calibration.exists() and not list(tmp_path.glob("*.partial.safetensors"))
     exported = json.loads(_ok(["export", str(calibration), "--keep-ratio", "0.25", "--out", str(selector), "--json"]))
-    assert exported["keep_ratio"] == 0.25 and exported["rank"] == 32
+    assert exported["keep_ratio"] == 0.25 and exported["rank"] == 64  # every head of the demo (default_rank)
     assert exported["budget"] == "sensitivity" and exported["skipped_keys"] == "pool"
     tokens = exported["allocation"]["tokens"]  # per layer, the stand-in included
     assert exported["allocation"]["mean_tokens_per_layer"] == 16 and sum(tokens.values()) == 16 * 24

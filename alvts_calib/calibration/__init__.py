@@ -12,6 +12,7 @@ from .pipeline import (
     CalibrationOptions,
     calibrate,
     calibration_options,
+    default_rank,
 )
 from .sensitivity import SENSITIVITY_SAMPLES, kl_divergence
 from .sweep_grid import GRID_COMPRESSIONS, budget_grid, coarse_grid
@@ -19,5 +20,5 @@ from .sweep_grid import GRID_COMPRESSIONS, budget_grid, coarse_grid
 __all__ = [
     "GRID_COMPRESSIONS", "budget_grid", "coarse_grid",
     "HELDOUT_FRACTION", "REFINE_EVALUATIONS", "REFINE_STEPS", "REPORT_KEEP_RATIO", "SENSITIVITY_SAMPLES",
-    "CalibrationOptions", "calibrate", "calibration_options", "input_device", "kl_divergence", "move",
+    "CalibrationOptions", "calibrate", "calibration_options", "default_rank", "input_device", "kl_divergence", "move",
 ]

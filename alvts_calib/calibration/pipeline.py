@@ -38,7 +38,7 @@ from ..progress import note, phase, track
 from ..selector.importance import DEFAULT_IMPORTANCE, Importance, attention_parts, importance_from_parts
 from ..selector.layer import LayerSelector
 from ..selector.layer_attention import layer_queries_keys
-from ..selector.skip_map import SKIP_UPDATE_RANK, UpdateMoments, fit_update, row_centred
+from ..selector.skip_map import UpdateMoments, default_skip_update_rank, fit_update, row_centred
 from ..selector.solver import Init, LayerBatch, refine, rope_svd_init, second_moment
 from ..tokens import check_compression
 from ..version import __version__
@@ -50,6 +50,7 @@ from .sweep_grid import GRID_COMPRESSIONS, next_round
 HELDOUT_FRACTION = 0.125  # share of samples kept out of the fit to measure fidelity
 REPORT_KEEP_RATIO = 0.11  # the keep ratio at which calibration reports fidelity
 REFINE_STEPS = 200  # importance-consistency refinement steps per layer (docs/DESIGN.md)
+MIN_DEFAULT_RANK = 256  # the default selector rank is two heads, and at least this many dimensions
 
 
 @dataclass(frozen=True)
@@ -236,18 +237,27 @@ def check_start_layer(start_layer: int, geometry: AttentionGeometry) -> None:
         raise AlvtsError(f"start layer must be between 0 and {geometry.num_layers - 1}, got {start_layer}")
 
 
+def default_rank(geometry: AttentionGeometry) -> int:
+    """The selector's default rank: two heads, and at least MIN_DEFAULT_RANK (whole heads), at most every head (256
+    at LLaVA-1.5-7B and Qwen2.5-VL-7B, four heads of SmolLM2-135M, all four of the demo's; docs/DESIGN.md)."""
+    heads = max(2, -(-MIN_DEFAULT_RANK // geometry.head_dim))
+    return min(heads, geometry.num_heads) * geometry.head_dim
+
+
 def calibration_options(
     config: Any, *, rank: int | None, start_layer: int, importance: str | Importance, init: str | Init,
-    refine_steps: int, heldout_fraction: float, report_keep_ratio: float, seed: int, skip_update_rank: int,
+    refine_steps: int, heldout_fraction: float, report_keep_ratio: float, seed: int, skip_update_rank: int | None,
     sensitivity_samples: int, refine_compressions: Sequence[float], refine_evaluations: int,
 ) -> CalibrationOptions:
     """The options (see `calibrate`) for a model with this transformers `config`, each checked with a one-line error;
     needs no weights, so a command can check them before it loads the model."""
     geometry = AttentionGeometry.of_config(config)
-    rank = rank if rank is not None else min(2 * geometry.head_dim, geometry.num_heads * geometry.head_dim)
+    rank = rank if rank is not None else default_rank(geometry)
     check_rank(rank, geometry)
     check_start_layer(start_layer, geometry)
     check_keep_ratio(report_keep_ratio)
+    if skip_update_rank is None:
+        skip_update_rank = default_skip_update_rank(geometry.hidden_size)
     check_skip_update_rank(skip_update_rank, geometry.hidden_size)
     if sensitivity_samples < 0:
         raise AlvtsError(f"sensitivity samples must be 0 (do not measure) or more, got {sensitivity_samples}")
@@ -282,7 +292,7 @@ def calibrate(
     heldout_fraction: float = HELDOUT_FRACTION,
     report_keep_ratio: float = REPORT_KEEP_RATIO,
     seed: int = 0,
-    skip_update_rank: int = SKIP_UPDATE_RANK,
+    skip_update_rank: int | None = None,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
     refine_compressions: Sequence[float] = (),
     refine_evaluations: int = REFINE_EVALUATIONS,
@@ -294,9 +304,9 @@ def calibrate(
 
     `samples` yields dicts of model inputs as a processor returns them; for a language model alone a sample
     may carry a bool `visual_mask` (B, L). The options that shape the result are `config` (a `CalibrationOptions`,
-    as a calibration records them) or the separate keywords, not both. `rank` defaults to two heads
-    (2 x head_dim). `skip_update_rank` is the rank of each layer's fitted update for skipped visual tokens (0: none;
-    see `selector.skip_map`).
+    as a calibration records them) or the separate keywords, not both. `rank` defaults to two heads and
+    at least 256 (`default_rank`). `skip_update_rank` is the rank of each layer's fitted update for skipped visual
+    tokens (0: none; default hidden_size / 8, at most 64; see `selector.skip_map`).
 
     The steps, each saved to `checkpoint` as it finishes (a rerun with the same model, data and options resumes
     from them): capture every sample's input to layer 0; per layer, solve its selector and fit its skip map

@@ -5,9 +5,10 @@ Pure tensor code over one layer's inputs; imports `model/` and the base modules 
 
 from .importance import DEFAULT_IMPORTANCE, Importance
 from .layer import LayerSelector
-from .skip_map import SKIP_UPDATE_RANK, SkipUpdate
+from .skip_map import SkipUpdate, default_skip_update_rank
 from .solver import Init, rope_svd_init
 
 __all__ = [
-    "DEFAULT_IMPORTANCE", "SKIP_UPDATE_RANK", "Importance", "Init", "LayerSelector", "SkipUpdate", "rope_svd_init",
+    "DEFAULT_IMPORTANCE", "Importance", "Init", "LayerSelector", "SkipUpdate", "default_skip_update_rank",
+    "rope_svd_init",
 ]
