@@ -386,7 +386,7 @@ def test_ctrl_c_says_what_was_saved_inspect_says_what_is_there_and_the_rerun_res
         f"error: interrupted; what was finished is saved in {checkpoint}: rerun the same command to resume")
     inspected = _ok(["inspect", str(checkpoint)])
     assert "unfinished calibration checkpoint (2 of 24 layers calibrated): rerun the alvts calibrate" in inspected
-    assert "rank: 32" in inspected and "{'" not in inspected  # options as key: value lines, not a Python dict
+    assert "rank: 64" in inspected and "{'" not in inspected  # options as key: value lines, not a Python dict
     monkeypatch.setattr(pipeline, "_solve_layer", solve)
     with pytest.raises(SystemExit) as exited:
         cli_app.main()
