@@ -39,7 +39,7 @@ def weight_svd_selector(model: nn.Module, start_layer: int = 1) -> Selector:
     """A Selector from each layer's RoPE-aware weight SVD (no calibration data), for layers start_layer and up,
     scored by the default importance, with randomly initialised skip-update maps of the default rank (for speed only
     their shapes matter)."""
-    skip_rank = default_skip_update_rank(model.config.get_text_config().hidden_size)
+    skip_rank = default_skip_update_rank(AttentionGeometry.of(model).hidden_size)
     return svd_selector(model, start_layer=start_layer, heads=SELECTOR_HEADS, skip_rank=skip_rank,
                         importance=DEFAULT_IMPORTANCE)
 

@@ -16,13 +16,13 @@ from torch import nn
 
 SKIP_UPDATE_TENSOR_NAMES = ("down.weight", "up.weight", "up.bias")
 MAX_SKIP_UPDATE_RANK = 64  # the default rank of the fitted map is hidden_size / 8, at most this (0: fit none)
+RIDGE = 1e-3  # relative to the mean input variance
 
 
 def default_skip_update_rank(hidden_size: int) -> int:
     """The fitted map's default rank for a model of this width: hidden_size / 8, at most MAX_SKIP_UPDATE_RANK (8 on
     the demo, 64 on real models; docs/DESIGN.md, "Skip-update rank")."""
     return min(MAX_SKIP_UPDATE_RANK, max(1, hidden_size // 8))
-RIDGE = 1e-3  # relative to the mean input variance
 
 
 def row_centred(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
