@@ -8,7 +8,9 @@ import torch
 from alvts_calib.artifact.config import SkippedKeys
 from alvts_calib.errors import AlvtsError
 from alvts_calib.evaluation.divergence import full_references, measure_plan
-from alvts_calib.evaluation.plans import Plan, fastv_plan, random_plan
+from alvts_calib.evaluation.flops import layer_flops, skip_update_flops
+from alvts_calib.evaluation.plans import Plan, alvts_plan, fastv_plan, random_plan
+from alvts_calib.model.adapters import AttentionGeometry
 from alvts_calib.model.visual import visual_positions
 from alvts_calib.runtime.attach import attach_policies, detach
 from alvts_calib.runtime.policies import KeepAllPolicy
@@ -79,3 +81,28 @@ def test_bad_samples_are_refused():
         full_references(model, [sample], 0)
     with pytest.raises(AlvtsError, match="one row"):
         full_references(model, [{**sample, "visual_mask": sample["visual_mask"][:, :-1]}], NEW_TOKENS)
+
+
+def test_flops_count_selection_and_the_skipped_update(make_selector, with_random_skip_updates):
+    """The FLOPs ratio counts what `alvts eval` counts: the routed layers, each policy's selection and the fitted
+    update of the skipped tokens, against the full model's prefill."""
+    model = tiny_llama("sdpa")
+    references = full_references(model, _samples(model), NEW_TOKENS)
+    selector = with_random_skip_updates(make_selector(model, 0.5, start_layer=1), rank=4)
+    plan = alvts_plan(selector, 0.5, 4, 16)
+    result = measure_plan(model, references, plan, "alvts", 0.5, skipped_update="linear", selector=selector)
+    geometry = AttentionGeometry.of(model)
+    intermediate = model.config.intermediate_size
+    length = references[0].input_ids.shape[1]
+    text = length - 16
+    expected = layer_flops(length, geometry, intermediate)  # layer 0 keeps every token
+    for index in (1, 2, 3):
+        kept = plan.planned_tokens[index]
+        expected += layer_flops(text + kept, geometry, intermediate)
+        expected += plan.policies[index].selection_flops(length, geometry)
+        expected += skip_update_flops(16 - kept, geometry.hidden_size, 4)
+    full = 4 * layer_flops(length, geometry, intermediate)
+    assert 0 < plan.planned_tokens[1] < 16
+    assert result.flops_ratio == pytest.approx(expected / full, rel=1e-9)
+    unrouted = measure_plan(model, references, Plan("keep-all", {}, [16] * 4), "keep-all", 0.0)
+    assert unrouted.flops_ratio == pytest.approx(1.0, rel=1e-12)

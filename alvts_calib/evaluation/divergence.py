@@ -21,9 +21,11 @@ from ..artifact.config import SkippedUpdate
 from ..calibration.capture import input_device
 from ..calibration.sensitivity import kl_divergence
 from ..errors import AlvtsError
+from ..model.adapters import AttentionGeometry
 from ..model.visual import visual_positions
 from ..runtime.attach import attach_policies, detach, last_visual_pass
 from ..runtime.policies import KeepAllPolicy
+from .costs import full_prefill_flops, pass_costs, update_ranks
 from .plans import Plan
 
 
@@ -88,6 +90,7 @@ class DivergenceResult:
     kl_per_prompt: list[float]
     visual_tokens_per_layer: list[float]  # measured mean over prompts, at prefill
     runtime: dict[str, str] = field(default_factory=dict)  # skipped keys and update of the run
+    flops_ratio: float = 1.0  # mean prefill FLOPs over the full model's, selection and skipped updates included
 
     @property
     def mean_visual_tokens(self) -> float:
@@ -110,7 +113,10 @@ def measure_plan(
     skipped_update = plan.skipped_update(SkippedUpdate(skipped_update))
     attach_policies(model, policies, selector=selector, skipped_update=skipped_update,
                     skipped_keys=plan.skipped_keys)
-    kls, agreements, tokens = [], [], []
+    geometry = AttentionGeometry.of(model)
+    intermediate = model.config.get_text_config(decoder=True).intermediate_size
+    ranks = update_ranks(selector, policies, plan.skipped_keys, skipped_update)
+    kls, agreements, tokens, flops_ratios = [], [], [], []
     try:
         for reference in references:
             with visual_positions(model, reference.span.to(input_device(model))):
@@ -118,8 +124,11 @@ def measure_plan(
             context = last_visual_pass(model)
             if context is None:
                 raise AlvtsError("the model saw no visual tokens: check the samples' visual_mask")
-            counts = context.processed_counts()
-            tokens.append([float(counts[index][0]) for index in range(num_layers)])
+            costs = pass_costs(context, policies, ranks, plan.skipped_keys, geometry, intermediate)
+            tokens.append(costs.tokens[0].float().tolist())
+            ratio = costs.flops[0] / full_prefill_flops(reference.input_ids.shape[1], geometry, intermediate)
+            exact = skipped_update is SkippedUpdate.EXACT  # which also runs every layer unrouted
+            flops_ratios.append(1.0 + ratio if exact else ratio)
             kls.append(float(kl_divergence(reference.log_probs, log_probs).clamp(min=0).mean()))
             agreements.append(float((reference.log_probs.argmax(-1) == log_probs.argmax(-1)).float().mean()))
     finally:
@@ -127,7 +136,7 @@ def measure_plan(
     per_layer = torch.tensor(tokens).mean(0).tolist()
     runtime = {"skipped_keys": plan.skipped_keys.value, "skipped_update": skipped_update.value}
     return DivergenceResult(label, compression, statistics.fmean(kls), statistics.fmean(agreements), kls, per_layer,
-                            runtime)
+                            runtime, statistics.fmean(flops_ratios))
 
 
 def result_row(result: DivergenceResult, num_visual: int) -> dict[str, Any]:

@@ -37,10 +37,9 @@ from ..model.fingerprint import check_fingerprint
 from ..options import DEFAULT_START_LAYER, parse_choice
 from ..progress import track
 from ..runtime.attach import attach_policies, detach, last_visual_pass
-from ..runtime.context import ForwardContext
-from ..runtime.policies import KeepAllPolicy, LayerPolicy
+from ..runtime.policies import KeepAllPolicy
 from ..tokens import check_compression
-from .flops import decoder_flops, skip_update_flops
+from .costs import pass_costs, update_ranks
 from .plans import Plan, alvts_plan, dart_plan, fastv_plan, oracle_plan, pyramid_plan, random_plan, selector_plan
 
 METHODS = ("alvts", "alvts-uniform", "oracle", "fastv", "pyramiddrop", "dart", "random")
@@ -169,7 +168,7 @@ class Harness:
         skipped_keys = SkippedKeys.DROP if plan is None else plan.skipped_keys
         update = self.skipped_update if plan is None else plan.skipped_update(self.skipped_update)
         attach_policies(self.model, policies, selector=self.selector, skipped_update=update, skipped_keys=skipped_keys)
-        update_ranks = self._update_ranks(policies, skipped_keys, update)
+        ranks = update_ranks(self.selector, policies, skipped_keys, update)
         try:
             correct, tokens, flops, selection = 0, [], [], []
             correct_by_kind: Counter[str] = Counter()
@@ -182,10 +181,10 @@ class Harness:
                     if item.kind is not None:
                         total_by_kind[item.kind] += 1
                         correct_by_kind[item.kind] += right
-                batch_tokens, batch_flops, batch_selection = self._costs(context, policies, update_ranks, skipped_keys)
-                tokens.append(batch_tokens)
-                flops.extend(batch_flops)
-                selection.extend(batch_selection)
+                costs = pass_costs(context, policies, ranks, skipped_keys, self.geometry, self.intermediate_size)
+                tokens.append(costs.tokens)
+                flops.extend(costs.flops)
+                selection.extend(costs.selection)
         finally:
             detach(self.model)
         per_layer = torch.cat(tokens).float().mean(0).tolist()
@@ -207,53 +206,6 @@ class Harness:
             raise AlvtsError("the model saw no visual tokens: check that prompts reach the model with their image")
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), context
-
-    def _update_ranks(
-        self, policies: dict[int, LayerPolicy], skipped_keys: SkippedKeys, update: SkippedUpdate
-    ) -> dict[int, int]:
-        """Per layer that applies the fitted skip update `update` to its skipped visual tokens, the update's rank."""
-        if not update.fitted or (update is SkippedUpdate.STAND_IN and skipped_keys is not SkippedKeys.POOL):
-            return {}
-        return {
-            index: self.selector.skip_updates[index].down.out_features
-            for index, policy in policies.items() if not policy.keeps_all
-        }
-
-    def _costs(
-        self, context, policies, update_ranks, skipped_keys: SkippedKeys
-    ) -> tuple[torch.Tensor, list[float], list[float]]:
-        """(B, layers) processed visual tokens, and per row the prefill FLOPs (with the fitted skip updates' on
-        `update_ranks`' layers, and with SkippedKeys.ALL attention on every token) and the selection FLOPs."""
-        processed = context.processed_counts()
-        tokens = torch.stack([processed[i].cpu() for i in range(self.geometry.num_layers)], dim=1)
-        text = (context.valid & ~context.visual).sum(-1).cpu()
-        length = context.valid.sum(-1).cpu()
-        skipped = {index: updated_tokens(context, index).cpu() for index in update_ranks}
-        flops, selection = [], []
-        for row in range(tokens.shape[0]):
-            positions = (tokens[row] + text[row]).tolist()
-            flops_row = decoder_flops(positions, int(length[row]), self.geometry, self.intermediate_size,
-                                      keys_all=skipped_keys is SkippedKeys.ALL)
-            flops_row += sum(
-                skip_update_flops(int(skipped[index][row]), self.geometry.hidden_size, rank)
-                for index, rank in update_ranks.items()
-            )
-            selection_row = sum(
-                p.selection_flops(int(length[row]), self.geometry) for p in policies.values() if not p.keeps_all
-            )
-            flops.append(flops_row + selection_row)
-            selection.append(selection_row)
-        return tokens, flops, selection
-
-
-def updated_tokens(context: ForwardContext, index: int) -> torch.Tensor:
-    """(B,) skipped visual tokens layer `index` gave an update in the last pass: those of rows where it processed
-    some of the visual tokens (the others have no update to take)."""
-    keep = context.selected.get(index)
-    if keep is None:
-        return torch.zeros(context.visual.shape[0], dtype=torch.long)
-    visual = context.visual & context.valid
-    return ((visual & ~keep).sum(-1) * (visual & keep).any(-1)).long()
 
 
 def reference_visual_count(result: MethodResult) -> int:
