@@ -24,6 +24,16 @@ def test_rms_norms_get_an_equal_cheaper_form(tiny_case, family, dtype):
     torch.testing.assert_close(fast(states), norm(states), rtol=tolerance, atol=tolerance)
 
 
+def test_a_float32_weight_on_bfloat16_states_promotes_as_the_norm_does(tiny_case):
+    norm = decoder_layers(tiny_case("llama", "sdpa").model)[1].input_layernorm.float()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    states = (torch.randn(2, 7, norm.weight.shape[0]) * 3).bfloat16()
+    expected = norm(states)
+    assert expected.dtype == torch.float32
+    torch.testing.assert_close(sequence_norm(norm)(states), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_other_norms_run_as_they_are():
     layer_norm = nn.LayerNorm(8)
     assert sequence_norm(layer_norm) is layer_norm

@@ -2,8 +2,9 @@
 
 Selection, the pooled stand-in and the skipped update read the normed input of every position, which the layer's
 own norm computes in four passes over the sequence (square, mean, scale, weight). A plain RMSNorm (weight * x /
-rms(x), the ratio taken in float32, as Llama's and Qwen2's are) needs one reduction and two multiplies. Whether a norm
-is one is checked on a probe when the layer is routed; any other norm runs as it is.
+rms(x), the ratio taken in float32, as Llama's and Qwen2's are) needs one reduction and two multiplies (the second in
+place where the dtypes allow). Whether a norm is one is checked on a probe when the layer is routed; any other norm
+runs as it is.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def sequence_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def rms_norm(states: torch.Tensor) -> torch.Tensor:
         length = torch.linalg.vector_norm(states, dim=-1, keepdim=True, dtype=torch.float32)
         scale = torch.rsqrt(length.square() / states.shape[-1] + eps)
-        return weight * (states.float() * scale).to(states.dtype)
+        normed = (states.float() * scale).to(states.dtype)
+        return normed.mul_(weight) if weight.dtype == normed.dtype else weight * normed  # promotes as the norm does
 
     generator = torch.Generator(device=weight.device).manual_seed(0)
     probe = torch.randn(2, 3, weight.shape[0], device=weight.device, generator=generator).to(weight.dtype)
