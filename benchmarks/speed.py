@@ -149,7 +149,7 @@ def benchmark_model(spec: ModelSpec, settings: Settings, console: Console | None
                     console.log(f"{spec.name} {backend} batch {batch}: {variant.method} {variant.compression}")
                 row = {"method": variant.method, "compression": variant.compression,
                        "planned_tokens": variant.planned_tokens, "routed_layers": sorted(variant.policies or ()),
-                       "selection_flops": selection_flops(variant.policies, length, geometry)}
+                       "selection_flops": selection_flops(variant.policies, length, length - num_visual, geometry)}
                 row.update(measure_variant(model, inputs, decoder, variant, settings, selector))
                 rows.append(row)
             _compare(rows, geometry, spec.intermediate, num_visual, length - num_visual)

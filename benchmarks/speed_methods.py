@@ -92,6 +92,9 @@ def ideal_speedup(planned: list[int], num_visual: int, num_text: int, geometry: 
     return full / (routed + selection_flops)
 
 
-def selection_flops(policies: dict[int, LayerPolicy] | None, num_tokens: int, geometry: AttentionGeometry) -> float:
-    """FLOPs all policies spend selecting over a row of `num_tokens` positions (their own estimates)."""
-    return sum(policy.selection_flops(num_tokens, geometry) for policy in (policies or {}).values())
+def selection_flops(
+    policies: dict[int, LayerPolicy] | None, num_tokens: int, num_text: int, geometry: AttentionGeometry
+) -> float:
+    """FLOPs all policies spend selecting over a row of `num_tokens` positions, `num_text` of them text (their own
+    estimates)."""
+    return sum(policy.selection_flops(num_tokens, num_text, geometry) for policy in (policies or {}).values())

@@ -99,7 +99,7 @@ def test_flops_count_selection_and_the_skipped_update(make_selector, with_random
     for index in (1, 2, 3):
         kept = plan.planned_tokens[index]
         expected += layer_flops(text + kept, geometry, intermediate)
-        expected += plan.policies[index].selection_flops(length, geometry)
+        expected += plan.policies[index].selection_flops(length, text, geometry)
         expected += skip_update_flops(16 - kept, geometry.hidden_size, 4)
     full = 4 * layer_flops(length, geometry, intermediate)
     assert 0 < plan.planned_tokens[1] < 16

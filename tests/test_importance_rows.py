@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alvts_calib.model.adapters import decoder_layers
+from alvts_calib.model.adapters import AttentionGeometry, decoder_layers
 from alvts_calib.runtime.attach import attach
+from alvts_calib.runtime.policies import SelectorPolicy
 from alvts_calib.selector.importance import Importance, query_rows
 from alvts_calib.selector.layer import LayerSelector
 
@@ -55,3 +56,12 @@ def test_routed_selection_projects_queries_for_text_rows_only(tiny_case, make_se
         handle.remove()
     text = int((case.valid & ~case.visual).sum(1).max())
     assert rows == [text] * len(routed)
+
+
+@pytest.mark.parametrize(("definition", "rows"), [(Importance.TEXT, 60), (Importance.LAST, 1), (Importance.PAPER, 636)])
+def test_selection_flops_count_queries_at_the_rows_read(definition, rows):
+    """What `alvts eval` charges a selector: keys at every position, queries and logits at the rows it reads."""
+    geometry = AttentionGeometry(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128)
+    policy = SelectorPolicy(LayerSelector(4096, 256, 128), 0.11, definition)
+    keys, queries, logits = 2 * 636 * 4096 * 256, 2 * rows * 4096 * 256, 2 * rows * 636 * 256
+    assert policy.selection_flops(636, 60, geometry) == keys + queries + logits

@@ -43,7 +43,7 @@ class ExactPolicy(RatioPolicy):
         parts = attention_parts(queries, keys, context.visual, context.valid, self.importance)
         return top_k_mask(importance_from_parts(parts), context.visual & context.valid, self.keep_ratio)
 
-    def selection_flops(self, num_tokens, geometry):
+    def selection_flops(self, num_tokens, num_text, geometry):
         width = (geometry.num_heads + geometry.num_kv_heads) * geometry.head_dim
         query_width = geometry.num_heads * geometry.head_dim
         return 2.0 * num_tokens * geometry.hidden_size * width + 4.0 * num_tokens**2 * query_width
@@ -86,7 +86,7 @@ class PrunePolicy(LayerPolicy):
         chosen = context.policy_state[RETAINED] = self.choose(layer, normed, context, cos, sin, candidates, counts)
         return chosen if self.applies_here else before
 
-    def selection_flops(self, num_tokens, geometry):
+    def selection_flops(self, num_tokens, num_text, geometry):
         keys = 2.0 * num_tokens * geometry.hidden_size * geometry.num_kv_heads * geometry.head_dim
         return keys + 2.0 * self.query_rows * num_tokens * geometry.hidden_size
 

@@ -60,7 +60,8 @@ def pass_costs(
             skip_update_flops(int(skipped[index][row]), geometry.hidden_size, rank) for index, rank in ranks.items()
         )
         selection_row = sum(
-            p.selection_flops(int(length[row]), geometry) for p in policies.values() if not p.keeps_all
+            p.selection_flops(int(length[row]), int(text[row]), geometry)
+            for p in policies.values() if not p.keeps_all
         )
         flops.append(flops_row + selection_row)
         selection.append(selection_row)

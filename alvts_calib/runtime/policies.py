@@ -48,8 +48,9 @@ class LayerPolicy(ABC):
         """Move any tensors the policy holds; returns the policy."""
         return self
 
-    def selection_flops(self, num_tokens: int, geometry: AttentionGeometry) -> float:
-        """Approximate FLOPs of one selection over a row of `num_tokens` positions (matmuls only)."""
+    def selection_flops(self, num_tokens: int, num_text: int, geometry: AttentionGeometry) -> float:
+        """Approximate FLOPs of one selection over a row of `num_tokens` positions, `num_text` of them text (matmuls
+        only)."""
         return 0.0
 
 
@@ -103,8 +104,10 @@ class SelectorPolicy(RatioPolicy):
         self.selector = self.selector.to(device=device, dtype=dtype)
         return self
 
-    def selection_flops(self, num_tokens, geometry):
+    def selection_flops(self, num_tokens, num_text, geometry):
+        """Keys at every position, queries at the rows the importance reads (`query_rows`), and their logits."""
         rank = self.selector.q_proj.out_features
-        return 2.0 * num_tokens * geometry.hidden_size * 2 * rank + 4.0 * num_tokens**2 * rank
+        rows = {Importance.TEXT: num_text, Importance.LAST: 1}.get(self.importance, num_tokens)
+        return 2.0 * (num_tokens + rows) * geometry.hidden_size * rank + 2.0 * rows * num_tokens * rank
 
 
