@@ -27,11 +27,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from alvts_calib.artifact.budgets import Budget, allocate
-from alvts_calib.artifact.calibration import Calibration, load_calibration
-from alvts_calib.artifact.config import SkippedKeys, default_skipped_update
-from alvts_calib.artifact.export import calibrated_layers
-from alvts_calib.calibration.joint_search import joint_divergences
+from alvts_calib.artifact import (
+    Budget,
+    Calibration,
+    SkippedKeys,
+    allocate,
+    calibrated_layers,
+    default_skipped_update,
+    load_calibration,
+)
+from alvts_calib.calibration import joint_divergences
 
 COMPRESSIONS = (0.67, 0.78, 0.89)
 BUDGETS = (Budget.SENSITIVITY, Budget.UNIFORM, Budget.ADAPTIVE_MASS, Budget.ADAPTIVE, Budget.ADAPTIVE_UPDATE)
@@ -73,8 +78,7 @@ def measure(model, calibration: Calibration, groups: dict[str, list[dict]]) -> l
 
 def demo_surface() -> dict[str, Any]:
     from alvts_calib.data import build_samples
-    from alvts_calib.demo import split_records
-    from alvts_calib.demo.builtin import builtin_model, builtin_processor
+    from alvts_calib.demo import builtin_model, builtin_processor, split_records
 
     calibration = load_calibration(DEMO_CALIBRATION)
     measured = calibration.metadata["summary"]["sensitivity_samples"]

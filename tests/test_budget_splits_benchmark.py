@@ -12,10 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import budget_splits  # noqa: E402
 
-from alvts_calib.artifact.calibration import load_calibration  # noqa: E402
+from alvts_calib.artifact import load_calibration  # noqa: E402
 from alvts_calib.data import build_samples  # noqa: E402
-from alvts_calib.demo import split_records  # noqa: E402
-from alvts_calib.demo.builtin import builtin_model, builtin_processor  # noqa: E402
+from alvts_calib.demo import builtin_model, builtin_processor, split_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

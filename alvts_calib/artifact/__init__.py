@@ -3,7 +3,7 @@
 """
 
 
-from .budgets import Budget, parse_budget
+from .budgets import Budget, allocate, parse_budget
 from .calibration import CALIBRATION_FORMAT, Calibration, checkpoint_path, load_artifact, load_calibration
 from .config import (
     DEFAULT_BUDGET,
@@ -22,7 +22,7 @@ from .selector import SELECTOR_FORMAT, Selector, load_selector, read_metadata
 __all__ = [
     "CALIBRATION_FORMAT", "DEFAULT_BUDGET", "DEFAULT_SKIPPED_KEYS", "SELECTOR_FORMAT",
     "UNRECORDED_SKIPPED_KEYS", "UNRECORDED_SKIPPED_UPDATE", "Budget", "Calibration", "RuntimeConfig", "Selector",
-    "SkippedKeys", "SkippedUpdate", "build_selector", "calibrated_layers", "check_skipped_update", "checkpoint_path",
-    "default_skipped_update", "export", "keep_ratio_at", "load_artifact", "load_calibration", "load_selector",
-    "parse_budget", "read_metadata", "tokens_per_layer_at",
+    "SkippedKeys", "SkippedUpdate", "allocate", "build_selector", "calibrated_layers", "check_skipped_update",
+    "checkpoint_path", "default_skipped_update", "export", "keep_ratio_at", "load_artifact", "load_calibration",
+    "load_selector", "parse_budget", "read_metadata", "tokens_per_layer_at",
 ]
