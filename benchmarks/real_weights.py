@@ -230,6 +230,13 @@ def sweep_table(surface: Surface, compression: float, on_row=None) -> list[dict]
     return rows
 
 
+def paired_with(rows: list[dict], label: str) -> list[dict]:
+    """`rows` with each one's paired KL difference from the row labelled `label` at the same compression."""
+    reference = {row["compression"]: row["kl_per_prompt"] for row in rows if row["method"] == label}
+    return [{**row, "kl_vs_reference": paired_difference(row["kl_per_prompt"], reference[row["compression"]])}
+            for row in rows]
+
+
 def _cells(row: dict) -> list[str]:
     """compression, method (or sweep setting), measured compression, FLOPs, KL, top-1, skipped keys / update."""
     runtime = f"{row['runtime']['skipped_keys']} / {row['runtime']['skipped_update']}"
@@ -249,9 +256,9 @@ def render(rows: list[dict], title: str) -> Table:
     return table
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], reference: str = "uniform") -> str:
     sweep = any("kl_vs_reference" in row for row in rows)
-    columns = (*COLUMNS, "KL vs uniform (paired SE)") if sweep else COLUMNS
+    columns = (*COLUMNS, f"KL vs {reference} (paired SE)") if sweep else COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|---|---|---:|---:|---:|---:|---|" + ("---:|" if sweep else "")]
     for row in rows:
         cells = _cells(row)
@@ -275,6 +282,7 @@ def main() -> None:
     parser.add_argument("--rows", help="comma-separated labels of the methods table's rows to run (default: all)")
     parser.add_argument("--skip-update-rank", type=int,
                         help="skip-update rank of the methods table's calibration (default: calibrate's)")
+    parser.add_argument("--paired", help="with the methods table: add each row's paired KL difference from this row")
     parser.add_argument("--out", type=Path, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -297,7 +305,7 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(report(rows), indent=2) + "\n")
         if args.markdown:
-            args.markdown.write_text(markdown(rows))
+            args.markdown.write_text(markdown(rows, "uniform" if args.sweep else args.paired))
 
     if args.sweep:
         rows = sweep_table(surface, compressions[-1], on_row=save)
@@ -306,8 +314,11 @@ def main() -> None:
         unknown = sorted((labels or set()) - {variant.label for variant in VARIANTS})
         if unknown:
             parser.error(f"unknown --rows {', '.join(unknown)}; choose from: {', '.join(v.label for v in VARIANTS)}")
+        if args.paired is not None and args.paired not in (labels or {variant.label for variant in VARIANTS}):
+            parser.error(f"--paired {args.paired!r} is not among the rows run")
         options = {} if args.skip_update_rank is None else {"skip_update_rank": args.skip_update_rank}
         rows = methods_table(surface, surface.calibration(**options)[0], compressions, labels)
+        rows = rows if args.paired is None else paired_with(rows, args.paired)
     save(rows)
     if args.json:
         print(json.dumps(report(rows), indent=2))
