@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..model.adapters import AttentionGeometry
-from ..selector.importance import Importance, query_rows, top_k_mask
+from ..selector.importance import Importance, query_row_count, query_rows, top_k_mask
 from ..selector.layer import LayerSelector
 from ..tokens import keep_count_host
 from .context import ForwardContext
@@ -107,7 +107,7 @@ class SelectorPolicy(RatioPolicy):
     def selection_flops(self, num_tokens, num_text, geometry):
         """Keys at every position, queries at the rows the importance reads (`query_rows`), and their logits."""
         rank = self.selector.q_proj.out_features
-        rows = {Importance.TEXT: num_text, Importance.LAST: 1}.get(self.importance, num_tokens)
+        rows = query_row_count(self.importance, num_tokens, num_text)
         return 2.0 * (num_tokens + rows) * geometry.hidden_size * rank + 2.0 * rows * num_tokens * rank
 
 

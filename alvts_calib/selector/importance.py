@@ -62,6 +62,12 @@ def query_rows(
     return kept_positions(~visual & valid, text_rows)[0]
 
 
+def query_row_count(definition: Importance, num_tokens: int, num_text: int) -> int:
+    """How many query rows `definition` reads in a row of `num_tokens` positions, `num_text` of them text (what
+    `query_rows` gives, counted on the host)."""
+    return {Importance.TEXT: num_text, Importance.LAST: 1}.get(definition, num_tokens)
+
+
 def attention_parts(
     queries: torch.Tensor,
     keys: torch.Tensor,
