@@ -358,7 +358,7 @@ def test_skipped_tokens_pass_through_unchanged(tiny_case, make_selector, family,
             hidden = args[0] if args else kwargs["hidden_states"]
             context = kwargs[CONTEXT_KWARG]
             cos, sin = kwargs["position_embeddings"]
-            selected = module.alvts_policy.select(module, module.input_layernorm(hidden), context, cos, sin)
+            selected = module.alvts_policy.select(module, module.alvts_sequence_norm(hidden), context, cos, sin)
             keep = processed_positions(context, selected)
             changed = (output != hidden).any(-1)
             seen[index] = (keep, changed)

@@ -28,7 +28,7 @@ from ..model.visual import VisualTracker
 from ..progress import counting
 from ..runtime.attach import attach_policies, detach
 from ..runtime.context import ForwardContext, PassCounts
-from ..runtime.policies import LayerPolicy, selector_scores
+from ..runtime.policies import LayerPolicy, SelectorScoring
 from ..runtime.routing import CONTEXT_KWARG, RoutedLayerMixin
 from ..selector.importance import Importance, top_count_mask
 from ..selector.layer import LayerSelector
@@ -38,7 +38,7 @@ from .capture import CapturedBatch, capture_layer_inputs, move
 SENSITIVITY_SAMPLES = 64  # calibration samples the measurement uses by default (0: do not measure)
 
 
-class BudgetSweepPolicy(LayerPolicy):
+class BudgetSweepPolicy(SelectorScoring, LayerPolicy):
     """The calibrated selector at K budgets at once, for measuring sensitivity: the batch is K equal blocks of rows
     (a sample repeated K times) and block j processes ceil(fractions[j] * n) of a row's n visual tokens, a pooled
     stand-in counting as one of them."""
@@ -49,16 +49,12 @@ class BudgetSweepPolicy(LayerPolicy):
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
-        scores = selector_scores(self.selector, normed, context, cos, sin, self.importance)
+        scores = self.scores(normed, context, cos, sin)
         candidates = context.visual & context.valid
         count = candidates.sum(-1)
         per_row = self.fractions.to(count.device).repeat_interleave(count.shape[0] // self.fractions.numel())
         budget = keep_count(count, per_row)
         return top_count_mask(scores, candidates, selected_beside_stand_in(budget, count))
-
-    def to(self, device, dtype):
-        self.selector = self.selector.to(device=device, dtype=dtype)
-        return self
 
 
 

@@ -13,13 +13,14 @@ from torch import nn
 
 from ..errors import AlvtsError
 from ..runtime.context import ForwardContext
+from ..runtime.input_norm import NormedSequence
 from ..runtime.policies import LayerPolicy, RatioPolicy
 from ..selector.importance import Importance, attention_parts, importance_from_parts, top_count_mask, top_k_mask
 from ..selector.layer_attention import last_query_attention, layer_queries_keys
 from ..tokens import keep_count
 
 # (layer, normed, context, cos, sin, candidates, counts) -> (B, L) bool: the visual tokens a pruning step keeps
-Chooser = Callable[[nn.Module, torch.Tensor, ForwardContext, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+Chooser = Callable[[nn.Module, NormedSequence, ForwardContext, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                    torch.Tensor]
 
 
@@ -39,7 +40,7 @@ class ExactPolicy(RatioPolicy):
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
-        queries, keys = layer_queries_keys(layer, normed, cos, sin, layer.self_attn.head_dim)
+        queries, keys = layer_queries_keys(layer, normed.dense(), cos, sin, layer.self_attn.head_dim)
         parts = attention_parts(queries, keys, context.visual, context.valid, self.importance)
         return top_k_mask(importance_from_parts(parts), context.visual & context.valid, self.keep_ratio)
 
@@ -107,7 +108,7 @@ def last_attention_choice(layer, normed, context, cos, sin, candidates, counts) 
     removed the other visual tokens from the sequence.
     """
     present = context.valid & (~context.visual | candidates)
-    scores = last_query_attention(layer, normed, cos, sin, present, layer.self_attn.head_dim)
+    scores = last_query_attention(layer, normed.dense(), cos, sin, present, layer.self_attn.head_dim)
     return top_count_mask(scores, candidates, counts)
 
 
@@ -122,6 +123,7 @@ DART_PIVOTS = DART_IMAGE_PIVOTS + DART_TEXT_PIVOTS
 
 def dart_choice(layer, normed, context, cos, sin, candidates, counts) -> torch.Tensor:
     """DART: pivots by largest key L1 norm, then per pivot the candidates least similar to it (cosine)."""
+    normed = normed.dense()
     key_norms = layer.self_attn.k_proj(normed).float().abs().sum(-1)
     states = torch.nn.functional.normalize(normed.float(), dim=-1)
     text = context.valid & ~context.visual

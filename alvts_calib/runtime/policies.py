@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from ..model.adapters import AttentionGeometry
-from ..selector.importance import Importance, query_row_count, query_rows, top_k_mask
+from ..selector.importance import Importance, importance_from_parts, query_row_count, query_rows, top_k_mask
 from ..selector.layer import LayerSelector
 from ..tokens import keep_count_host
 from .context import ForwardContext
+from .input_norm import NormedProjection, NormedSequence, SequenceNorm
 
 
 class LayerPolicy(ABC):
@@ -24,13 +25,13 @@ class LayerPolicy(ABC):
 
     @abstractmethod
     def select(
-        self, layer: nn.Module, normed: torch.Tensor, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor
+        self, layer: nn.Module, normed: NormedSequence, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor | None:
         """(B, L) bool of the visual tokens to process, or None for all of them.
 
-        `normed` is the layer's input after its input layernorm (None when `reads_states` is False);
-        `cos`/`sin` are the layer's RoPE tables. Called only for passes that contain visual tokens, and not
-        when `keeps_all`.
+        `normed` is the layer's input after its input layernorm (`normed.dense()` as one tensor; None when
+        `reads_states` is False); `cos`/`sin` are the layer's RoPE tables. Called only for passes that contain
+        visual tokens, and not when `keeps_all`.
         """
 
     reads_states = True  # select() uses `normed` (the routed layer then computes it)
@@ -47,6 +48,10 @@ class LayerPolicy(ABC):
     def to(self, device: torch.device, dtype: torch.dtype) -> LayerPolicy:
         """Move any tensors the policy holds; returns the policy."""
         return self
+
+    def bind_norm(self, norm: SequenceNorm) -> None:
+        """Prepare for the normed input of the layer the policy is attached to (after `to`); called once then."""
+        return None
 
     def selection_flops(self, num_tokens: int, num_text: int, geometry: AttentionGeometry) -> float:
         """Approximate FLOPs of one selection over a row of `num_tokens` positions, `num_text` of them text (matmuls
@@ -77,18 +82,37 @@ class RatioPolicy(LayerPolicy):
         return keep_count_host(num_visual, self.keep_ratio)
 
 
-def selector_scores(
-    selector: LayerSelector, normed: torch.Tensor, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
-    importance: Importance,
-) -> torch.Tensor:
-    """(B, L) the selector's importance of every position, from the layer's normed input (queries only for the rows
-    the importance reads)."""
-    weight = selector.q_proj.weight
-    positions = query_rows(context.visual, context.valid, importance, max(context.host_counts().text))
-    return selector.scores(normed.to(weight.dtype), cos, sin, context.visual, context.valid, importance, positions)
+class SelectorScoring:
+    """Scores a routed layer's visual tokens by the calibrated low-rank selector's importance: queries at the rows
+    the importance reads only, keys from the layer's normed input kept factored (`SequenceNorm`) once bound."""
+
+    selector: LayerSelector
+    importance: Importance
+    keys: NormedProjection | None = None  # the selector's key projection of the bound layer's normed input
+
+    def scores(self, normed: NormedSequence, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor):
+        """(B, L) the selector's importance of every position."""
+        selector = self.selector
+        dtype = selector.q_proj.weight.dtype
+        positions = query_rows(context.visual, context.valid, self.importance, max(context.host_counts().text))
+        query_states = normed if positions is None else normed.rows(positions)
+        queries = selector.q_proj(query_states.dense().to(dtype))
+        keys = selector.k_proj(normed.dense().to(dtype)) if self.keys is None else self.keys(normed)
+        parts = selector.projected_parts(
+            queries, keys, cos, sin, context.visual, context.valid, self.importance, positions
+        )
+        return importance_from_parts(parts)
+
+    def to(self, device, dtype):
+        self.selector = self.selector.to(device=device, dtype=dtype)
+        self.keys = None
+        return self
+
+    def bind_norm(self, norm):
+        self.keys = norm.projection(self.selector.k_proj)
 
 
-class SelectorPolicy(RatioPolicy):
+class SelectorPolicy(SelectorScoring, RatioPolicy):
     """ALVTS: the top `keep_ratio` of visual tokens by the calibrated low-rank selector's importance."""
 
     def __init__(self, selector: LayerSelector, keep_ratio: float, importance: Importance):
@@ -97,12 +121,7 @@ class SelectorPolicy(RatioPolicy):
         self.importance = importance
 
     def select(self, layer, normed, context, cos, sin):
-        scores = selector_scores(self.selector, normed, context, cos, sin, self.importance)
-        return top_k_mask(scores, context.visual & context.valid, self.keep_ratio)
-
-    def to(self, device, dtype):
-        self.selector = self.selector.to(device=device, dtype=dtype)
-        return self
+        return top_k_mask(self.scores(normed, context, cos, sin), context.visual & context.valid, self.keep_ratio)
 
     def selection_flops(self, num_tokens, num_text, geometry):
         """Keys at every position, queries at the rows the importance reads (`query_rows`), and their logits."""

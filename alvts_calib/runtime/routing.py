@@ -8,7 +8,6 @@ and hooks on the layer keep working; `detach` swaps it back.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ from ..artifact.config import SkippedKeys, SkippedUpdate
 from ..model.devices import align_tensors, execution_device, follow_class_forward
 from ..tokens import at_positions, kept_positions, with_stand_in
 from .context import ForwardContext, PassCounts
-from .input_norm import sequence_norm
+from .input_norm import NormedProjection, NormedSequence, SequenceNorm
 from .key_bias import KEY_BIAS_KWARG, folds_key_bias
 from .masks import routed_attention_mask
 from .policies import LayerPolicy
@@ -116,7 +115,7 @@ class Pool:
 
     @classmethod
     def of(
-        cls, hidden_states: torch.Tensor, normed: torch.Tensor, context: ForwardContext, keep: torch.Tensor,
+        cls, hidden_states: torch.Tensor, normed: NormedSequence, context: ForwardContext, keep: torch.Tensor,
         cos: torch.Tensor, sin: torch.Tensor,
     ) -> Pool:
         """The stand-in of the visual tokens outside `keep` (B, L) in each row; `normed` is the layer's normed input."""
@@ -132,12 +131,14 @@ class Pool:
         divisor = count.clamp(min=1).float()[:, None, None]
 
         def mean(values: torch.Tensor) -> torch.Tensor:  # one read of `values`; the sum is divided in float32
-            total = torch.bmm(weights.to(values.dtype), values.expand(batch, -1, -1))
-            return (total.float() / divisor).to(values.dtype)
+            return divided(torch.bmm(weights.to(values.dtype), values.expand(batch, -1, -1)))
+
+        def divided(total: torch.Tensor) -> torch.Tensor:
+            return (total.float() / divisor).to(total.dtype)
 
         return cls(
             state=mean(hidden_states),
-            normed=mean(normed),
+            normed=divided(normed.weighted_sum(weights)),
             cos=mean(cos),
             sin=mean(sin),
             log_count=count.clamp(min=1).float().log(),
@@ -171,13 +172,14 @@ class RoutedLayerMixin:
     alvts_policy: LayerPolicy
     alvts_skipped_update: SkippedUpdate
     alvts_skip_module: nn.Module | None  # the fitted map for SkippedUpdate.LINEAR and STAND_IN
+    alvts_skip_down: NormedProjection | None  # its down-projection, as a map of the layer's `NormedSequence`
     alvts_skipped_keys: SkippedKeys
     alvts_stand_in: tuple[torch.Tensor, torch.Tensor] | None  # (B, L_c, 1) stand-in slots and their normed input
     alvts_norm_hook: RemovableHandle
     alvts_mlp_compaction: tuple[Compaction, torch.Tensor] | None  # SkippedKeys.ALL, while the layer runs: `mlp_hooks`
     alvts_mlp_hooks: list[RemovableHandle]  # `mlp_hooks`, installed once (SkippedKeys.ALL only)
     alvts_layer_class: type  # the decoder layer class it was (set by `routed_class`)
-    alvts_sequence_norm: Callable[[torch.Tensor], torch.Tensor]  # the input norm over whole sequences (`input_norm`)
+    alvts_sequence_norm: SequenceNorm  # the input norm over whole sequences (`input_norm`)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         context: ForwardContext | None = kwargs.pop(CONTEXT_KWARG, None)
@@ -209,7 +211,7 @@ class RoutedLayerMixin:
         visual_keep: torch.Tensor,
         kwargs: dict,
         rows: list[int] | None,
-        normed: torch.Tensor | None,
+        normed: NormedSequence | None,
     ) -> torch.Tensor:
         """SkippedKeys.ALL: attention runs on every token, so the processed tokens read every token's own key and
         value and the layer caches every token; the MLP runs on the processed tokens only, and the skipped visual
@@ -237,7 +239,7 @@ class RoutedLayerMixin:
         visual_keep: torch.Tensor | None,
         kwargs: dict,
         rows: list[int] | None,
-        normed: torch.Tensor | None = None,
+        normed: NormedSequence | None = None,
     ) -> torch.Tensor:
         """Run the layer on valid text tokens, the kept visual tokens and the last position (and, with
         SkippedKeys.POOL, one stand-in for the skipped visual tokens), in five steps: compact (which positions),
@@ -341,9 +343,13 @@ class RoutedLayerMixin:
             slots = call.stand_in_slots[..., None].to(output.dtype)
             anchor = Anchor.of_stand_in((output * slots).sum(1, keepdim=True) - pool.state, pool)
         else:
-            compact_normed = None if normed is None else call.compaction.gather(normed)
+            compact_normed = None if normed is None else normed.gathered(call.compaction.gather, compact)
             anchor = Anchor.of_processed(compact, output, call.processed_visual(), compact_normed)
-        return compensate_skipped(base, skipped, anchor, skip_module, normed, out=out)
+        fitted = None
+        if skip_module is not None:
+            deviation = self.alvts_skip_down(normed) - skip_module.down(anchor.normed.to(skip_module.down.weight.dtype))
+            fitted = FittedDeviation(deviation, skip_module.up.weight.T)
+        return compensate_skipped(base, skipped, anchor, fitted, out=out)
 
 
 @dataclass
@@ -354,7 +360,7 @@ class RoutedCall:
     context: ForwardContext
     keep: torch.Tensor  # (B, L) bool: the positions it processes
     rows: list[int] | None  # positions processed per row (stand-ins included once pooled), when known on the host
-    normed: torch.Tensor | None  # the layer's normed input, once computed
+    normed: NormedSequence | None  # the layer's normed input, once computed
     dense: bool  # it processes every position: no compaction
     pool: Pool | None = None
     compaction: Compaction | None = None
@@ -363,7 +369,7 @@ class RoutedCall:
     @classmethod
     def compact(
         cls, hidden_states: torch.Tensor, context: ForwardContext, visual_keep: torch.Tensor | None,
-        rows: list[int] | None, normed: torch.Tensor | None,
+        rows: list[int] | None, normed: NormedSequence | None,
     ) -> RoutedCall:
         keep = processed_positions(context, visual_keep)
         dense = bool(keep.all()) if rows is None else min(rows) == hidden_states.shape[1]
@@ -384,7 +390,7 @@ class RoutedCall:
             return None, False
         return max(self.rows), min(self.rows) == max(self.rows)
 
-    def normed_input(self, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def normed_input(self, norm: SequenceNorm) -> NormedSequence:
         """The layer's normed input over the whole sequence, computed by `norm` once per call."""
         if self.normed is None:
             self.normed = norm(self.hidden_states)
@@ -430,14 +436,14 @@ class Anchor:
 
     @classmethod
     def of_processed(
-        cls, compact: torch.Tensor, output: torch.Tensor, processed: torch.Tensor, normed: torch.Tensor | None
+        cls, compact: torch.Tensor, output: torch.Tensor, processed: torch.Tensor, normed: NormedSequence | None
     ) -> Anchor:
         """The mean update (output - input) and mean normed input of each row's processed visual tokens, from the
         layer's compact input, output and normed input (B, L_c, D) and which compact rows are such tokens."""
         weights = processed[..., None].to(output.dtype)
         count = weights.sum(1, keepdim=True).clamp(min=1)
         update = ((output - compact.to(output.dtype)) * weights).sum(1, keepdim=True) / count
-        mean_normed = None if normed is None else (normed * weights.to(normed.dtype)).sum(1, keepdim=True) / count
+        mean_normed = None if normed is None else normed.weighted_sum(weights.transpose(1, 2)) / count
         return cls(update, mean_normed, processed.any(-1))
 
     @classmethod
@@ -446,26 +452,32 @@ class Anchor:
         return cls(update, pool.normed, pool.present)
 
 
+@dataclass
+class FittedDeviation:
+    """The fitted map's term of each skipped token's update, `map(normed) - map(anchor's normed)`, factored as (B, L, R)
+    coefficients times an (R, D) basis, so that it joins the anchor update in one batched matmul."""
+
+    coefficients: torch.Tensor
+    basis: torch.Tensor
+
+
 def compensate_skipped(
     base: torch.Tensor,
     skipped: torch.Tensor,
     anchor: Anchor,
-    skip_module: nn.Module | None = None,
-    normed: torch.Tensor | None = None,
+    fitted: FittedDeviation | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`base` (B, L, D) with each `skipped` (B, L) token given its row's anchor update, and with `skip_module` (and
-    the layer's `normed` input) also the module's map of the token's normed input minus the anchor's, in one batched
-    matmul written to `out` if given. Rows without an anchor (the layer processed none of their visual tokens, or
-    skipped none for a stand-in) stay as they are."""
+    """`base` (B, L, D) with each `skipped` (B, L) token given its row's anchor update, and with `fitted` also its
+    fitted map's term, in one batched matmul written to `out` if given. Rows without an anchor (the layer processed
+    none of their visual tokens, or skipped none for a stand-in) stay as they are."""
     weights = (skipped & anchor.rows[:, None])[..., None].to(base.dtype)  # (B, L, 1)
     update = anchor.update.to(base.dtype)  # (B, 1, D)
-    if skip_module is None:
+    if fitted is None:
         coefficients, basis = weights, update
     else:
-        deviation, directions = skip_module.deviation_factors(normed, anchor.normed.to(normed.dtype))
-        coefficients = torch.cat([deviation.to(base.dtype) * weights, weights], -1)  # (B, L, R + 1)
-        basis = torch.cat([directions.to(base.dtype).expand(base.shape[0], -1, -1), update], 1)  # (B, R + 1, D)
+        coefficients = torch.cat([fitted.coefficients.to(base.dtype) * weights, weights], -1)  # (B, L, R + 1)
+        basis = torch.cat([fitted.basis.to(base.dtype).expand(base.shape[0], -1, -1), update], 1)  # (B, R + 1, D)
     return torch.baddbmm(base, coefficients, basis, out=out)
 
 
@@ -531,12 +543,16 @@ def route_layer(
         skipped_update = SkippedUpdate.NONE  # the layer keeps every visual token: none skips it
     policy = policy.to(device=device, dtype=weight.dtype)  # everything that may fail comes before the layer changes
     skip_module = None if skip_module is None else copy.deepcopy(skip_module).to(device, weight.dtype)
+    norm = SequenceNorm(layer.input_layernorm)
+    if not policy.keeps_all:
+        policy.bind_norm(norm)
     layer.alvts_policy = policy
     layer.alvts_skipped_update = skipped_update
     layer.alvts_skip_module = skip_module
+    layer.alvts_skip_down = None if skip_module is None else norm.projection(skip_module.down)
     layer.alvts_skipped_keys = SkippedKeys(skipped_keys)
     layer.alvts_stand_in = None
-    layer.alvts_sequence_norm = sequence_norm(layer.input_layernorm)
+    layer.alvts_sequence_norm = norm
     layer.alvts_norm_hook = layer.input_layernorm.register_forward_hook(stand_in_norm_hook(layer))
     layer.alvts_mlp_compaction = None
     layer.alvts_mlp_hooks = []
@@ -556,6 +572,7 @@ def unroute_layer(layer: nn.Module) -> None:
     del layer.alvts_policy
     del layer.alvts_skipped_update
     del layer.alvts_skip_module
+    del layer.alvts_skip_down
     del layer.alvts_skipped_keys
     layer.alvts_norm_hook.remove()
     del layer.alvts_norm_hook

@@ -30,15 +30,16 @@ class LayerSelector(nn.Module):
     def num_heads(self) -> int:
         return self.q_proj.out_features // self.head_dim
 
-    def _rotated(self, projection: nn.Linear, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        shape = (*normed.shape[:2], self.num_heads, self.head_dim)
-        return apply_rope(projection(normed).view(shape).transpose(1, 2), cos, sin)
+    def _rotated(self, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, L, R) projected states to rotated (B, G, L, head_dim) selector heads."""
+        shape = (*projected.shape[:2], self.num_heads, self.head_dim)
+        return apply_rope(projected.view(shape).transpose(1, 2), cos, sin)
 
     def project(
         self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) normed states to rotated (B, G, L, head_dim) selector queries and keys."""
-        return self._rotated(self.q_proj, normed, cos, sin), self._rotated(self.k_proj, normed, cos, sin)
+        return self._rotated(self.q_proj(normed), cos, sin), self._rotated(self.k_proj(normed), cos, sin)
 
     def parts(
         self,
@@ -52,13 +53,29 @@ class LayerSelector(nn.Module):
     ) -> torch.Tensor:
         """Per-head importance parts (B, P, G, L); see `attention_parts`. With `positions` (B, Q) (`query_rows`)
         only those rows get queries, which gives the same parts when they are all the rows `definition` reads."""
-        if positions is None:
-            queries, keys = self.project(normed, cos, sin)
-        else:
-            rows = (at_positions(states, positions) for states in (normed, cos, sin))
-            queries = self._rotated(self.q_proj, *rows)
-            keys = self._rotated(self.k_proj, normed, cos, sin)
-        return attention_parts(queries, keys, visual, valid, definition, positions=positions)
+        query_states = normed if positions is None else at_positions(normed, positions)
+        return self.projected_parts(
+            self.q_proj(query_states), self.k_proj(normed), cos, sin, visual, valid, definition, positions
+        )
+
+    def projected_parts(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        visual: torch.Tensor,
+        valid: torch.Tensor,
+        definition: Importance,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`parts` from the selector's projections already applied: `queries` (B, Q, R) at `positions` (every
+        position if None) and `keys` (B, L, R) at every position."""
+        query_cos, query_sin = (cos, sin) if positions is None else (at_positions(t, positions) for t in (cos, sin))
+        return attention_parts(
+            self._rotated(queries, query_cos, query_sin), self._rotated(keys, cos, sin), visual, valid, definition,
+            positions=positions,
+        )
 
     def scores(
         self,

@@ -110,11 +110,6 @@ class SkipUpdate(nn.Module):
     def forward(self, normed: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(normed))
 
-    def deviation_factors(self, normed: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`self(normed) - self(reference)` as (..., R) coefficients times an (R, D) basis (the bias cancels), so a
-        caller can add it to a residual in one batched matmul."""
-        return self.down(normed) - self.down(reference), self.up.weight.T
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SkipUpdate:
         """Build from {"down.weight", "up.weight", "up.bias"}."""
