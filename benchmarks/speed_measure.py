@@ -172,16 +172,21 @@ def _share(totals: dict[str, float], steps: tuple[str, ...], total: float) -> fl
     return sum(totals.get(ROUTED_RANGES[step], 0.0) for step in steps) / total
 
 
-def range_seconds(run: Callable[[], Any]) -> tuple[dict[str, float], int]:
-    """CPU seconds inside each of the runtime's profiler ranges (`ROUTED_RANGES`, by step) over one call of `run`,
-    and the host syncs it made."""
+def range_seconds(run: Callable[[], Any], repetitions: int = 1) -> tuple[dict[str, float], int]:
+    """CPU seconds inside each of the runtime's profiler ranges (`ROUTED_RANGES`, by step) in one call of `run` (the
+    median of each step over `repetitions` profiled calls), and the host syncs one call made."""
     names = {name: step for step, name in ROUTED_RANGES.items()}
-    totals = dict.fromkeys(ROUTED_RANGES, 0.0)
+    samples: dict[str, list[float]] = {step: [] for step in ROUTED_RANGES}
     syncs = 0
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        run()
-    for event in profiler.events():
-        if event.name in names:
-            totals[names[event.name]] += event.cpu_time_total / 1e6
-        syncs += event.name in HOST_SYNC_OPS
-    return totals, syncs
+    for _ in range(repetitions):
+        totals = dict.fromkeys(ROUTED_RANGES, 0.0)
+        syncs = 0
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            run()
+        for event in profiler.events():
+            if event.name in names:
+                totals[names[event.name]] += event.cpu_time_total / 1e6
+            syncs += event.name in HOST_SYNC_OPS
+        for step, seconds in totals.items():
+            samples[step].append(seconds)
+    return {step: statistics.median(values) for step, values in samples.items()}, syncs

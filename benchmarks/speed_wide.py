@@ -5,8 +5,8 @@ about 60 text tokens, every decoder layer routed at 67/78/89% compression. Each 
 floor: the unpatched layers run on the text and as many visual tokens as the variant processes per layer (what any
 static pruning at that budget costs at least). Prefill of the decoder stack alone, thread CPU time with one intra-op
 thread; the runs compared take turns round by round, and each ratio is the median of the per-round ratios. Where a
-routed prefill's time goes comes from the runtime's profiler ranges (`alvts_calib.runtime.ROUTED_RANGES`) in one
-more prefill; what lies outside them is the decoder layers' own work.
+routed prefill's time goes comes from the runtime's profiler ranges (`alvts_calib.runtime.ROUTED_RANGES`) in a
+few more prefills (each step's median over them); what lies outside them is the decoder layers' own work.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from speed_methods import weight_svd_selector
 from speed_models import FULL, ModelSpec, build_inputs, build_model, visual_mask
 
 from alvts_calib.artifact import SkippedKeys, SkippedUpdate, default_skipped_update
-from alvts_calib.evaluation import alvts_plan
+from alvts_calib.evaluation import alvts_plan, layer_flops
 from alvts_calib.model import AttentionGeometry
 from alvts_calib.runtime import SelectorPolicy, attach_policies, detach
 
@@ -39,6 +39,7 @@ WIDE = (
 COMPRESSIONS = (0.67, 0.78, 0.89)
 FULL_ROUNDS = 3  # timed rounds of unpatched vs keep-all (each about 8 s at LLaVA-1.5-7B width)
 ROUTED_ROUNDS = 5  # timed rounds of the floor and the routed runtimes at each compression
+PROFILED_PREFILLS = 3  # profiled prefills per routed runtime; each step's time is their median
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,19 @@ VARIANTS = (
     WideVariant("alvts-pooled", SkippedKeys.POOL, SkippedUpdate.NONE),
     WideVariant("alvts-default", SkippedKeys.POOL, default_skipped_update(SkippedKeys.POOL, has_fitted_maps=True)),
 )
+
+
+def runtime_matmul_share(
+    policy, variant: WideVariant, rank: int, length: int, text: int, floor_tokens: int, geometry: AttentionGeometry,
+    intermediate: int,
+) -> float:
+    """The matmul FLOPs a routed layer adds to its floor layer's, as a share of them: the selection, and with a
+    fitted update the map's down-projection and the batched update (`routing.compensate_skipped`), both over every
+    position of the sequence, as the runtime computes them."""
+    added = policy.selection_flops(length, text, geometry)
+    if variant.skipped_update.fitted:
+        added += 2.0 * length * geometry.hidden_size * rank + 2.0 * length * (rank + 1) * geometry.hidden_size
+    return added / layer_flops(floor_tokens, geometry, intermediate)
 
 
 def floor_inputs(decoder: DecoderInputs, visual_kept: int) -> DecoderInputs:
@@ -146,9 +160,13 @@ def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str,
         for run in runs[1:]:
             ratios = _ratios(times, run.name, "floor")
             with _attached(model, selector, run):
-                ranges, syncs = range_seconds(lambda: decoder_prefill(model, decoder, routed=True))
+                ranges, syncs = range_seconds(lambda: decoder_prefill(model, decoder, routed=True), PROFILED_PREFILLS)
+            policy = next(p for p in run.policies.values() if not p.keeps_all)
+            share = runtime_matmul_share(policy, run.variant, selector.skip_updates[0].down.out_features,
+                                         visual.shape[1], visual.shape[1] - num_visual,
+                                         visual.shape[1] - num_visual + count, geometry, spec.intermediate)
             rows.append({"method": run.name, "compression": compression, "visual_per_layer": count,
-                         "prefill_ms": 1e3 * statistics.median(times[run.name]),
+                         "prefill_ms": 1e3 * statistics.median(times[run.name]), "matmul_share": share,
                          "floor_ratio": statistics.median(ratios), "floor_ratio_range": [min(ratios), max(ratios)],
                          "host_syncs": syncs, "ranges_ms": {name: 1e3 * seconds for name, seconds in ranges.items()}})
     for row in rows:
@@ -181,17 +199,18 @@ def print_wide(results: list[dict[str, Any]], console: Console) -> None:
 
 
 def markdown_wide(results: list[dict[str, Any]]) -> str:
-    """The `print_wide` tables as markdown, one per geometry (times in thread CPU ms, ranges of one routed prefill)."""
+    """The `print_wide` tables as markdown, one per geometry (thread CPU ms; the steps: medians of profiled prefills)."""
     steps = ("select", "compact", "pool", "mask", "update", "scatter")
     lines = []
     for result in results:
         geometry = result["geometry"]
+        floors = {row["compression"]: row["prefill_ms"] for row in result["rows"] if row["method"] == "floor"}
         lines += [f"**{result['model']}**: {geometry['layers']} layers at hidden {geometry['hidden']}, "
                   f"every one routed, {result['visual_tokens']} visual + {result['text_tokens']} text tokens, selector "
                   f"rank {result['selector_rank']}", "",
                   "| method | compr. | visual / layer | prefill ms | x unpatched | x floor (range) | host syncs | "
-                  + " | ".join(steps) + " |",
-                  "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(steps)]
+                  + " | ".join(steps) + " | steps / floor | matmuls / floor |",
+                  "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(steps) + 2)]
         for row in result["rows"]:
             compression = "-" if row["compression"] is None else f"{row['compression']:.0%}"
             ratio = "-"
@@ -201,9 +220,14 @@ def markdown_wide(results: list[dict[str, Any]]) -> str:
             elif "unpatched_ratio" in row:
                 ratio = f"{row['unpatched_ratio']:.3f} of unpatched"
             ranges = row.get("ranges_ms", {})
+            shares = ["-", "-"]
+            if ranges:
+                floor = floors[row["compression"]]
+                shares = [f"{100 * sum(ranges.values()) / floor:.1f}%", f"{100 * row['matmul_share']:.1f}%"]
             lines.append(
                 f"| {row['method']} | {compression} | {row.get('visual_per_layer', result['visual_tokens'])} | "
                 f"{row['prefill_ms']:.0f} | {row['speedup']:.2f} | {ratio} | {row.get('host_syncs', '-')} | "
-                + " | ".join(f"{ranges[step]:.1f}" if step in ranges else "-" for step in steps) + " |")
+                + " | ".join(f"{ranges[step]:.1f}" if step in ranges else "-" for step in steps)
+                + f" | {' | '.join(shares)} |")
         lines.append("")
     return "\n".join(lines)

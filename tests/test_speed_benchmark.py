@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -100,6 +101,11 @@ def test_wide_report_compares_every_runtime_with_its_floor(monkeypatch):
             assert row["host_syncs"] == 1, "one host read per pass, none per routed layer"
         default = at[-1]["ranges_ms"]
         assert default["pool"] > 0 and default["update"] > 0
+        shares = {row["method"]: row["matmul_share"] for row in at[1:]}
+        assert 0 < shares["alvts-paper"] == shares["alvts-pooled"] < shares["alvts-default"]  # the map's matmuls
+    table = speed_wide.markdown_wide([result])
+    assert "| steps / floor | matmuls / floor |" in table
+    assert len(re.findall(r"\| [0-9.]+% \| [0-9.]+% \|$", table, flags=re.MULTILINE)) == 3 * len(speed_wide.VARIANTS)
 
 
 def test_floor_inputs_keep_the_text_and_the_first_visual_tokens():
