@@ -99,7 +99,7 @@ def interleaved_seconds(model: torch.nn.Module, selector, runs: list[Run], round
     times: dict[str, list[float]] = {run.name: [] for run in runs}
     for round_index in range(rounds + 1):
         for run in runs:
-            with _attached(model, selector, run):
+            with attached_run(model, selector, run):
                 started = time.thread_time()
                 decoder_prefill(model, run.decoder, routed=run.policies is not None)
                 elapsed = time.thread_time() - started
@@ -109,7 +109,7 @@ def interleaved_seconds(model: torch.nn.Module, selector, runs: list[Run], round
 
 
 @contextmanager
-def _attached(model: torch.nn.Module, selector, run: Run) -> Iterator[None]:
+def attached_run(model: torch.nn.Module, selector, run: Run) -> Iterator[None]:
     if run.policies is None:
         yield
         return
@@ -159,7 +159,7 @@ def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str,
                      "prefill_ms": 1e3 * statistics.median(times["floor"])})
         for run in runs[1:]:
             ratios = _ratios(times, run.name, "floor")
-            with _attached(model, selector, run):
+            with attached_run(model, selector, run):
                 ranges, syncs = range_seconds(lambda: decoder_prefill(model, decoder, routed=True), PROFILED_PREFILLS)
             policy = next(p for p in run.policies.values() if not p.keeps_all)
             share = runtime_matmul_share(policy, run.variant, selector.skip_updates[0].down.out_features,
@@ -199,7 +199,7 @@ def print_wide(results: list[dict[str, Any]], console: Console) -> None:
 
 
 def markdown_wide(results: list[dict[str, Any]]) -> str:
-    """The `print_wide` tables as markdown, one per geometry (thread CPU ms; the steps: medians of profiled prefills)."""
+    """The `print_wide` tables as markdown, one per geometry (thread CPU ms; steps: medians of profiled prefills)."""
     steps = ("select", "compact", "pool", "mask", "update", "scatter")
     lines = []
     for result in results:

@@ -120,3 +120,14 @@ def test_floor_inputs_keep_the_text_and_the_first_visual_tokens():
     assert floor.kwargs["inputs_embeds"].shape[1] == text + 10 and int(floor.visual.sum()) == 10
     kept = (~visual[0]) | (visual[0].cumsum(0) <= 10)
     assert torch.equal(floor.kwargs["inputs_embeds"][0], decoder.kwargs["inputs_embeds"][0][kept])
+
+
+def test_op_breakdown_lists_what_the_routed_prefill_adds_over_its_floor():
+    import speed_ops
+
+    result = speed_ops.op_differences(replace(TINY, name="llava-tiny-wide", layers=4), 0.89, "alvts-default")
+    json.dumps(result)
+    extra = [row["extra_ms"] for row in result["ops"]]
+    assert extra == sorted(extra, reverse=True)
+    ops = {row["op"].split(" ")[0] for row in result["ops"] if row["floor_ms"] == 0 and row["routed_ms"] > 0}
+    assert {"alvts.select", "alvts.update", "aten::baddbmm"} <= ops  # the runtime's own steps, the floor has none
