@@ -17,14 +17,10 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from speed_measure import capture_decoder_inputs, decoder_prefill
-from speed_methods import weight_svd_selector
-from speed_models import ModelSpec, build_inputs, build_model, visual_mask
-from speed_wide import VARIANTS, WIDE, Run, attached_run, floor_inputs
+from speed_measure import decoder_prefill
+from speed_models import ModelSpec
+from speed_wide import VARIANTS, WIDE, Run, WideSetup, attached_run
 from torch.profiler import ProfilerActivity, profile
-
-from alvts_calib.evaluation import alvts_plan
-from alvts_calib.model import AttentionGeometry
 
 
 def op_milliseconds(model: torch.nn.Module, selector, run: Run, warmup: int = 1) -> dict[str, tuple[float, int]]:
@@ -42,17 +38,10 @@ def op_differences(spec: ModelSpec, compression: float, method: str) -> dict[str
     """Each op's self CPU ms in `method`'s routed prefill of the `spec` geometry and in its floor's, and the
     difference."""
     variant = next(variant for variant in VARIANTS if variant.method == method)
-    model = build_model(spec, "sdpa", torch.device("cpu"), torch.float32)
-    selector = weight_svd_selector(model, start_layer=0)
-    geometry = AttentionGeometry.of(model)
-    inputs = build_inputs(spec, model, 1, torch.device("cpu"), torch.float32)
-    visual = visual_mask(spec, inputs)
-    num_visual = int(visual[0].sum())
-    decoder = capture_decoder_inputs(model, inputs, visual)
-    count = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual).planned_tokens[-1]
-    plan = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual, variant.skipped_keys)
-    floor = op_milliseconds(model, selector, Run("floor", floor_inputs(decoder, count)))
-    routed = op_milliseconds(model, selector, Run(method, decoder, plan.policies, variant))
+    setup = WideSetup.of(spec)
+    count, (floor_run, routed_run) = setup.routed_runs(compression, (variant,))
+    floor = op_milliseconds(setup.model, setup.selector, floor_run)
+    routed = op_milliseconds(setup.model, setup.selector, routed_run)
     rows = [{"op": op, "floor_ms": floor.get(op, (0.0, 0))[0], "routed_ms": routed.get(op, (0.0, 0))[0],
              "calls": routed.get(op, (0.0, 0))[1]} for op in set(floor) | set(routed)]
     for row in rows:

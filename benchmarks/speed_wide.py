@@ -25,7 +25,7 @@ from speed_measure import DecoderInputs, capture_decoder_inputs, decoder_prefill
 from speed_methods import weight_svd_selector
 from speed_models import FULL, ModelSpec, build_inputs, build_model, visual_mask
 
-from alvts_calib.artifact import SkippedKeys, SkippedUpdate, default_skipped_update
+from alvts_calib.artifact import Selector, SkippedKeys, SkippedUpdate, default_skipped_update
 from alvts_calib.evaluation import alvts_plan, layer_flops
 from alvts_calib.model import AttentionGeometry
 from alvts_calib.runtime import SelectorPolicy, attach_policies, detach
@@ -127,15 +127,41 @@ def _ratios(times: dict[str, list[float]], name: str, base: str) -> list[float]:
     return [t / b for t, b in zip(times[name], times[base], strict=True)]
 
 
+@dataclass
+class WideSetup:
+    """One wide geometry ready to time: the model, its weight-SVD selector (every layer) and the decoder's inputs."""
+
+    model: torch.nn.Module
+    selector: Selector
+    geometry: AttentionGeometry
+    decoder: DecoderInputs
+    visual: torch.Tensor  # (1, L) bool
+    num_visual: int
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> WideSetup:
+        model = build_model(spec, "sdpa", torch.device("cpu"), torch.float32)
+        inputs = build_inputs(spec, model, 1, torch.device("cpu"), torch.float32)
+        visual = visual_mask(spec, inputs)
+        return cls(model, weight_svd_selector(model, start_layer=0), AttentionGeometry.of(model),
+                   capture_decoder_inputs(model, inputs, visual), visual, int(visual[0].sum()))
+
+    def routed_runs(self, compression: float, variants=VARIANTS) -> tuple[int, list[Run]]:
+        """The visual tokens per layer at `compression`, and its runs: the floor, then each variant."""
+        selector, layers, num_visual = self.selector, self.geometry.num_layers, self.num_visual
+        count = alvts_plan(selector, 1.0 - compression, layers, num_visual).planned_tokens[-1]
+        runs = [Run("floor", floor_inputs(self.decoder, count))]
+        for variant in variants:
+            plan = alvts_plan(selector, 1.0 - compression, layers, num_visual, variant.skipped_keys)
+            runs.append(Run(variant.method, self.decoder, plan.policies, variant))
+        return count, runs
+
+
 def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str, Any]:
     """Every variant of one wide geometry: unpatched, keep-all, and per compression its floor and the runtimes."""
-    model = build_model(spec, "sdpa", torch.device("cpu"), torch.float32)
-    selector = weight_svd_selector(model, start_layer=0)
-    geometry = AttentionGeometry.of(model)
-    inputs = build_inputs(spec, model, 1, torch.device("cpu"), torch.float32)
-    visual = visual_mask(spec, inputs)
-    num_visual = int(visual[0].sum())
-    decoder = capture_decoder_inputs(model, inputs, visual)
+    setup = WideSetup.of(spec)
+    model, selector, geometry, decoder = setup.model, setup.selector, setup.geometry, setup.decoder
+    visual, num_visual = setup.visual, setup.num_visual
     log = console.log if console is not None else (lambda *args: None)
     keep_all = {index: SelectorPolicy(layer, 1.0, selector.importance) for index, layer in selector.layers.items()}
     log(f"{spec.name}: unpatched and keep-all")
@@ -149,11 +175,7 @@ def benchmark_wide(spec: ModelSpec, console: Console | None = None) -> dict[str,
     ]
     for compression in COMPRESSIONS:
         log(f"{spec.name}: {compression:.0%}")
-        count = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual).planned_tokens[-1]
-        runs = [Run("floor", floor_inputs(decoder, count))]
-        for variant in VARIANTS:
-            plan = alvts_plan(selector, 1.0 - compression, geometry.num_layers, num_visual, variant.skipped_keys)
-            runs.append(Run(variant.method, decoder, plan.policies, variant))
+        count, runs = setup.routed_runs(compression)
         times = interleaved_seconds(model, selector, runs, ROUTED_ROUNDS)
         rows.append({"method": "floor", "compression": compression, "visual_per_layer": count,
                      "prefill_ms": 1e3 * statistics.median(times["floor"])})
