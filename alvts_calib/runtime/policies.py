@@ -90,7 +90,9 @@ class SelectorScoring:
     importance: Importance
     keys: NormedProjection | None = None  # the selector's key projection of the bound layer's normed input
 
-    def scores(self, normed: NormedSequence, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor):
+    def scores(
+        self, normed: NormedSequence, context: ForwardContext, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         """(B, L) the selector's importance of every position."""
         selector = self.selector
         dtype = selector.q_proj.weight.dtype
