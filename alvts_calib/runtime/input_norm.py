@@ -105,8 +105,7 @@ class SequenceNorm:
     def __call__(self, states: torch.Tensor) -> NormedSequence:
         if not self.factored:
             return NormedSequence(self.norm(states))
-        length = torch.linalg.vector_norm(states, dim=-1, keepdim=True, dtype=torch.float32)
-        return NormedSequence(states, torch.rsqrt(length.square() / states.shape[-1] + self.eps), self.weight)
+        return NormedSequence(states, _rms_scale(states, self.eps), self.weight)
 
     def projection(self, linear: nn.Linear) -> NormedProjection:
         """`linear` as a map of this norm's `NormedSequence`s (its weight times the norm's, when factored)."""
@@ -114,6 +113,12 @@ class SequenceNorm:
             return NormedProjection(linear.weight, linear.bias, folded=False)
         folded = (linear.weight.float() * self.weight.float()).to(linear.weight.dtype)
         return NormedProjection(folded, linear.bias, folded=True)
+
+
+def _rms_scale(states: torch.Tensor, eps: float) -> torch.Tensor:
+    """(B, L, 1) float32: 1 / rms of each position's states (one reduction over the sequence)."""
+    length = torch.linalg.vector_norm(states, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(length.square() / states.shape[-1] + eps)
 
 
 def _plain_rms_parameters(norm: nn.Module) -> tuple[torch.Tensor | None, float | None]:
@@ -126,8 +131,7 @@ def _plain_rms_parameters(norm: nn.Module) -> tuple[torch.Tensor | None, float |
         return None, None
     generator = torch.Generator(device=weight.device).manual_seed(0)
     probe = torch.randn(2, 3, weight.shape[0], device=weight.device, generator=generator).to(weight.dtype)
-    length = torch.linalg.vector_norm(probe, dim=-1, keepdim=True, dtype=torch.float32)
-    candidate = NormedSequence(probe, torch.rsqrt(length.square() / probe.shape[-1] + eps), weight)
+    candidate = NormedSequence(probe, _rms_scale(probe, eps), weight)
     with torch.no_grad():
         same = torch.allclose(candidate.dense(), norm(probe), rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE)
     return (weight, eps) if same else (None, None)
